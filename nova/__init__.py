@@ -1,0 +1,3 @@
+"""Nova keeps mailboxes in Postgres."""
+
+__version__ = "0.1.0"
