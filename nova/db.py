@@ -14,6 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -54,6 +55,14 @@ def ensure_database(admin_url: str, name: str) -> None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             except psycopg.errors.DuplicateDatabase:
                 pass  # another process created it first
+
+
+def url_with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database `name` (keeps user, host, query)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("expected a postgresql:// URL")
+    return urlunsplit(parts._replace(path="/" + quote(name)))
 
 
 def embedded_url(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:

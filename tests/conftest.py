@@ -23,14 +23,13 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from nova import db
 from nova.migrate import migrate, schema_dir
 
 
 def _with_dbname(url: str, name: str) -> str:
-    return make_conninfo(url, dbname=name)
+    return db.url_with_database(url, name)
 
 
 def _start_server() -> Iterator[str]:

@@ -1,0 +1,64 @@
+"""The `nova` command against a real database, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg
+
+
+def nova(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NOVA_DATABASE_URL": db_url}
+    return subprocess.run([sys.executable, "-m", "nova", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_inbox_add_backfill_start_and_progress(db_url: str) -> None:
+    added = nova(db_url, "inbox", "add", "--grant-id", "g-cli", "--email", "cli@example.com")
+    assert added.returncode == 0, added.stderr
+    inbox_id = uuid.UUID(added.stdout.strip())
+
+    started = nova(db_url, "backfill", "start", "--inbox", str(inbox_id))
+    assert started.returncode == 0, started.stderr
+    config_id = uuid.UUID(started.stdout.strip())
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT inbox_id, backfill_status FROM flux_inbox_configurations"
+                         " WHERE id = %s", (config_id,)).fetchone() == (inbox_id, "queued")
+
+    shown = nova(db_url, "progress", str(config_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    progress = json.loads(shown.stdout)
+    assert progress["config_id"] == str(config_id)
+    assert progress["percent_complete"] is None  # discovery has not finished
+    text = nova(db_url, "progress", str(config_id))
+    assert f"Config {config_id} | Status: queued | Progress: discovering" in text.stdout
+
+
+def test_backfill_rejects_a_second_start_and_a_range_over_a_year(db_url: str) -> None:
+    inbox_id = nova(db_url, "inbox", "add", "--grant-id", "g2", "--email", "b@example.com")
+    inbox = inbox_id.stdout.strip()
+    assert nova(db_url, "backfill", "start", "--inbox", inbox).returncode == 0
+    again = nova(db_url, "backfill", "start", "--inbox", inbox)
+    assert again.returncode == 1 and "already queued" in again.stderr
+    old = nova(db_url, "backfill", "start", "--inbox", inbox, "--since", "2001-01-01")
+    assert old.returncode == 1 and "more than one year back" in old.stderr
+
+
+def test_bad_arguments_are_usage_errors(db_url: str) -> None:
+    assert nova(db_url, "progress", "not-a-uuid").returncode == 2
+    missing = nova(db_url, "progress", str(uuid.uuid4()))
+    assert missing.returncode == 1 and "no inbox configuration" in missing.stderr
+    bad_date = nova(db_url, "backfill", "start", "--inbox", str(uuid.uuid4()), "--since", "May 1")
+    assert bad_date.returncode == 2 and "YYYY-MM-DD" in bad_date.stderr
+
+
+def test_queues_lists_the_four_queues(db_url: str) -> None:
+    out = nova(db_url, "queues", "--json")
+    assert out.returncode == 0, out.stderr
+    assert sorted(q["queue_name"] for q in json.loads(out.stdout)) == [
+        "attachment_downloads", "inbox_backfill_jobs", "nylas_webhook_notifications",
+        "thread_sync_jobs"]

@@ -1,0 +1,97 @@
+"""Settings: the seed's names and defaults, aliases, and errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nova.config import ConfigError, load_settings
+
+SEED_DEFAULTS = {
+    "POLL_INTERVAL_MS": ("poll_interval_ms", 5000),
+    "BATCH_SIZE": ("batch_size", 10),
+    "VISIBILITY_TIMEOUT": ("visibility_timeout", 300),
+    "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", 5000),
+    "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", True),
+    "RECOVERY_CHECK_INTERVAL_MS": ("recovery_check_interval_ms", 60000),
+    "THREAD_DELAY_MS": ("thread_delay_ms", 3000),
+    "MESSAGE_DELAY_MS": ("message_delay_ms", 1000),
+    "API_DELAY_MS": ("api_delay_ms", 200),
+    "TESTING_MODE": ("testing_mode", False),
+    "LOG_LEVEL": ("log_level", "info"),
+}
+ALL_NAMES = [*SEED_DEFAULTS, "NOVA_DATABASE_URL", "DATABASE_URL", "NYLAS_API_KEY",
+             "NYLAS_API_URI", "NYLAS_WEBHOOK_SECRET", "NOVA_ATTACHMENT_PATH",
+             "NOVA_EMBEDDED_PGDATA", "NOVA_LOG_FORMAT"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ALL_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_seed_variables_keep_their_defaults() -> None:
+    settings = load_settings()
+    for env, (attr, default) in SEED_DEFAULTS.items():
+        assert getattr(settings, attr) == default, env
+    assert settings.database_url is None
+    assert settings.nylas_api_uri == "https://api.us.nylas.com"
+
+
+def test_values_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLL_INTERVAL_MS", "250")
+    monkeypatch.setenv("ENABLE_AUTO_RECOVERY", "false")
+    monkeypatch.setenv("LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("NYLAS_API_URI", "http://127.0.0.1:9999/")
+    monkeypatch.setenv("NYLAS_API_KEY", "secret-key")
+    settings = load_settings()
+    assert settings.poll_interval_ms == 250
+    assert settings.enable_auto_recovery is False
+    assert settings.log_level == "debug"
+    assert settings.nylas_api_uri == "http://127.0.0.1:9999"
+    assert settings.nylas_api_key is not None
+    assert settings.nylas_api_key.get_secret_value() == "secret-key"
+    assert "secret-key" not in repr(settings)
+
+
+def test_database_url_alias_and_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://a@h/x")
+    assert load_settings().database_url == "postgresql://a@h/x"
+    monkeypatch.setenv("NOVA_DATABASE_URL", "postgresql://b@h/y")
+    assert load_settings().database_url == "postgresql://b@h/y"
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("BATCH_SIZE=42\nTESTING_MODE=true\n")
+    settings = load_settings()
+    assert settings.batch_size == 42 and settings.testing_mode is True
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("BATCH_SIZE", "ten"),
+    ("BATCH_SIZE", "0"),
+    ("POLL_INTERVAL_MS", "-5"),
+    ("VISIBILITY_TIMEOUT", "0"),
+    ("ENABLE_AUTO_RECOVERY", "perhaps"),
+    ("THREAD_DELAY_MS", "-1"),
+    ("LOG_LEVEL", "verbose"),
+    ("NYLAS_API_URI", "api.nylas.com"),
+    ("NOVA_DATABASE_URL", "mysql://root@localhost/db"),
+])
+def test_bad_value_is_an_error_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                   value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert name in info.value.message
+    assert repr(value) in info.value.message
+
+
+def test_env_example_lists_every_setting() -> None:
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    for name in ALL_NAMES:
+        if name != "DATABASE_URL":
+            assert f"{name}=" in example, name
