@@ -1,0 +1,20 @@
+"""Mail providers behind one small interface (:class:`MailProvider`)."""
+
+from .base import AttachmentStream, MailProvider
+from .errors import (
+    AuthExpired,
+    GrantNotFound,
+    InvalidApiKey,
+    NotFound,
+    Permanent,
+    ProviderError,
+    RateLimited,
+    Transient,
+)
+from .models import Attachment, Grant, Message, Page, Participant, Thread
+
+__all__ = [
+    "Attachment", "AttachmentStream", "AuthExpired", "Grant", "GrantNotFound",
+    "InvalidApiKey", "MailProvider", "Message", "NotFound", "Page", "Participant",
+    "Permanent", "ProviderError", "RateLimited", "Thread", "Transient",
+]

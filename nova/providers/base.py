@@ -1,0 +1,57 @@
+"""The interface every mail provider implements (Nylas today; Gmail API later).
+
+Providers never sleep on rate limits; they raise :class:`~nova.providers.errors.RateLimited`
+with ``retry_after`` and let the runtime schedule the retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from .models import Attachment, Grant, Message, Page, Thread
+
+
+@runtime_checkable
+class AttachmentStream(Protocol):
+    """An open download.  Iterate for byte chunks; the file is never held in memory whole."""
+
+    content_type: str | None
+    filename: str | None
+    size: int | None  # from Content-Length when the server sends it
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
+@runtime_checkable
+class MailProvider(Protocol):
+    name: str
+
+    async def list_threads_page(self, grant_id: str, *, page_token: str | None = None,
+                                limit: int = 50, received_after: datetime | None = None,
+                                received_before: datetime | None = None) -> Page[Thread]:
+        """One page of threads, newest first.  Feed ``next_page_token`` back to continue."""
+        ...
+
+    async def get_thread(self, grant_id: str, thread_id: str) -> Thread: ...
+
+    def list_thread_messages(self, grant_id: str, thread_id: str) -> AsyncIterator[Message]:
+        """Every message of a thread across all pages."""
+        ...
+
+    async def get_message(self, grant_id: str, message_id: str, *,
+                          include_headers: bool = False) -> Message: ...
+
+    async def get_attachment(self, grant_id: str, attachment_id: str,
+                             message_id: str) -> Attachment: ...
+
+    def download_attachment(self, grant_id: str, attachment_id: str, message_id: str,
+                            ) -> AbstractAsyncContextManager[AttachmentStream]:
+        """``async with p.download_attachment(...) as s: async for chunk in s: ...``"""
+        ...
+
+    async def get_grant(self, grant_id: str) -> Grant: ...
+
+    async def aclose(self) -> None: ...

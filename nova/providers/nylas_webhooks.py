@@ -1,0 +1,70 @@
+"""Verify and parse Nylas v3 webhook notifications.
+
+* ``X-Nylas-Signature`` is the hex HMAC-SHA256 of the raw request body keyed with the
+  webhook secret; verify before parsing (https://developer.nylas.com/docs/v3/notifications/
+  webhooks/).
+* Envelope ``{specversion, type, source, id, time, webhook_delivery_attempt, data:
+  {application_id, object}}``; ``id`` is the deduplication key because delivery is
+  at-least-once; ``<trigger>.truncated`` means ``body`` was dropped (>1 MB) and the message
+  must be re-fetched (https://developer.nylas.com/docs/reference/notifications/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nylas.models.webhooks import WebhookTriggers
+
+from .errors import Permanent
+
+KNOWN_TRIGGERS = frozenset(t.value for t in WebhookTriggers)
+
+
+def verify_signature(body: bytes, signature: str | None, secret: str) -> bool:
+    if not signature:
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature.strip().lower())
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    id: str
+    type: str  # as sent, e.g. "message.created.truncated"
+    trigger: str  # without the ".truncated" / ".transformed" suffix
+    truncated: bool
+    source: str | None
+    time: datetime | None
+    grant_id: str | None
+    object: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def known(self) -> bool:
+        return self.trigger in KNOWN_TRIGGERS
+
+
+def parse_notification(body: bytes) -> WebhookEvent:
+    """Parse a notification body; raise :class:`Permanent` if it is not a Nylas envelope."""
+    try:
+        raw = json.loads(body)
+        type_ = str(raw["type"])
+        data = raw["data"]
+        obj = data["object"]
+        nid = str(raw["id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Permanent(f"not a Nylas notification: {exc!r}") from exc
+    trigger, truncated = type_, False
+    for suffix in (".truncated", ".transformed"):
+        if trigger.endswith(suffix):
+            trigger, truncated = trigger[: -len(suffix)], truncated or suffix == ".truncated"
+    when = raw.get("time")
+    return WebhookEvent(
+        id=nid, type=type_, trigger=trigger, truncated=truncated, source=raw.get("source"),
+        time=datetime.fromtimestamp(when, UTC) if isinstance(when, int) else None,
+        grant_id=obj.get("grant_id") or data.get("grant_id"), object=obj, raw=raw)

@@ -1,0 +1,41 @@
+"""``python -m nova.sandbox.nylas``: serve a sandbox mailbox until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .server import SandboxNylas
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nova.sandbox.nylas", description=__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    ap.add_argument("--threads", type=int, default=200, help="threads in the first grant")
+    ap.add_argument("--other-threads", type=int, default=None)
+    ap.add_argument("--grants", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rate-limit", type=float, default=None, help="requests/s per grant")
+    ap.add_argument("--latency-ms", type=int, default=0)
+    ap.add_argument("--api-key", default="sandbox-api-key")
+    ap.add_argument("--webhook-url", default=None)
+    ap.add_argument("--webhook-secret", default="sandbox-webhook-secret")
+    args = ap.parse_args(argv)
+    sb = SandboxNylas(threads=args.threads, other_threads=args.other_threads,
+                      grants=args.grants, seed=args.seed, rate_limit=args.rate_limit,
+                      latency_ms=args.latency_ms, api_key=args.api_key,
+                      webhook_url=args.webhook_url, webhook_secret=args.webhook_secret,
+                      host=args.host, port=args.port)
+    sb._bind()
+    print(f"NYLAS_API_URI={sb.base_url}", flush=True)
+    for gid in sb.grant_ids:
+        g = sb.mailbox.grants[gid]
+        print(f"grant {gid} {g.provider} {g.email} threads={g.n_threads}", flush=True)
+    asyncio.run(sb.serve())  # uvicorn handles SIGINT/SIGTERM in the main thread
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""``SandboxNylas``: a real HTTP Nylas v3 look-alike on loopback for tests and benchmarks.
+
+Runs uvicorn in a background thread with its own event loop, so it serves sync code
+(``with SandboxNylas(...) as sb``) and async tests (``async with SandboxNylas(...) as sb``)
+alike.  Every knob and mutation is a thread-safe method here and also reachable over HTTP
+under ``/_sandbox`` (see :mod:`.control`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from nylas.models.webhooks import WebhookTriggers
+
+from .app import build_app
+from .generate import stable_hex
+from .mailbox import Mailbox
+from .state import Faults, RateLimiter, Stats
+from .webhooks import Notification, Outbox, WebhookBuilder
+
+
+@dataclass
+class Mutation:
+    """What a mutation changed, plus the webhook notifications built for it."""
+
+    notifications: list[Notification] = field(default_factory=list)
+    message: dict[str, Any] | None = None
+    thread: dict[str, Any] | None = None
+    grant: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"notifications": [n.payload for n in self.notifications]}
+        for key in ("message", "thread", "grant"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class SandboxNylas:
+    """Nylas v3 sandbox server.  ``base_url`` / ``grant_ids`` are valid after ``start()``."""
+
+    def __init__(self, *, threads: int = 200, seed: int = 0, grants: int = 3,
+                 other_threads: int | None = None, api_key: str = "sandbox-api-key",
+                 webhook_url: str | None = None, webhook_secret: str = "sandbox-webhook-secret",
+                 latency_ms: int = 0, rate_limit: float | None = None,
+                 host: str = "127.0.0.1", port: int = 0, anchor: int | None = None,
+                 hang_seconds: float = 30.0, retry_after: int = 1,
+                 truncate_at: int = 1_000_000) -> None:
+        self.mailbox = Mailbox(seed=seed, threads=threads, grants=grants,
+                               other_threads=other_threads, anchor=anchor)
+        self.seed = seed
+        self.api_key = api_key
+        self.webhook_secret = webhook_secret
+        self.latency_ms = latency_ms
+        self.limiter = RateLimiter(rate_limit)
+        self.faults = Faults(seed)
+        self.faults.hang_seconds = hang_seconds
+        self.forced_retry_after = retry_after
+        self.stats = Stats()
+        self.application_id = stable_hex("app", seed, n=32)
+        self.webhooks = WebhookBuilder(self.application_id, webhook_secret, truncate_at)
+        self.outbox = Outbox(webhook_url)
+        self.app = build_app(self)
+        self.host, self.port = host, port
+        self.stopping = False
+        self._sock: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stop_event: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def grant_ids(self) -> list[str]:
+        return self.mailbox.grant_ids
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        return sock
+
+    async def serve(self) -> None:
+        """Serve in the current event loop until stopped (the CLI runs this in main thread)."""
+        sock = self._sock or self._bind()
+        await self.outbox.start()
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=1,
+                                timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        self._loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        try:
+            await self._server.serve(sockets=[sock])
+        finally:
+            self.stopping = True
+            await self.outbox.stop()
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self.serve())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+
+    def start(self, timeout: float = 10.0) -> SandboxNylas:
+        self._bind()
+        self._thread = threading.Thread(target=self._thread_main, name="sandbox-nylas",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not (self._server is not None and self._server.started):
+            if self._error is not None or not self._thread.is_alive() \
+                    or time.monotonic() > deadline:
+                raise RuntimeError(f"sandbox failed to start: {self._error!r}")
+            time.sleep(0.002)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._loop is not None and self.stop_event is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self._loop.call_soon_threadsafe(self.stop_event.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> SandboxNylas:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> SandboxNylas:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # ------------------------------------------------------------------ knobs
+    def set_latency(self, ms: int) -> None:
+        self.latency_ms = ms
+
+    def set_rate_limit(self, per_second: float | None) -> None:
+        self.limiter.set_rate(per_second)
+
+    def inject_fault(self, kind: str, count: int = 1, *, endpoint: str | None = None,
+                     grant_id: str | None = None) -> None:
+        """Force ``kind`` on the next ``count`` matching requests (see ``FAULT_KINDS``)."""
+        self.faults.inject(kind, count, endpoint=endpoint, grant_id=grant_id)
+
+    def set_fault_rates(self, **rates: float) -> None:
+        """Random faults: e.g. ``set_fault_rates(error_5xx=0.1, timeout=0.01)``."""
+        self.faults.set_rates(**rates)
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.stats.snapshot()
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    # ------------------------------------------------------------------ data access for tests
+    def thread_ids(self, grant_id: str) -> list[str]:
+        """All thread ids of a grant, newest first (what paging should yield)."""
+        with self.mailbox.lock:
+            return [k[1] for k in self.mailbox._thread_keys(grant_id)]
+
+    def thread_json(self, grant_id: str, thread_id: str) -> dict[str, Any] | None:
+        t = self.mailbox.thread(grant_id, thread_id)
+        return None if t is None else t.to_json(grant_id)
+
+    def message_json(self, grant_id: str, message_id: str) -> dict[str, Any] | None:
+        m = self.mailbox.message(grant_id, message_id)
+        return None if m is None else m.to_json(grant_id, include_headers=True)
+
+    def attachment_bytes(self, grant_id: str, attachment_id: str, message_id: str) -> bytes:
+        from .blobs import random_chunks
+
+        att = self.mailbox.attachment(grant_id, attachment_id, message_id)
+        if att is None:
+            raise KeyError(attachment_id)
+        data = att.data if att.data is not None else self.mailbox.blob(att.id)
+        return data if data is not None else b"".join(random_chunks(att.id, att.size))
+
+    # ------------------------------------------------------------------ mutations + webhooks
+    def _emit(self, notes: list[Notification], send: bool, duplicate: bool) -> None:
+        if send:
+            self.outbox.submit(notes, duplicate=duplicate)
+
+    def add_message(self, grant_id: str, *, thread_id: str | None = None,
+                    subject: str | None = None, body: str | None = None,
+                    sender: dict[str, str] | None = None, date: int | None = None,
+                    unread: bool = True, starred: bool = False,
+                    folders: list[str] | None = None,
+                    attachments: Iterable[tuple[str, str, bytes]] = (),
+                    send: bool = True, duplicate: bool = False) -> Mutation:
+        """New message -> ``message.created`` (+ ``thread.replied`` for an existing thread)."""
+        grant = self.mailbox.grants[grant_id]
+        msg, thread, created = self.mailbox.add_message(
+            grant_id, thread_id=thread_id, subject=subject, sender=sender, body=body,
+            date=date, unread=unread, starred=starred, folders=folders,
+            attachments=attachments)
+        mjson = msg.to_json(grant_id)
+        notes = [self.webhooks.message_event(WebhookTriggers.MESSAGE_CREATED, grant, mjson)]
+        if not created:
+            ordered = sorted(thread.messages, key=lambda m: (m.date, m.id))
+            notes.append(self.webhooks.thread_replied(
+                grant, thread.id, ordered[0].id, ordered[-2].id, msg.id, len(ordered) - 1,
+                msg.date))
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, message=mjson, thread=thread.to_json(grant_id))
+
+    def update_message(self, grant_id: str, message_id: str, *, unread: bool | None = None,
+                       starred: bool | None = None, folders: list[str] | None = None,
+                       send: bool = True, duplicate: bool = False) -> Mutation:
+        grant = self.mailbox.grants[grant_id]
+        msg = self.mailbox.update_message(grant_id, message_id, unread=unread, starred=starred,
+                                          folders=folders)
+        mjson = msg.to_json(grant_id)
+        notes = [self.webhooks.message_event(WebhookTriggers.MESSAGE_UPDATED, grant, mjson)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, message=mjson)
+
+    def delete_message(self, grant_id: str, message_id: str, *, send: bool = True,
+                       duplicate: bool = False) -> Mutation:
+        grant = self.mailbox.grants[grant_id]
+        msg = self.mailbox.delete_message(grant_id, message_id)
+        notes = [self.webhooks.message_deleted(grant, msg.id)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, message={"id": msg.id, "grant_id": grant_id,
+                                        "thread_id": msg.thread_id, "object": "message"})
+
+    def expire_grant(self, grant_id: str, *, send: bool = True,
+                     duplicate: bool = False) -> Mutation:
+        grant = self.mailbox.expire_grant(grant_id)
+        notes = [self.webhooks.grant_event(WebhookTriggers.GRANT_EXPIRED, grant)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, grant=grant.to_json())
+
+    def revive_grant(self, grant_id: str) -> Mutation:
+        """Re-authenticate an expired grant (no webhook)."""
+        return Mutation(grant=self.mailbox.revive_grant(grant_id).to_json())
+
+    def delete_grant(self, grant_id: str, *, send: bool = True,
+                     duplicate: bool = False) -> Mutation:
+        grant = self.mailbox.delete_grant(grant_id)
+        notes = [self.webhooks.grant_event(WebhookTriggers.GRANT_DELETED, grant)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, grant=grant.to_json())
+
+    def send_notifications(self, notes: Sequence[Notification], *,
+                           duplicate: bool = False) -> None:
+        """(Re)send already built notifications, e.g. ones built with ``send=False``."""
+        self.outbox.submit(list(notes), duplicate=duplicate)
+
+    def hold_webhooks(self) -> None:
+        """Queue notifications instead of sending them until ``release_webhooks``."""
+        self.outbox.hold()
+
+    def release_webhooks(self, order: str | Sequence[int] = "fifo") -> list[Notification]:
+        return self.outbox.release(order, seed=self.seed)
+
+    def wait_webhooks(self, timeout: float = 10.0) -> None:
+        """Block until every submitted notification was POSTed (call from a non-server thread)."""
+        self.outbox.wait_idle(timeout)
+
+    async def await_webhooks(self) -> None:
+        """Async variant of ``wait_webhooks`` (10 s limit)."""
+        await asyncio.to_thread(self.outbox.wait_idle, 10.0)
+
+    @property
+    def webhook_log(self) -> list[dict[str, Any]]:
+        return list(self.outbox.log)

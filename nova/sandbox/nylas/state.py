@@ -1,0 +1,147 @@
+"""Runtime knobs of the sandbox: injected faults, per-grant rate limiting and request stats."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+FAULT_KINDS = ("error_5xx", "timeout", "malformed", "html_error", "rate_limit")
+"""``error_5xx``: 500/503/504 with a Nylas error body; ``timeout``: hang past the client's
+timeout; ``malformed``: 200 with an invalid JSON body; ``html_error``: 502 with an HTML body
+(a proxy in front of the API); ``rate_limit``: a forced 429 with Retry-After."""
+
+
+@dataclass
+class _Injection:
+    kind: str
+    count: int
+    endpoint: str | None
+    grant_id: str | None
+
+
+class Faults:
+    """Forced faults (next N matching requests) plus random faults at configured rates."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._rng = random.Random(f"{seed}:faults")
+        self.rates: dict[str, float] = {}
+        self._queue: list[_Injection] = []
+        self.hang_seconds = 30.0
+        self.status_cycle = (500, 503, 504)
+        self._n5xx = 0
+
+    def set_rates(self, **rates: float) -> None:
+        unknown = set(rates) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
+        with self._lock:
+            self.rates.update({k: float(v) for k, v in rates.items()})
+
+    def inject(self, kind: str, count: int = 1, *, endpoint: str | None = None,
+               grant_id: str | None = None) -> None:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        with self._lock:
+            self._queue.append(_Injection(kind, count, endpoint, grant_id))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rates.clear()
+            self._queue.clear()
+
+    def pick(self, endpoint: str, grant_id: str | None) -> str | None:
+        with self._lock:
+            for inj in self._queue:
+                if (inj.endpoint in (None, endpoint)) and (inj.grant_id in (None, grant_id)):
+                    inj.count -= 1
+                    if inj.count <= 0:
+                        self._queue.remove(inj)
+                    return inj.kind
+            for kind, rate in self.rates.items():
+                if rate > 0 and self._rng.random() < rate:
+                    return kind
+            return None
+
+    def next_5xx(self) -> int:
+        with self._lock:
+            self._n5xx += 1
+            return self.status_cycle[(self._n5xx - 1) % len(self.status_cycle)]
+
+
+class RateLimiter:
+    """Token bucket per grant: ``rate`` requests per second, bursts up to ``rate``."""
+
+    def __init__(self, rate: float | None) -> None:
+        self._lock = threading.Lock()
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def set_rate(self, rate: float | None) -> None:
+        with self._lock:
+            self.rate = rate
+            self._buckets.clear()
+
+    def check(self, key: str) -> int | None:
+        """Consume a token; return None when allowed, else Retry-After seconds (>= 1)."""
+        with self._lock:
+            rate = self.rate
+            if not rate:
+                return None
+            now = time.monotonic()
+            tokens, last = self._buckets.get(key, (rate, now))
+            tokens = min(rate, tokens + (now - last) * rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                return None
+            self._buckets[key] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / rate))
+
+
+class Stats:
+    """Request counters: per endpoint, per status, per grant, per thread-listing page token."""
+
+    FIRST_PAGE = "<first>"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.requests: Counter[str] = Counter()
+            self.statuses: Counter[str] = Counter()
+            self.by_grant: defaultdict[str, Counter[str]] = defaultdict(Counter)
+            self.thread_pages: defaultdict[str, Counter[str]] = defaultdict(Counter)
+            self.faults: Counter[str] = Counter()
+
+    def hit(self, endpoint: str, grant_id: str | None, page_token: str | None = None) -> None:
+        with self._lock:
+            self.requests[endpoint] += 1
+            if grant_id:
+                self.by_grant[grant_id][endpoint] += 1
+            if endpoint == "list_threads" and grant_id:
+                self.thread_pages[grant_id][page_token or self.FIRST_PAGE] += 1
+
+    def status(self, code: int) -> None:
+        with self._lock:
+            self.statuses[str(code)] += 1
+
+    def fault(self, kind: str) -> None:
+        with self._lock:
+            self.faults[kind] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": dict(self.requests),
+                "statuses": dict(self.statuses),
+                "by_grant": {g: dict(c) for g, c in self.by_grant.items()},
+                "thread_pages": {g: dict(c) for g, c in self.thread_pages.items()},
+                "faults": dict(self.faults),
+            }
