@@ -131,3 +131,13 @@ def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
         yield c
 
+
+
+@pytest.fixture
+async def pool(db_url: str) -> Any:
+    """An asyncpg pool on the test's database, set up as processors set theirs up."""
+    p = await db.create_pool(db_url, min_size=1, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
