@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import signal
 import sys
+import threading
 
 from .server import SandboxNylas
 
@@ -28,12 +29,16 @@ def main(argv: list[str] | None = None) -> int:
                       latency_ms=args.latency_ms, api_key=args.api_key,
                       webhook_url=args.webhook_url, webhook_secret=args.webhook_secret,
                       host=args.host, port=args.port)
-    sb._bind()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    sb.start()
     print(f"NYLAS_API_URI={sb.base_url}", flush=True)
     for gid in sb.grant_ids:
         g = sb.mailbox.grants[gid]
         print(f"grant {gid} {g.provider} {g.email} threads={g.n_threads}", flush=True)
-    asyncio.run(sb.serve())  # uvicorn handles SIGINT/SIGTERM in the main thread
+    done.wait()
+    sb.stop()
     return 0
 
 

@@ -279,6 +279,8 @@ class Mailbox:
             self._counter += 1
             n = self._counter
             rng = random.Random(f"{self.seed}:{gid}:new:{n}")
+            keys = self._thread_keys(gid)
+            newest_ts = -keys[0][0] if keys else 0
             created = thread_id is None
             if created:
                 thread_id = f"{stable_hex(self.seed, gid, 'thread', n, n=11)}n{n:04x}"
@@ -293,8 +295,7 @@ class Mailbox:
             sender = sender or person(rng)
             subj = subject or (f"Re: {prev.subject.removeprefix('Re: ')}" if prev
                                else f"New message {n}")
-            newest = max((k[0] for k in self._thread_keys(gid)[:1]), default=0)
-            when = date if date is not None else max(int(time.time()), -newest + 1)
+            when = date if date is not None else max(int(time.time()), newest_ts + 1)
             mid = f"{thread_id}n{n:04x}"
             gen_body, snippet = html_body(g.name.split()[0], ["Sandbox message."], sender["name"])
             if body is not None:
