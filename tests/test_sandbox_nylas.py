@@ -434,6 +434,24 @@ def test_payloads_can_be_built_without_sending(hooks: tuple[SandboxNylas, Receiv
     assert ctl["message"]["subject"] == "via control"
 
 
+def test_latency_knob_and_added_attachments_round_trip() -> None:
+    pdf = make_pdf(["Added by a test"])
+    with SandboxNylas(threads=5, seed=6, api_key=KEY, latency_ms=150) as s:
+        gid = s.grant_ids[0]
+        started = time.perf_counter()
+        assert get(s, f"/v3/grants/{gid}").status_code == 200
+        assert time.perf_counter() - started >= 0.15
+        s.set_latency(0)
+        m = s.add_message(gid, body="<p>see <b>attached</b></p>", send=False,
+                          attachments=[("added.pdf", "application/pdf", pdf)]).message
+        assert m is not None and m["snippet"] == "see attached"
+        (att,) = m["attachments"]
+        r = get(s, f"/v3/grants/{gid}/attachments/{att['id']}/download", message_id=m["id"])
+        assert r.content == pdf and att["size"] == len(pdf)
+        thread = get(s, f"/v3/grants/{gid}/threads", limit=1).json()["data"][0]
+        assert thread["id"] == m["thread_id"] and thread["has_attachments"] is True
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_serves_until_sigterm() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

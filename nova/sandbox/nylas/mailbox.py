@@ -14,6 +14,7 @@ import binascii
 import copy
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -282,10 +283,10 @@ class Mailbox:
             keys = self._thread_keys(gid)
             newest_ts = -keys[0][0] if keys else 0
             created = thread_id is None
-            if created:
-                thread_id = f"{stable_hex(self.seed, gid, 'thread', n, n=11)}n{n:04x}"
-                thread = ThreadRec(id=thread_id, messages=[])
-                self._over[gid][thread_id] = thread
+            if thread_id is None:
+                new_id = f"{stable_hex(self.seed, gid, 'thread', n, n=11)}n{n:04x}"
+                thread = ThreadRec(id=new_id, messages=[])
+                self._over[gid][new_id] = thread
             else:
                 found = self._editable(gid, thread_id)
                 if found is None:
@@ -296,24 +297,24 @@ class Mailbox:
             subj = subject or (f"Re: {prev.subject.removeprefix('Re: ')}" if prev
                                else f"New message {n}")
             when = date if date is not None else max(int(time.time()), newest_ts + 1)
-            mid = f"{thread_id}n{n:04x}"
+            mid = f"{thread.id}n{n:04x}"
             gen_body, snippet = html_body(g.name.split()[0], ["Sandbox message."], sender["name"])
             if body is not None:
-                snippet = body[:100]
+                snippet = " ".join(re.sub(r"<[^>]+>", " ", body[:2000]).split())[:100]
             atts = []
             for k, (filename, ctype, data) in enumerate(attachments):
                 aid = f"{mid}a{k}"
                 self._blobs[aid] = data
                 atts.append(AttachmentRec(aid, filename, ctype, len(data), "blob"))
             msg = MessageRec(
-                id=mid, thread_id=thread_id, subject=subj, from_=[sender],
+                id=mid, thread_id=thread.id, subject=subj, from_=[sender],
                 to=[{"name": g.name, "email": g.email}], cc=[], date=when,
                 body=body if body is not None else gen_body, snippet=snippet,
                 folders=folders or ["INBOX"], unread=unread, starred=starred,
                 attachments=atts, headers=[{"name": "Message-ID", "value": f"<{mid}@sandbox>"},
                                            {"name": "Subject", "value": subj}])
             thread.messages.append(msg)
-            self._owner[gid][mid] = thread_id
+            self._owner[gid][mid] = thread.id
             self._invalidate(gid)
             return msg, thread, created
 
