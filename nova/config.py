@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     thread_delay_ms: int = Field(default=3000, ge=0, validation_alias="THREAD_DELAY_MS")
     message_delay_ms: int = Field(default=1000, ge=0, validation_alias="MESSAGE_DELAY_MS")
     api_delay_ms: int = Field(default=200, ge=0, validation_alias="API_DELAY_MS")
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, validation_alias="NOVA_SHUTDOWN_GRACE_SECONDS"
+    )
     testing_mode: bool = Field(default=False, validation_alias="TESTING_MODE")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", validation_alias="LOG_LEVEL"
