@@ -196,17 +196,23 @@ BEGIN
 END;
 $$;
 
--- One page of discovery: adds the threads not yet known and queues exactly those, in one
--- statement of the caller's transaction. Returns the threads it added.
+-- One page of discovery: adds the threads not yet known and queues exactly those, in the
+-- caller's transaction, recording each one's message id. Returns the threads it added (none
+-- when the whole page was known already).
 CREATE OR REPLACE FUNCTION queue_discovered_threads(
     p_config_id           uuid,
     p_provider_thread_ids text[]
 )
 RETURNS TABLE (queued_thread_id bigint, provider_thread_id text, msg_id bigint)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    v_config flux_inbox_configurations;
-    v_grant  text;
+    v_config  flux_inbox_configurations;
+    v_grant   text;
+    v_ids     bigint[];
+    v_threads text[];
+    v_jobs    jsonb[];
+    v_msgs    bigint[];
 BEGIN
     IF p_provider_thread_ids IS NULL OR array_position(p_provider_thread_ids, NULL) IS NOT NULL
        OR array_position(p_provider_thread_ids, '') IS NOT NULL THEN
@@ -214,8 +220,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_config := nova_require_config(p_config_id);
-    SELECT grant_id INTO v_grant FROM flux_inboxes WHERE id = v_config.inbox_id;
-    RETURN QUERY
+    SELECT i.grant_id INTO v_grant FROM flux_inboxes i WHERE i.id = v_config.inbox_id;
     WITH added AS (
         INSERT INTO queued_threads (config_id, inbox_id, grant_id, provider_thread_id)
         SELECT p_config_id, v_config.inbox_id, v_grant, t
@@ -223,17 +228,20 @@ BEGIN
         ORDER BY t
         ON CONFLICT (config_id, provider_thread_id) DO NOTHING
         RETURNING *
-    ), numbered AS (
-        SELECT a.id, a.provider_thread_id, nova_thread_job(a) AS job,
-               row_number() OVER (ORDER BY a.id) AS n
-        FROM added a
-    ), sent AS (
-        SELECT s.msg_id, row_number() OVER () AS n
-        FROM pgmq.send_batch('thread_sync_jobs',
-                             coalesce((SELECT array_agg(job ORDER BY n) FROM numbered), '{}')) AS s(msg_id)
     )
-    SELECT numbered.id, numbered.provider_thread_id, sent.msg_id
-    FROM numbered JOIN sent USING (n);
+    SELECT array_agg(a.id ORDER BY a.id), array_agg(a.provider_thread_id ORDER BY a.id),
+           array_agg(nova_thread_job(a) ORDER BY a.id)
+    INTO v_ids, v_threads, v_jobs
+    FROM added a;
+    IF v_ids IS NULL THEN
+        RETURN;   -- nothing new: pgmq.send_batch rejects an empty batch
+    END IF;
+    SELECT array_agg(s.id ORDER BY s.n) INTO v_msgs
+    FROM pgmq.send_batch('thread_sync_jobs', v_jobs, 0) WITH ORDINALITY AS s(id, n);
+    UPDATE queued_threads q SET queue_msg_id = m.msg
+    FROM unnest(v_ids, v_msgs) AS m(id, msg)
+    WHERE q.id = m.id;
+    RETURN QUERY SELECT u.id, u.thread, u.msg FROM unnest(v_ids, v_threads, v_msgs) AS u(id, thread, msg);
 END;
 $$;
 
@@ -246,6 +254,9 @@ DECLARE
     v_config flux_inbox_configurations;
 BEGIN
     v_config := nova_require_config(p_config_id);
+    -- Decide on the locked, current row: a concurrent caller that transitioned first must make
+    -- this call a no-op (false), not an error about the status seen before waiting.
+    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
     UPDATE flux_inbox_configurations
     SET backfill_status = 'thread_sync', discovery_completed_at = now(),
         backfill_started_at = coalesce(backfill_started_at, now()),
