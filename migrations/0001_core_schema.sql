@@ -17,7 +17,6 @@ CREATE TABLE flux_inboxes (
     status            text NOT NULL DEFAULT 'active'
                       CHECK (status IN ('active', 'auth_expired', 'revoked', 'disabled')),
     auth_expired_at   timestamptz,
-    last_webhook_at   timestamptz,   -- last notification received for this grant
     last_event_at     timestamptz,   -- provider time of the last event Nova applied
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         default=None, validation_alias="NYLAS_WEBHOOK_SECRET"
     )
 
+    # Webhook receiver.
+    receiver_host: str = Field(default="0.0.0.0", validation_alias="NOVA_RECEIVER_HOST")
+    receiver_port: int = Field(default=8080, ge=0, le=65535, validation_alias="NOVA_RECEIVER_PORT")
+    receiver_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, validation_alias="NOVA_RECEIVER_MAX_BODY_BYTES"
+    )
+
     # Attachments (NAS mount).
     attachment_path: Path = Field(
         default=Path("./attachments"), validation_alias="NOVA_ATTACHMENT_PATH"

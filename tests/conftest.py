@@ -12,9 +12,12 @@ cloned from it, which takes a few tens of milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,19 +97,49 @@ def template_db(pg_server: str) -> str:
     return name
 
 
-@pytest.fixture
-def db_url(pg_server: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database of this test's own."""
-    name = f"nova_test_{uuid.uuid4().hex[:16]}"
+class _Dropper:
+    """Drops finished test databases on a background thread, so no test waits for it."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.names: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.server, autocommit=True) as conn:
+            while (name := self.names.get()) is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(name)))
+
+    def close(self) -> None:
+        self.names.put(None)
+        self.thread.join(120)
+
+
+@pytest.fixture(scope="session")
+def _dropper(pg_server: str) -> Iterator[_Dropper]:
+    dropper = _Dropper(pg_server)
+    yield dropper
+    dropper.close()
+
+
+@pytest.fixture(scope="session")
+def _admin(pg_server: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
-    try:
-        yield _with_dbname(pg_server, name)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+        yield conn
+
+
+@pytest.fixture
+def db_url(_admin: psycopg.Connection[Any], template_db: str,
+           _dropper: _Dropper, pg_server: str) -> Iterator[str]:
+    """A fresh, migrated database of this test's own, cloned from the template."""
+    name = f"nova_test_{uuid.uuid4().hex[:16]}"
+    _admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+        sql.Identifier(name), sql.Identifier(template_db)))
+    yield _with_dbname(pg_server, name)
+    _dropper.names.put(name)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -151,40 +150,3 @@ def assert_stats_exact(conn: psycopg.Connection[Any], config_id: uuid.UUID) -> d
     expected = real_counts(conn, config_id)
     assert counters(conn, config_id) == expected
     return expected
-
-
-# --- a migrated database per test module, emptied before each test ---------------------------
-# Cloning the template for every test costs 0.1-0.3 s; the SQL tests share one clone per module
-# and empty it between tests (same state as a fresh clone: no rows, identities restarted, only
-# the four standard queues).
-
-def module_database(pg_server: str, template_db: str) -> Iterator[str]:
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
-
-    name = f"nova_sqlt_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(pg_server, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
-    try:
-        yield make_conninfo(pg_server, dbname=name)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-
-
-def reset_database(url: str) -> None:
-    from psycopg import sql
-
-    with psycopg.connect(url, autocommit=True) as c:
-        # A session left over by a failed concurrency test must not block the reset.
-        c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                  " WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        for (queue,) in c.execute("SELECT queue_name FROM pgmq.meta"
-                                  " WHERE NOT (queue_name = ANY(%s))", (list(QUEUES),)):
-            c.execute("SELECT pgmq.drop_queue(%s)", (queue,))
-        tables = [sql.Identifier(t) for t in TRACKED_TABLES]
-        tables += [sql.Identifier("pgmq", f"{kind}_{q}") for q in QUEUES for kind in ("q", "a")]
-        c.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
-            sql.SQL(", ").join(tables)))

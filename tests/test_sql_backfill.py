@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -15,17 +14,15 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from tests.factories import (
+from factories import (
     add_config,
     add_inbox,
     assert_rejected,
     assert_stats_exact,
     counters,
-    module_database,
     one,
     queue_depth,
     queue_messages,
-    reset_database,
     rows,
     scalar,
     set_config_status,
@@ -37,18 +34,6 @@ Conn = psycopg.Connection[Any]
 BQ = "inbox_backfill_jobs"
 TQ = "thread_sync_jobs"
 MISSING = uuid.UUID("00000000-0000-0000-0000-00000000beef")
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: str, template_db: str) -> Iterator[str]:
-    yield from module_database(pg_server, template_db)
-
-
-@pytest.fixture
-def db_url(shared_db: str) -> str:
-    """This module's database, emptied: the state of a fresh migrated database, per test."""
-    reset_database(shared_db)
-    return shared_db
 
 
 def config(conn: Conn, config_id: uuid.UUID) -> dict[str, Any]:

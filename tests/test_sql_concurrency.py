@@ -20,15 +20,13 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from tests.factories import (
+from factories import (
     add_inbox,
     assert_stats_exact,
-    module_database,
     one,
     queue_depth,
     queue_messages,
     real_counts,
-    reset_database,
     rows,
     scalar,
     set_config_status,
@@ -37,18 +35,6 @@ from tests.factories import (
 
 Conn = psycopg.Connection[Any]
 STATUSES = ("queued", "processing", "completed", "failed")
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: str, template_db: str) -> Iterator[str]:
-    yield from module_database(pg_server, template_db)
-
-
-@pytest.fixture
-def db_url(shared_db: str) -> str:
-    """This module's database, emptied: the state of a fresh migrated database, per test."""
-    reset_database(shared_db)
-    return shared_db
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -11,33 +10,19 @@ import pytest
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
-from tests.factories import (
+from factories import (
     QUEUES,
     archived_messages,
     assert_rejected,
-    module_database,
     one,
     queue_depth,
     queue_messages,
-    reset_database,
     rows,
     scalar,
 )
 
 Conn = psycopg.Connection[Any]
 Q = "attachment_downloads"
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: str, template_db: str) -> Iterator[str]:
-    yield from module_database(pg_server, template_db)
-
-
-@pytest.fixture
-def db_url(shared_db: str) -> str:
-    """This module's database, emptied: the state of a fresh migrated database, per test."""
-    reset_database(shared_db)
-    return shared_db
 
 
 def send(conn: Conn, message: dict[str, Any], queue: str = Q, delay: int = 0) -> int:

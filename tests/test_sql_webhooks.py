@@ -4,7 +4,6 @@ acknowledge_webhook_notification and get_webhook_metrics."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -12,33 +11,19 @@ import pytest
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
-from tests.factories import (
+from factories import (
     add_inbox,
     assert_rejected,
     fingerprint,
-    module_database,
     one,
     queue_depth,
     queue_messages,
-    reset_database,
     rows,
     scalar,
 )
 
 Conn = psycopg.Connection[Any]
 WQ = "nylas_webhook_notifications"
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: str, template_db: str) -> Iterator[str]:
-    yield from module_database(pg_server, template_db)
-
-
-@pytest.fixture
-def db_url(shared_db: str) -> str:
-    """This module's database, emptied: the state of a fresh migrated database, per test."""
-    reset_database(shared_db)
-    return shared_db
 
 
 def payload(grant: str | None = "grant-1", obj_id: str | None = "msg-1",

@@ -49,6 +49,20 @@ class WebhookEvent:
         return self.trigger in KNOWN_TRIGGERS
 
 
+# Nylas appends these to a trigger name, alone or combined ("message.updated.truncated",
+# "message.created.transformed.truncated"); the base trigger decides the handling.
+TYPE_SUFFIXES = frozenset({"truncated", "transformed", "cleaned"})
+
+
+def split_type(type_: str) -> tuple[str, bool]:
+    """`message.created.truncated` -> ("message.created", True): base trigger, truncated?"""
+    parts = type_.split(".")
+    suffixes = set()
+    while len(parts) > 2 and parts[-1] in TYPE_SUFFIXES:
+        suffixes.add(parts.pop())
+    return ".".join(parts), "truncated" in suffixes
+
+
 def parse_notification(body: bytes) -> WebhookEvent:
     """Parse a notification body; raise :class:`Permanent` if it is not a Nylas envelope."""
     try:
@@ -59,12 +73,10 @@ def parse_notification(body: bytes) -> WebhookEvent:
         nid = str(raw["id"])
     except (ValueError, KeyError, TypeError) as exc:
         raise Permanent(f"not a Nylas notification: {exc!r}") from exc
-    trigger, truncated = type_, False
-    for suffix in (".truncated", ".transformed"):
-        if trigger.endswith(suffix):
-            trigger, truncated = trigger[: -len(suffix)], truncated or suffix == ".truncated"
+    trigger, truncated = split_type(type_)
     when = raw.get("time")
     return WebhookEvent(
         id=nid, type=type_, trigger=trigger, truncated=truncated, source=raw.get("source"),
-        time=datetime.fromtimestamp(when, UTC) if isinstance(when, int) else None,
+        time=datetime.fromtimestamp(when, UTC)
+        if isinstance(when, int | float) and not isinstance(when, bool) else None,
         grant_id=obj.get("grant_id") or data.get("grant_id"), object=obj, raw=raw)

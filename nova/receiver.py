@@ -1,0 +1,197 @@
+"""`python -m nova.receiver`: the HTTP endpoint Nylas delivers webhooks to.
+
+    GET  /webhooks/nylas?challenge=X   answers X, as the raw body (Nylas's endpoint check)
+    POST /webhooks/nylas               a notification
+    GET  /healthz                      200 when the database answers, else 503
+
+A POST is checked in this order, and nothing is stored before the signature holds:
+1. size: over NOVA_RECEIVER_MAX_BODY_BYTES -> 413 (read in chunks; never buffered past the cap);
+2. signature: X-Nylas-Signature must be the hex HMAC-SHA256 of the raw body (for a gzip
+   delivery, of the compressed bytes) under NYLAS_WEBHOOK_SECRET, compared in constant time
+   -> 401;
+3. body: gzip is inflated (with the same cap -> 413); it must be a JSON notification with an
+   id and a type -> 400;
+4. it is written through queue_nylas_webhook_notification(), whose trigger queues it, and
+   committed before the 200. A repeated webhook id is answered 200 and stored once.
+
+When the database cannot be reached the answer is 503: Nylas retries 408, 429, 502, 503, 504
+and 507 (three attempts in all), so an outage delays notifications instead of losing them.
+Source: https://developer.nylas.com/docs/v3/notifications/webhooks/ (challenge, signature,
+retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from nova import db
+from nova.config import Settings, settings_or_exit
+from nova.logs import setup_logging
+from nova.providers.nylas_webhooks import verify_signature
+from nova.runtime import CONNECTION_ERRORS
+
+log = logging.getLogger("nova.receiver")
+
+STORE = "SELECT notification_id, is_new FROM queue_nylas_webhook_notification($1, $2, $3)"
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def gunzip_capped(data: bytes, cap: int) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = inflater.decompress(data, cap + 1)
+    if len(out) > cap or inflater.unconsumed_tail:
+        raise TooLarge
+    return out
+
+
+class Receiver:
+    def __init__(self, settings: Settings, *, database_url: str | None = None) -> None:
+        if settings.nylas_webhook_secret is None:
+            raise ValueError("NYLAS_WEBHOOK_SECRET is not set: the receiver cannot verify "
+                             "deliveries without it")
+        self.settings = settings
+        self.secret = settings.nylas_webhook_secret.get_secret_value()
+        self.cap = settings.receiver_max_body_bytes
+        self.database_url = database_url
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self.app = Starlette(
+            routes=[
+                Route("/webhooks/nylas", self.challenge, methods=["GET"]),
+                Route("/webhooks/nylas", self.deliver, methods=["POST"]),
+                Route("/healthz", self.health, methods=["GET"]),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        if self.database_url is None:
+            self.database_url = db.database_url(self.settings)
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self.pool()  # connect early when we can; a later request retries otherwise
+        log.info("[Receiver] ready on /webhooks/nylas")
+        yield
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    assert self.database_url is not None
+                    self._pool = await asyncio.wait_for(
+                        db.create_pool(self.database_url, min_size=1, max_size=20), 10)
+        return self._pool
+
+    async def challenge(self, request: Request) -> Response:
+        value = request.query_params.get("challenge")
+        if not value:
+            return PlainTextResponse("missing challenge", status_code=400)
+        return Response(value.encode(), media_type="text/plain")
+
+    async def health(self, _request: Request) -> Response:
+        try:
+            pool = await self.pool()
+            await asyncio.wait_for(pool.fetchval("SELECT 1"), 5)
+        except (*CONNECTION_ERRORS, TimeoutError) as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def deliver(self, request: Request) -> Response:
+        try:
+            raw = await read_capped(request, self.cap)
+        except TooLarge:
+            return PlainTextResponse("payload too large", status_code=413)
+        if not verify_signature(raw, request.headers.get("x-nylas-signature"), self.secret):
+            log.warning("[Receiver] rejected a delivery with a bad signature")
+            return PlainTextResponse("invalid signature", status_code=401)
+        body = raw
+        if request.headers.get("content-encoding", "").lower() == "gzip":
+            try:
+                body = gunzip_capped(raw, self.cap)
+            except TooLarge:
+                return PlainTextResponse("payload too large", status_code=413)
+            except zlib.error:
+                return PlainTextResponse("bad gzip body", status_code=400)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return PlainTextResponse("body is not JSON", status_code=400)
+        if not isinstance(payload, dict):
+            return PlainTextResponse("body is not a JSON object", status_code=400)
+        webhook_id, kind = payload.get("id"), payload.get("type")
+        if not isinstance(webhook_id, str) or not webhook_id or \
+                not isinstance(kind, str) or not kind:
+            return PlainTextResponse("notification needs a string id and type", status_code=400)
+        return await self._store(webhook_id, kind, payload)
+
+    async def _store(self, webhook_id: str, kind: str, payload: dict[str, Any]) -> Response:
+        try:
+            pool = await self.pool()
+            row = await pool.fetchrow(STORE, webhook_id, kind, payload)
+        except asyncpg.DataError as exc:  # e.g. a \u0000 that jsonb refuses
+            return PlainTextResponse(f"unusable payload: {exc}", status_code=400)
+        except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
+            log.error("[Receiver] could not store webhook %s (%s): %s", webhook_id, kind, exc)
+            return PlainTextResponse("temporarily unavailable", status_code=503,
+                                     headers={"Retry-After": "5"})
+        assert row is not None
+        if row["is_new"]:
+            log.info("[Receiver] stored %s id=%s", kind, webhook_id)
+        else:
+            log.info("[Receiver] duplicate %s id=%s", kind, webhook_id)
+        return JSONResponse({"status": "ok", "notification_id": str(row["notification_id"]),
+                             "duplicate": not row["is_new"]})
+
+
+def create_app(settings: Settings | None = None, *, database_url: str | None = None) -> Starlette:
+    return Receiver(settings or settings_or_exit(), database_url=database_url).app
+
+
+def main() -> int:
+    import uvicorn
+
+    settings = settings_or_exit()
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        log.error("[Receiver] %s", exc)
+        return 2
+    uvicorn.run(app, host=settings.receiver_host, port=settings.receiver_port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

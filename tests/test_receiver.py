@@ -1,0 +1,164 @@
+"""The webhook receiver over real HTTP: challenge, signatures, size cap, gzip, duplicates,
+database outages."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from servers import ServerThread
+
+from nova.config import load_settings
+from nova.receiver import create_app
+
+SECRET = "receiver-test-secret"
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def notification(kind: str = "message.created", **obj: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "type": kind, "source": "/google/emails/realtime",
+            "id": str(uuid.uuid4()), "time": 1_780_000_000, "webhook_delivery_attempt": 1,
+            "data": {"application_id": "app", "object": {"id": "m1", "grant_id": "g1", **obj}}}
+
+
+def settings(**kw: Any) -> Any:
+    return load_settings(nylas_webhook_secret=SECRET, receiver_max_body_bytes=64 * 1024, **kw)
+
+
+@pytest.fixture
+def receiver(db_url: str) -> Iterator[str]:
+    with ServerThread(create_app(settings(), database_url=db_url)) as server:
+        yield server.url
+
+
+def post(url: str, payload: dict[str, Any] | bytes, *, signature: str | None = None,
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    sig = sign(body) if signature is None else signature
+    return httpx.post(f"{url}/webhooks/nylas", content=body, timeout=10,
+                      headers={"X-Nylas-Signature": sig, "Content-Type": "application/json",
+                               **(headers or {})})
+
+
+def stored(db_url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url) as c:
+        return c.execute("SELECT webhook_id, notification_type, status FROM"
+                         " flux_webhook_notifications ORDER BY received_at").fetchall()
+
+
+def queued(db_url: str) -> int:
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications").fetchone()
+        return int(row[0]) if row else -1
+
+
+def test_challenge_is_echoed_exactly(receiver: str) -> None:
+    r = httpx.get(f"{receiver}/webhooks/nylas", params={"challenge": "abc-123_XYZ"})
+    assert r.status_code == 200 and r.text == "abc-123_XYZ"
+    assert r.headers["content-length"] == str(len("abc-123_XYZ"))
+    assert httpx.get(f"{receiver}/webhooks/nylas").status_code == 400
+
+
+def test_signed_delivery_is_stored_and_queued_before_the_200(receiver: str, db_url: str) -> None:
+    note = notification()
+    r = post(receiver, note)
+    assert r.status_code == 200 and r.json()["duplicate"] is False
+    assert stored(db_url) == [(note["id"], "message.created", "pending")]
+    assert queued(db_url) == 1
+
+
+def test_duplicate_delivery_answers_200_and_is_stored_once(receiver: str, db_url: str) -> None:
+    note = notification()
+    assert post(receiver, note).status_code == 200
+    again = post(receiver, note)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert len(stored(db_url)) == 1 and queued(db_url) == 1
+
+
+@pytest.mark.parametrize("signature", ["", "00" * 32, "not-hex", sign(b"other body")])
+def test_bad_signature_is_401_and_nothing_is_stored(receiver: str, db_url: str,
+                                                    signature: str) -> None:
+    r = post(receiver, notification(), signature=signature)
+    assert r.status_code == 401
+    assert stored(db_url) == [] and queued(db_url) == 0
+
+
+def test_signature_with_the_wrong_secret_is_rejected(receiver: str, db_url: str) -> None:
+    body = json.dumps(notification()).encode()
+    assert post(receiver, body, signature=sign(body, "another-secret")).status_code == 401
+    assert stored(db_url) == []
+
+
+def test_missing_signature_header_is_401(receiver: str, db_url: str) -> None:
+    r = httpx.post(f"{receiver}/webhooks/nylas", content=b"{}")
+    assert r.status_code == 401 and stored(db_url) == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"type": "message.created"}',
+                                  b'{"id": "", "type": "x"}', b'{"id": 5, "type": "x"}',
+                                  b"\xff\xfe"])
+def test_malformed_signed_body_is_400(receiver: str, db_url: str, body: bytes) -> None:
+    assert post(receiver, body).status_code == 400
+    assert stored(db_url) == []
+
+
+def test_nul_character_that_jsonb_refuses_is_400_not_500(receiver: str, db_url: str) -> None:
+    note = notification(subject="a\u0000b")
+    assert post(receiver, note).status_code == 400
+    assert stored(db_url) == []
+
+
+def test_body_over_the_cap_is_413(receiver: str, db_url: str) -> None:
+    note = notification(body="x" * (70 * 1024))
+    assert post(receiver, note).status_code == 413
+    assert stored(db_url) == []
+
+
+def test_gzip_delivery_is_verified_on_compressed_bytes(receiver: str, db_url: str) -> None:
+    note = notification()
+    packed = gzip.compress(json.dumps(note).encode())
+    ok = post(receiver, packed, headers={"Content-Encoding": "gzip"})
+    assert ok.status_code == 200
+    assert stored(db_url)[0][0] == note["id"]
+    # a signature over the uncompressed JSON does not count
+    other = notification()
+    raw = json.dumps(other).encode()
+    bad = post(receiver, gzip.compress(raw), signature=sign(raw),
+               headers={"Content-Encoding": "gzip"})
+    assert bad.status_code == 401
+
+
+def test_gzip_bomb_is_413(receiver: str, db_url: str) -> None:
+    bomb = gzip.compress(b'{"id": "x", "type": "y", "pad": "' + b"0" * 5_000_000 + b'"}')
+    assert len(bomb) < 64 * 1024
+    assert post(receiver, bomb, headers={"Content-Encoding": "gzip"}).status_code == 413
+    assert stored(db_url) == []
+
+
+def test_database_unreachable_is_503_and_health_says_so() -> None:
+    dead = "postgresql://postgres@127.0.0.1:1/nowhere"
+    with ServerThread(create_app(settings(), database_url=dead)) as server:
+        r = post(server.url, notification())
+        assert r.status_code == 503  # Nylas retries 503
+        assert httpx.get(f"{server.url}/healthz").status_code == 503
+
+
+def test_health_is_ok_with_a_database(receiver: str) -> None:
+    r = httpx.get(f"{receiver}/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_receiver_refuses_to_start_without_a_secret() -> None:
+    with pytest.raises(ValueError, match="NYLAS_WEBHOOK_SECRET"):
+        create_app(load_settings(), database_url="postgresql://x@127.0.0.1/x")

@@ -1,0 +1,334 @@
+"""nova.webhooks: signed sandbox webhooks through the receiver and the processor to rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from servers import ServerThread
+
+from nova.config import load_settings
+from nova.providers.nylas import NylasProvider
+from nova.receiver import create_app
+from nova.runtime import Worker
+from nova.sandbox.nylas import SandboxNylas
+from nova.sandbox.nylas.webhooks import sign
+from nova.webhooks import WebhookProcessor
+
+SECRET = "webhooks-test-secret"
+API_KEY = "webhooks-test-key"
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxNylas]:
+    with SandboxNylas(threads=20, seed=7, api_key=API_KEY, webhook_secret=SECRET) as sb:
+        yield sb
+
+
+@pytest.fixture
+def receiver(db_url: str, sandbox: SandboxNylas) -> Iterator[str]:
+    app = create_app(load_settings(nylas_webhook_secret=SECRET), database_url=db_url)
+    with ServerThread(app) as server:
+        sandbox.outbox.url = f"{server.url}/webhooks/nylas"
+        yield server.url
+
+
+@pytest.fixture
+async def inbox(pool: asyncpg.Pool, sandbox: SandboxNylas) -> uuid.UUID:
+    return await pool.fetchval(  # type: ignore[no-any-return]
+        "INSERT INTO flux_inboxes (grant_id, email) VALUES ($1, 'me@example.com') RETURNING id",
+        sandbox.grant_ids[0])
+
+
+def make_worker(db_url: str, pool: asyncpg.Pool, sandbox: SandboxNylas) -> Worker:
+    provider = NylasProvider(API_KEY, sandbox.base_url)
+    settings = load_settings(batch_size=4, poll_interval_ms=1000)
+    return Worker(WebhookProcessor(provider), settings, pool=pool, database_url=db_url)
+
+
+@pytest.fixture
+async def drain(db_url: str, pool: asyncpg.Pool,
+                sandbox: SandboxNylas) -> AsyncIterator[Any]:
+    """Process everything queued (burst mode) and return the worker's stats."""
+
+    async def run() -> Any:
+        return await make_worker(db_url, pool, sandbox).run(burst=True)
+
+    yield run
+
+
+async def notifications(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM flux_webhook_notifications ORDER BY received_at")
+
+
+async def post_signed(receiver: str, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    async with httpx.AsyncClient() as client:
+        r = await client.post(f"{receiver}/webhooks/nylas", content=body,
+                              headers={"X-Nylas-Signature": sign(body, SECRET)})
+    assert r.status_code == 200, r.text
+
+
+def event(kind: str, obj: dict[str, Any], when: int) -> dict[str, Any]:
+    return {"specversion": "1.0", "type": kind, "source": "/google/emails/realtime",
+            "id": str(uuid.uuid4()), "time": when, "webhook_delivery_attempt": 1,
+            "data": {"application_id": "app", "object": obj}}
+
+
+async def test_signed_sandbox_webhook_becomes_a_message_row(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    created = sandbox.add_message(grant, subject="Quarterly numbers", body="<p>Attached</p>")
+    await sandbox.await_webhooks()
+    stats = await drain()
+    assert stats.processed == 1
+    msg = created.message
+    assert msg is not None
+    row = await pool.fetchrow("SELECT * FROM flux_email_messages WHERE provider_message_id = $1",
+                              msg["id"])
+    assert row is not None and row["inbox_id"] == inbox
+    assert row["subject"] == "Quarterly numbers" and row["body_text"] == "Attached"
+    assert row["provider_thread_id"] == msg["thread_id"]
+    [note] = await notifications(pool)
+    assert note["status"] == "processed" and note["attempts"] == 1
+    assert note["processing_duration_ms"] is not None and note["processed_at"] is not None
+    assert await pool.fetchval("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications") == 0
+    metrics = await pool.fetch("SELECT * FROM get_webhook_metrics(interval '1 hour')")
+    assert [(m["notification_type"], m["status"], m["total"]) for m in metrics] == [
+        ("message.created", "processed", 1)]
+
+
+async def test_duplicate_delivery_is_applied_once(receiver: str, sandbox: SandboxNylas,
+                                                  inbox: uuid.UUID, pool: asyncpg.Pool,
+                                                  drain: Any) -> None:
+    sandbox.add_message(sandbox.grant_ids[0], subject="twice", duplicate=True)
+    await sandbox.await_webhooks()
+    await drain()
+    assert len(await notifications(pool)) == 1
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages") == 1
+
+
+async def test_update_before_create_ends_with_the_newest_state(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    msg = sandbox.add_message(grant, subject="order", send=False).message
+    assert msg is not None
+    created = event("message.created", {**msg, "unread": True}, 1_780_000_000)
+    updated = event("message.updated", {**msg, "unread": False, "starred": True}, 1_780_000_060)
+    await post_signed(receiver, updated)  # arrives first
+    await drain()
+    await post_signed(receiver, created)  # the older event, late
+    await drain()
+    row = await pool.fetchrow("SELECT unread, starred FROM flux_email_messages")
+    assert (row["unread"], row["starred"]) == (False, True)
+    statuses = {n["notification_type"]: n["status"] for n in await notifications(pool)}
+    assert statuses == {"message.created": "processed", "message.updated": "processed"}
+
+
+async def test_truncated_event_fetches_the_full_message(receiver: str, sandbox: SandboxNylas,
+                                                        inbox: uuid.UUID, pool: asyncpg.Pool,
+                                                        drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    msg = sandbox.add_message(grant, subject="big one", body="<p>the whole body</p>",
+                              send=False).message
+    assert msg is not None
+    slim = {k: v for k, v in msg.items() if k != "body"}
+    sandbox.reset_stats()
+    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    await drain()
+    row = await pool.fetchrow("SELECT body_html, subject FROM flux_email_messages")
+    assert row["body_html"] == "<p>the whole body</p>" and row["subject"] == "big one"
+    assert sandbox.get_stats()["requests"].get("get_message") == 1
+
+
+async def test_suffixed_types_route_by_their_base_type(receiver: str, sandbox: SandboxNylas,
+                                                       inbox: uuid.UUID, pool: asyncpg.Pool,
+                                                       drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    msg = sandbox.add_message(grant, subject="transformed", send=False).message
+    assert msg is not None
+    await post_signed(receiver, event("message.created.transformed", msg, int(time.time())))
+    await drain()
+    assert await pool.fetchval("SELECT subject FROM flux_email_messages") == "transformed"
+
+
+async def test_message_deleted_soft_deletes(receiver: str, sandbox: SandboxNylas,
+                                            inbox: uuid.UUID, pool: asyncpg.Pool,
+                                            drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    msg = sandbox.add_message(grant, subject="doomed", send=False).message
+    assert msg is not None
+    await post_signed(receiver, event("message.created", msg, 1_780_000_000))
+    await post_signed(receiver, event("message.deleted", {"id": msg["id"], "grant_id": grant,
+                                                          "object": "message"}, 1_780_000_100))
+    await drain()
+    row = await pool.fetchrow("SELECT deleted_at FROM flux_email_messages")
+    assert row["deleted_at"] is not None
+
+
+async def test_thread_replied_syncs_thread_metadata(receiver: str, sandbox: SandboxNylas,
+                                                    inbox: uuid.UUID, pool: asyncpg.Pool,
+                                                    drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    thread_id = sandbox.thread_ids(grant)[0]
+    sandbox.add_message(grant, thread_id=thread_id, subject="Re: hello")
+    await sandbox.await_webhooks()
+    await drain()
+    thread = sandbox.thread_json(grant, thread_id)
+    assert thread is not None
+    row = await pool.fetchrow("SELECT * FROM flux_email_threads WHERE provider_thread_id = $1",
+                              thread_id)
+    assert row["message_count"] == len(thread["message_ids"])
+    assert row["subject"] == thread["subject"]
+    types = sorted(n["notification_type"] for n in await notifications(pool))
+    assert types == ["message.created", "thread.replied"]
+
+
+async def test_grant_lifecycle_changes_the_inbox(receiver: str, sandbox: SandboxNylas,
+                                                 inbox: uuid.UUID, pool: asyncpg.Pool,
+                                                 drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    sandbox.expire_grant(grant)
+    await sandbox.await_webhooks()
+    await drain()
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
+                               inbox) == "auth_expired"
+    # while expired, message events do not call the provider and are skipped
+    msg = sandbox.add_message(grant, subject="while expired", send=False).message
+    assert msg is not None
+    slim = {k: v for k, v in msg.items() if k != "body"}
+    sandbox.reset_stats()
+    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    await drain()
+    assert sandbox.get_stats()["requests"].get("get_message") is None
+    last = (await notifications(pool))[-1]
+    assert last["status"] == "skipped" and "auth_expired" in last["error_message"]
+    await post_signed(receiver, event("grant.updated", {"grant_id": grant}, int(time.time())))
+    await drain()
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
+                               inbox) == "active"
+    sandbox.delete_grant(grant)
+    await sandbox.await_webhooks()
+    await drain()
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
+                               inbox) == "revoked"
+
+
+async def test_unknown_types_and_unknown_grants_are_stored_and_skipped(
+        receiver: str, inbox: uuid.UUID, pool: asyncpg.Pool, drain: Any) -> None:
+    await post_signed(receiver, event("calendar.created", {"id": "c1", "grant_id": "g"}, 1))
+    await post_signed(receiver, event("message.created", {"id": "m1", "grant_id": "nobody"}, 1))
+    stats = await drain()
+    assert stats.processed == 2
+    rows = {n["notification_type"]: n for n in await notifications(pool)}
+    assert rows["calendar.created"]["status"] == "skipped"
+    assert rows["message.created"]["status"] == "skipped"
+    assert "no inbox" in rows["message.created"]["error_message"]
+
+
+async def test_provider_failures_retry_then_record_the_error(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    grant = sandbox.grant_ids[0]
+    msg = sandbox.add_message(grant, subject="flaky", send=False).message
+    assert msg is not None
+    slim = {k: v for k, v in msg.items() if k != "body"}
+    sandbox.inject_fault("error_5xx", count=10, endpoint="get_message")
+    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    worker = make_worker(db_url, pool, sandbox)
+    worker.policy.base_delay = 0.1
+    task = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + 20
+    while worker.stats.archived == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await task
+    [note] = await notifications(pool)
+    assert note["status"] == "error" and note["attempts"] == 3
+    assert "Transient" in note["error_message"]
+    assert await pool.fetchval("SELECT count(*) FROM pgmq.a_nylas_webhook_notifications") == 1
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages") == 0
+
+
+def _spawn_webhooks(db_url: str, sandbox: SandboxNylas) -> subprocess.Popen[str]:
+    env = {**os.environ, "NOVA_DATABASE_URL": db_url, "NYLAS_API_KEY": API_KEY,
+           "NYLAS_API_URI": sandbox.base_url, "VISIBILITY_TIMEOUT": "2", "BATCH_SIZE": "4",
+           "NOVA_SHUTDOWN_GRACE_SECONDS": "10"}
+    return subprocess.Popen([sys.executable, "-m", "nova.webhooks"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+async def test_sigkill_mid_job_then_redelivery_leaves_no_duplicate(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    grant = sandbox.grant_ids[0]
+    msg = sandbox.add_message(grant, subject="killed", send=False).message
+    assert msg is not None
+    slim = {k: v for k, v in msg.items() if k != "body"}
+    sandbox.set_latency(1500)  # the fetch of the full message is slow: kill during it
+    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    first = _spawn_webhooks(db_url, sandbox)
+    deadline = time.monotonic() + 20
+    while await pool.fetchval("SELECT attempts FROM flux_webhook_notifications") < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages") == 0
+    sandbox.set_latency(0)
+    second = _spawn_webhooks(db_url, sandbox)
+    try:
+        while await pool.fetchval("SELECT status FROM flux_webhook_notifications") != "processed":
+            assert time.monotonic() < deadline + 20, "not redelivered"
+            await asyncio.sleep(0.05)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=20)
+    assert second.returncode == 0, out
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages") == 1
+    assert await pool.fetchval("SELECT attempts FROM flux_webhook_notifications") == 2
+    assert await pool.fetchval("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications") == 0
+
+
+async def test_sigterm_with_jobs_in_flight_finishes_them(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    grant = sandbox.grant_ids[0]
+    sandbox.set_latency(800)
+    for i in range(3):
+        msg = sandbox.add_message(grant, subject=f"inflight {i}", send=False).message
+        assert msg is not None
+        slim = {k: v for k, v in msg.items() if k != "body"}
+        await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    proc = _spawn_webhooks(db_url, sandbox)
+    deadline = time.monotonic() + 20
+    while await pool.fetchval("SELECT count(*) FROM flux_webhook_notifications"
+                              " WHERE attempts > 0") < 3:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages") == 3
+    assert await pool.fetchval("SELECT count(*) FROM flux_webhook_notifications"
+                               " WHERE status = 'processed'") == 3
+
+
+def test_webhooks_without_api_key_exits_with_a_clear_message(db_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NYLAS_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "nova.webhooks"], capture_output=True,
+                          text=True, timeout=60, env={**env, "NOVA_DATABASE_URL": db_url})
+    assert proc.returncode != 0 and "NYLAS_API_KEY" in proc.stderr
