@@ -104,4 +104,11 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any
                 typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
             )
 
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init)
+    async def reset(_conn: Any) -> None:
+        # asyncpg's default reset costs a round trip per release (UNLISTEN *, RESET ALL, ...).
+        # Nova keeps no session state on pooled connections (listeners use their own
+        # connection, locks are transaction-scoped); an open transaction is still rolled back.
+        return None
+
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init,
+                                     reset=reset)
