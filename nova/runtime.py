@@ -192,7 +192,10 @@ class Worker:
         if self.database_url is None:
             self.database_url = db.database_url(self.settings)
         if self._pool is None:
-            self._pool = await self._connect(self.database_url)
+            pool = await self._connect(self.database_url)
+            if pool is None:  # stopped before the database ever answered
+                return self.stats
+            self._pool = pool
         await self.processor.setup(self)
         log.info("[%s] started queue=%s concurrency=%d vt=%ds", self.component, self.queue,
                  self.concurrency, self.vt)
@@ -209,18 +212,17 @@ class Worker:
                      self.stats.archived, self.stats.released)
         return self.stats
 
-    async def _connect(self, url: str) -> asyncpg.Pool:
+    async def _connect(self, url: str) -> asyncpg.Pool | None:
         delay = 0.5
-        while True:
+        while not self._stopping.is_set():
             try:
                 return await db.create_pool(url, min_size=1, max_size=self.concurrency + 2)
             except CONNECTION_ERRORS as exc:
-                if self._stopping.is_set():
-                    raise
                 log.warning("[%s] database unreachable (%s); retrying in %.1fs",
                             self.component, exc, delay)
                 await self._sleep(delay)
                 delay = min(delay * 2, 10)
+        return None
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -256,3 +256,13 @@ async def test_sigkill_mid_job_is_redelivered_and_done_once(rpool: asyncpg.Pool,
 
 def test_message_payload_round_trips_as_json() -> None:
     assert json.loads(json.dumps({"sleep": 0.1})) == {"sleep": 0.1}
+
+
+async def test_worker_waits_for_an_unreachable_database_and_stops_cleanly() -> None:
+    worker = Worker(Recorder(), settings(), database_url="postgresql://postgres@127.0.0.1:1/x")
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(1.0)
+    assert not task.done()  # still trying, not crashed
+    worker.stop()
+    stats = await asyncio.wait_for(task, 5)
+    assert stats.processed == 0
