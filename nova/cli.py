@@ -112,6 +112,35 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
+    with _connect(settings, args) as conn:
+        rows = conn.execute("SELECT * FROM nova_dead_letters(%s)", (args.queue,)).fetchall()
+    if args.json:
+        print(json.dumps(rows, default=_json_default, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['queue_name']:<28} msg={r['msg_id']:<8} attempts={r['read_ct']}"
+              f" archived={r['archived_at']:%Y-%m-%d %H:%M:%S} {json.dumps(r['message'])}")
+    print(f"{len(rows)} dead letter(s)")
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    with _connect(settings, args) as conn, conn.transaction():
+        if args.all:
+            ids = [r["msg_id"] for r in conn.execute(
+                "SELECT msg_id FROM nova_dead_letters(%s)", (args.queue,))]
+        else:
+            ids = args.msg_id
+        for msg_id in ids:
+            new = conn.execute("SELECT nova_replay_dead_letter(%s, %s) AS id",
+                               (args.queue, msg_id)).fetchone()
+            assert new is not None
+            print(f"{args.queue} {msg_id} -> {new['id']}")
+    print(f"{len(ids)} message(s) replayed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova", description="Keep mailboxes in Postgres.")
     parser.add_argument("--database-url", help="overrides NOVA_DATABASE_URL / DATABASE_URL")
@@ -139,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config_id", type=_uuid)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_progress)
+
+    p = sub.add_parser("failures", help="dead letters: messages archived after their last attempt")
+    p.add_argument("--queue", help="one queue only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failures)
+
+    p = sub.add_parser("replay", help="send dead letters back to their queue")
+    p.add_argument("queue")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("msg_id", nargs="*", type=int, default=[])
+    target.add_argument("--all", action="store_true")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("queues", help="PGMQ queue metrics")
     p.add_argument("--json", action="store_true")

@@ -62,3 +62,47 @@ def test_queues_lists_the_four_queues(db_url: str) -> None:
     assert sorted(q["queue_name"] for q in json.loads(out.stdout)) == [
         "attachment_downloads", "inbox_backfill_jobs", "nylas_webhook_notifications",
         "thread_sync_jobs"]
+
+
+def _archive_a_thread_job(db_url: str) -> tuple[int, int]:
+    """A thread job that ran out of attempts: archived, its queued thread failed."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        inbox = c.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES ('gf', 'f@x.com')"
+                          " RETURNING id").fetchone()[0]
+        config = c.execute("SELECT queue_inbox_backfill(%s)", (inbox,)).fetchone()[0]
+        msg_id = c.execute("SELECT queue_thread_sync(%s, 't-dead')", (config,)).fetchone()[0]
+        c.execute("SELECT pgmq.archive('thread_sync_jobs', %s::bigint)", (msg_id,))
+        row = c.execute("UPDATE queued_threads SET status = 'failed', error_message = 'boom',"
+                        " attempts = 5 WHERE provider_thread_id = 't-dead' RETURNING id"
+                        ).fetchone()
+        return msg_id, row[0]
+
+
+def test_failures_lists_dead_letters_and_replay_requeues_them(db_url: str) -> None:
+    msg_id, row_id = _archive_a_thread_job(db_url)
+    listed = nova(db_url, "failures", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [dead] = json.loads(listed.stdout)
+    assert dead["queue_name"] == "thread_sync_jobs" and dead["msg_id"] == msg_id
+    assert dead["message"]["thread_id"] == "t-dead"
+
+    replayed = nova(db_url, "replay", "thread_sync_jobs", str(msg_id))
+    assert replayed.returncode == 0, replayed.stderr
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM pgmq.a_thread_sync_jobs").fetchone() == (0,)
+        queued = c.execute("SELECT msg_id, message FROM pgmq.q_thread_sync_jobs").fetchall()
+        assert len(queued) == 1 and queued[0][1]["thread_id"] == "t-dead"
+        status = c.execute("SELECT status, attempts, error_message, queue_msg_id FROM"
+                           " queued_threads WHERE id = %s", (row_id,)).fetchone()
+        assert status == ("queued", 0, None, queued[0][0])
+    again = nova(db_url, "replay", "thread_sync_jobs", str(msg_id))
+    assert again.returncode == 1 and "no archived message" in again.stderr
+
+
+def test_replay_all_and_argument_checks(db_url: str) -> None:
+    _archive_a_thread_job(db_url)
+    assert nova(db_url, "replay", "thread_sync_jobs").returncode == 2  # ids or --all
+    assert nova(db_url, "replay", "no_such_queue", "--all").returncode == 1
+    out = nova(db_url, "replay", "thread_sync_jobs", "--all")
+    assert out.returncode == 0 and "1 message(s) replayed" in out.stdout
+    assert "0 dead letter(s)" in nova(db_url, "failures").stdout
