@@ -197,11 +197,16 @@ END;
 $$;
 
 -- One page of discovery: adds the threads not yet known and queues exactly those, in the
--- caller's transaction, recording each one's message id. Returns the threads it added (none
--- when the whole page was known already).
+-- caller's transaction, recording each one's message id. With p_requeue_known (a catch-up),
+-- threads of this configuration already completed or failed are queued again too: they were
+-- seen changing since, so they must be synced again. Returns the threads it queued (none when
+-- the whole page was known already).
+-- Dropped first: adding a defaulted parameter must not leave an ambiguous 2-argument overload.
+DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[]);
 CREATE OR REPLACE FUNCTION queue_discovered_threads(
     p_config_id           uuid,
-    p_provider_thread_ids text[]
+    p_provider_thread_ids text[],
+    p_requeue_known       boolean DEFAULT false
 )
 RETURNS TABLE (queued_thread_id bigint, provider_thread_id text, msg_id bigint)
 LANGUAGE plpgsql AS $$
@@ -228,11 +233,22 @@ BEGIN
         ORDER BY t
         ON CONFLICT (config_id, provider_thread_id) DO NOTHING
         RETURNING *
+    ), requeued AS (
+        -- Sees the rows as they were before this statement: never the ones just added.
+        UPDATE queued_threads q
+        SET status = 'queued', attempts = 0, error_message = NULL, started_at = NULL,
+            processed_at = NULL
+        WHERE p_requeue_known AND q.config_id = p_config_id
+          AND q.provider_thread_id = ANY (p_provider_thread_ids)
+          AND q.status IN ('completed', 'failed')
+        RETURNING q.*
+    ), work AS (
+        SELECT * FROM added UNION ALL SELECT * FROM requeued
     )
     SELECT array_agg(a.id ORDER BY a.id), array_agg(a.provider_thread_id ORDER BY a.id),
-           array_agg(nova_thread_job(a) ORDER BY a.id)
+           array_agg(nova_thread_job(a::queued_threads) ORDER BY a.id)
     INTO v_ids, v_threads, v_jobs
-    FROM added a;
+    FROM work a;
     IF v_ids IS NULL THEN
         RETURN;   -- nothing new: pgmq.send_batch rejects an empty batch
     END IF;

@@ -1,0 +1,214 @@
+-- Resume, catch-up, completion and recovery of backfills: the SQL behind nova.backfill,
+-- nova.completion and the grant.updated catch-up of nova.webhooks.
+
+CREATE OR REPLACE FUNCTION nova_backfill_job(c flux_inbox_configurations)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('config_id', c.id, 'inbox_id', c.inbox_id,
+                              'grant_id', (SELECT grant_id FROM flux_inboxes WHERE id = c.inbox_id),
+                              'kind', c.backfill_kind, 'since', c.backfill_since,
+                              'until', c.backfill_until);
+$$;
+
+-- Restarts a failed backfill from its saved checkpoint (queue_inbox_backfill starts afresh).
+CREATE OR REPLACE FUNCTION resume_inbox_backfill(p_config_id uuid)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_config flux_inbox_configurations;
+BEGIN
+    v_config := nova_require_config(p_config_id);
+    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
+    IF v_config.backfill_status <> 'failed' THEN
+        RAISE EXCEPTION 'resume_inbox_backfill: configuration % is %, not failed',
+            p_config_id, v_config.backfill_status USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM flux_inboxes WHERE id = v_config.inbox_id AND status = 'active') THEN
+        RAISE EXCEPTION 'resume_inbox_backfill: the inbox of configuration % is not active', p_config_id
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE flux_inbox_configurations
+    SET backfill_status = CASE WHEN discovery_completed_at IS NOT NULL THEN 'thread_sync'
+                               WHEN checkpoint_pages_done > 0 THEN 'discovering'
+                               ELSE 'queued' END,
+        backfill_attempts = 0, last_error = NULL, backfill_completed_at = NULL, updated_at = now()
+    WHERE id = p_config_id
+    RETURNING * INTO v_config;
+    IF v_config.backfill_status = 'thread_sync' THEN
+        RETURN NULL;   -- discovery was done: recovery re-queues whatever threads still wait
+    END IF;
+    RETURN pgmq.send('inbox_backfill_jobs', nova_backfill_job(v_config));
+END;
+$$;
+
+-- A catch-up after an outage (grant re-authenticated, webhooks missed): a 'catch_up' backfill
+-- from p_since (kept within the one-year limit). Returns the configuration id, or NULL when a
+-- backfill of the inbox is already running (it covers the gap; parked threads are recovered).
+-- A failed full backfill is resumed instead of being replaced by a narrower catch-up.
+CREATE OR REPLACE FUNCTION queue_catchup_backfill(p_inbox_id uuid, p_since timestamptz)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_config flux_inbox_configurations;
+BEGIN
+    SELECT * INTO v_config FROM flux_inbox_configurations
+    WHERE inbox_id = p_inbox_id AND deleted_at IS NULL FOR UPDATE;
+    IF FOUND AND v_config.backfill_status IN ('queued', 'discovering', 'thread_sync') THEN
+        RETURN NULL;
+    END IF;
+    IF FOUND AND v_config.backfill_status = 'failed' AND v_config.backfill_kind = 'full' THEN
+        PERFORM resume_inbox_backfill(v_config.id);
+        RETURN v_config.id;
+    END IF;
+    RETURN queue_inbox_backfill(p_inbox_id,
+                                least(greatest(coalesce(p_since, now() - interval '1 day'),
+                                               now() - interval '1 year'),
+                                      now() - interval '1 minute'),
+                                NULL, 'catch_up');
+END;
+$$;
+
+-- Marks a backfill completed when discovery is over and every thread is completed or failed,
+-- judged on counters re-derived from the rows (initialize_sync_stats) under the configuration's
+-- row lock. Returns 'completed', or 'waiting' with the real counts still open.
+CREATE OR REPLACE FUNCTION complete_backfill_if_done(p_config_id uuid)
+RETURNS TABLE (outcome text, threads_queued bigint, threads_open bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_config flux_inbox_configurations;
+    v_stats  inbox_sync_stats;
+BEGIN
+    v_config := nova_require_config(p_config_id);
+    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
+    IF v_config.backfill_status <> 'thread_sync' OR v_config.discovery_completed_at IS NULL THEN
+        RETURN QUERY SELECT 'not_ready'::text, NULL::bigint, NULL::bigint;
+        RETURN;
+    END IF;
+    v_stats := initialize_sync_stats(p_config_id);
+    IF v_stats.threads_pending + v_stats.threads_processing > 0
+       OR v_stats.threads_completed + v_stats.threads_failed <> v_stats.threads_queued THEN
+        RETURN QUERY SELECT 'waiting'::text, v_stats.threads_queued,
+                            v_stats.threads_pending + v_stats.threads_processing;
+        RETURN;
+    END IF;
+    UPDATE flux_inbox_configurations
+    SET backfill_status = 'completed', backfill_completed_at = now(), updated_at = now()
+    WHERE id = p_config_id;
+    RETURN QUERY SELECT 'completed'::text, v_stats.threads_queued, 0::bigint;
+END;
+$$;
+
+-- Completed backfills that still have queued or processing threads go back to thread_sync,
+-- with their completion timestamps cleared. Returns what it repaired.
+CREATE OR REPLACE FUNCTION recover_premature_completions()
+RETURNS TABLE (config_id uuid, threads_open bigint, completed_at timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH bad AS (
+        SELECT c.id, c.backfill_completed_at,
+               (SELECT count(*) FROM queued_threads q
+                WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')) AS open
+        FROM flux_inbox_configurations c
+        WHERE c.backfill_status = 'completed' AND c.deleted_at IS NULL
+          AND EXISTS (SELECT 1 FROM queued_threads q
+                      WHERE q.config_id = c.id AND q.status IN ('queued', 'processing'))
+        FOR UPDATE OF c SKIP LOCKED
+    ), fixed AS (
+        UPDATE flux_inbox_configurations c
+        SET backfill_status = 'thread_sync', backfill_completed_at = NULL, updated_at = now()
+        FROM bad WHERE c.id = bad.id
+        RETURNING c.id
+    )
+    SELECT bad.id, bad.open, bad.backfill_completed_at FROM bad JOIN fixed ON fixed.id = bad.id;
+END;
+$$;
+
+-- Threads of running backfills (active inboxes only) that no worker will ever pick up again:
+-- 'queued' whose queue message is gone (or was never recorded), or 'processing' for longer
+-- than p_stuck_after with no worker holding their message. Each is queued again.
+CREATE OR REPLACE FUNCTION recover_stuck_threads(p_stuck_after interval, p_limit integer DEFAULT 1000)
+RETURNS TABLE (config_id uuid, provider_thread_id text, was text, msg_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_row record;
+BEGIN
+    FOR v_row IN
+        SELECT q.id, q.config_id, q.provider_thread_id, q.status
+        FROM queued_threads q
+        JOIN flux_inbox_configurations c ON c.id = q.config_id
+        JOIN flux_inboxes i ON i.id = q.inbox_id
+        WHERE c.backfill_status IN ('discovering', 'thread_sync') AND c.deleted_at IS NULL
+          AND i.status = 'active'
+          AND ((q.status = 'queued'
+                AND (q.queue_msg_id IS NULL
+                     OR NOT EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
+                                    WHERE m.msg_id = q.queue_msg_id)))
+            OR (q.status = 'processing' AND q.updated_at < now() - p_stuck_after
+                AND NOT EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
+                                WHERE m.msg_id = q.queue_msg_id AND m.vt > clock_timestamp())))
+        ORDER BY q.id
+        LIMIT p_limit
+        FOR UPDATE OF q SKIP LOCKED
+    LOOP
+        RETURN QUERY SELECT v_row.config_id, v_row.provider_thread_id, v_row.status::text,
+                            queue_thread_sync(v_row.config_id, v_row.provider_thread_id);
+    END LOOP;
+END;
+$$;
+
+-- Running backfills whose orchestration job vanished (archived without its failure recorded,
+-- or deleted by a superseded orchestrator whose successor died): send the job again.
+CREATE OR REPLACE FUNCTION recover_lost_backfill_jobs(p_stuck_after interval)
+RETURNS TABLE (config_id uuid, msg_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_config flux_inbox_configurations;
+BEGIN
+    FOR v_config IN
+        SELECT c.* FROM flux_inbox_configurations c
+        WHERE c.backfill_status IN ('queued', 'discovering') AND c.deleted_at IS NULL
+          AND c.updated_at < now() - p_stuck_after
+          AND NOT EXISTS (SELECT 1 FROM pgmq.q_inbox_backfill_jobs m
+                          WHERE m.message->>'config_id' = c.id::text)
+        FOR UPDATE OF c SKIP LOCKED
+    LOOP
+        UPDATE flux_inbox_configurations SET updated_at = now() WHERE id = v_config.id;
+        RETURN QUERY SELECT v_config.id, pgmq.send('inbox_backfill_jobs', nova_backfill_job(v_config));
+    END LOOP;
+END;
+$$;
+
+-- Active inboxes whose last full or catch-up backfill completed and that have heard no webhook
+-- for longer than p_gap: queue a catch-up from the last sign of life minus p_overlap.
+CREATE OR REPLACE FUNCTION queue_due_catchups(p_gap interval, p_overlap interval)
+RETURNS TABLE (inbox_id uuid, config_id uuid, since timestamptz, last_seen timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_row record;
+BEGIN
+    FOR v_row IN
+        SELECT i.id AS inbox_id,
+               greatest(w.last_received, c.backfill_completed_at) AS last_seen
+        FROM flux_inboxes i
+        JOIN flux_inbox_configurations c ON c.inbox_id = i.id AND c.deleted_at IS NULL
+        LEFT JOIN LATERAL (
+            SELECT max(n.received_at) AS last_received FROM flux_webhook_notifications n
+            WHERE n.grant_id = i.grant_id) w ON true
+        WHERE i.status = 'active' AND i.deleted_at IS NULL AND i.grant_id IS NOT NULL
+          AND c.backfill_status = 'completed'
+          AND greatest(w.last_received, c.backfill_completed_at) < now() - p_gap
+        ORDER BY i.id
+    LOOP
+        RETURN QUERY SELECT v_row.inbox_id,
+                            queue_catchup_backfill(v_row.inbox_id, v_row.last_seen - p_overlap),
+                            greatest(v_row.last_seen - p_overlap, now() - interval '1 year'),
+                            v_row.last_seen;
+    END LOOP;
+END;
+$$;
