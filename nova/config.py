@@ -53,9 +53,12 @@ class Settings(BaseSettings):
     recovery_check_interval_ms: int = Field(
         default=60000, ge=1, validation_alias="RECOVERY_CHECK_INTERVAL_MS"
     )
-    thread_delay_ms: int = Field(default=3000, ge=0, validation_alias="THREAD_DELAY_MS")
-    message_delay_ms: int = Field(default=1000, ge=0, validation_alias="MESSAGE_DELAY_MS")
-    api_delay_ms: int = Field(default=200, ge=0, validation_alias="API_DELAY_MS")
+    # The seed paced its API calls with fixed sleeps (3000/1000/200 ms). Nova paces them with a
+    # per-grant budget shared through Postgres (NOVA_PROVIDER_RATE_LIMIT), so these default to 0;
+    # set, they still add their pause.
+    thread_delay_ms: int = Field(default=0, ge=0, validation_alias="THREAD_DELAY_MS")
+    message_delay_ms: int = Field(default=0, ge=0, validation_alias="MESSAGE_DELAY_MS")
+    api_delay_ms: int = Field(default=0, ge=0, validation_alias="API_DELAY_MS")
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, validation_alias="NOVA_SHUTDOWN_GRACE_SECONDS"
     )
@@ -72,6 +75,22 @@ class Settings(BaseSettings):
     )
     nylas_webhook_secret: SecretStr | None = Field(
         default=None, validation_alias="NYLAS_WEBHOOK_SECRET"
+    )
+
+    # Provider request budget per grant, shared by every worker (nova.ratelimit). Nylas allows
+    # 200 requests/s per grant, but each call fans out to the mailbox provider, whose limits are
+    # far lower (Microsoft Graph: 10,000 requests per 10 minutes per mailbox, about 16/s).
+    provider_rate_limit: float = Field(
+        default=10.0, gt=0, validation_alias="NOVA_PROVIDER_RATE_LIMIT"
+    )
+    provider_burst: float = Field(default=5.0, ge=1, validation_alias="NOVA_PROVIDER_BURST")
+
+    # Catch-up backfills (after a grant comes back, or a silence of webhooks).
+    catchup_overlap_seconds: int = Field(
+        default=600, ge=0, validation_alias="NOVA_CATCHUP_OVERLAP_SECONDS"
+    )
+    catchup_gap_seconds: int = Field(
+        default=3600, ge=0, validation_alias="NOVA_CATCHUP_GAP_SECONDS"
     )
 
     # Webhook receiver.

@@ -15,13 +15,20 @@ SEED_DEFAULTS = {
     "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", 5000),
     "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", True),
     "RECOVERY_CHECK_INTERVAL_MS": ("recovery_check_interval_ms", 60000),
-    "THREAD_DELAY_MS": ("thread_delay_ms", 3000),
-    "MESSAGE_DELAY_MS": ("message_delay_ms", 1000),
-    "API_DELAY_MS": ("api_delay_ms", 200),
     "TESTING_MODE": ("testing_mode", False),
     "LOG_LEVEL": ("log_level", "info"),
 }
-ALL_NAMES = [*SEED_DEFAULTS, "NOVA_DATABASE_URL", "DATABASE_URL", "NYLAS_API_KEY",
+# The seed's pacing sleeps (3000/1000/200 ms) default to 0: the shared per-grant budget paces.
+NOVA_DEFAULTS = {
+    "THREAD_DELAY_MS": ("thread_delay_ms", 0),
+    "MESSAGE_DELAY_MS": ("message_delay_ms", 0),
+    "API_DELAY_MS": ("api_delay_ms", 0),
+    "NOVA_PROVIDER_RATE_LIMIT": ("provider_rate_limit", 10.0),
+    "NOVA_PROVIDER_BURST": ("provider_burst", 5.0),
+    "NOVA_CATCHUP_OVERLAP_SECONDS": ("catchup_overlap_seconds", 600),
+    "NOVA_CATCHUP_GAP_SECONDS": ("catchup_gap_seconds", 3600),
+}
+ALL_NAMES = [*SEED_DEFAULTS, *NOVA_DEFAULTS, "NOVA_DATABASE_URL", "DATABASE_URL", "NYLAS_API_KEY",
              "NYLAS_API_URI", "NYLAS_WEBHOOK_SECRET", "NOVA_ATTACHMENT_PATH",
              "NOVA_EMBEDDED_PGDATA", "NOVA_LOG_FORMAT"]
 
@@ -36,6 +43,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_seed_variables_keep_their_defaults() -> None:
     settings = load_settings()
     for env, (attr, default) in SEED_DEFAULTS.items():
+        assert getattr(settings, attr) == default, env
+    for env, (attr, default) in NOVA_DEFAULTS.items():
         assert getattr(settings, attr) == default, env
     assert settings.database_url is None
     assert settings.nylas_api_uri == "https://api.us.nylas.com"
@@ -77,6 +86,8 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
     ("VISIBILITY_TIMEOUT", "0"),
     ("ENABLE_AUTO_RECOVERY", "perhaps"),
     ("THREAD_DELAY_MS", "-1"),
+    ("NOVA_PROVIDER_RATE_LIMIT", "0"),
+    ("NOVA_PROVIDER_BURST", "0.5"),
     ("LOG_LEVEL", "verbose"),
     ("NYLAS_API_URI", "api.nylas.com"),
     ("NOVA_DATABASE_URL", "mysql://root@localhost/db"),
