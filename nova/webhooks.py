@@ -11,7 +11,8 @@ its base trigger (suffixes such as `.truncated`, `.transformed`, `.cleaned` are 
 | thread.replied                     | fetch the thread and upsert its metadata                  |
 | grant.expired                      | inbox -> auth_expired (queued work stops calling the API) |
 | grant.deleted                      | inbox -> revoked                                          |
-| grant.updated                      | an expired inbox is active again                          |
+| grant.updated                      | an expired inbox is active again, and a catch-up backfill |
+|                                    | is queued from its last event minus the overlap window    |
 | anything else                      | stored and marked skipped                                 |
 
 Nylas delivers at least once and out of order. Every write is versioned by the event's `time`
@@ -67,6 +68,13 @@ WHERE id = $1 AND status IS DISTINCT FROM $2
 RETURNING status
 """
 LOCK_OBJECT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+# Read before the inbox turns active (that clears auth_expired_at). Nylas replays only 72 hours
+# of missed notifications, so a returning grant gets its gap re-listed by a catch-up backfill.
+CATCHUP_SINCE = """
+SELECT coalesce(last_event_at, auth_expired_at, now()) - make_interval(secs => $2)
+FROM flux_inboxes WHERE id = $1 FOR UPDATE
+"""
+QUEUE_CATCHUP = "SELECT queue_catchup_backfill($1, $2)"
 
 
 class Outcome:
@@ -80,8 +88,9 @@ class WebhookProcessor(Processor):
     component: ClassVar[str] = "Webhooks"
     max_attempts: ClassVar[int] = 3
 
-    def __init__(self, provider: MailProvider) -> None:
+    def __init__(self, provider: MailProvider, *, catchup_overlap_seconds: int = 600) -> None:
         self.provider = provider
+        self.catchup_overlap = float(catchup_overlap_seconds)
 
     async def teardown(self) -> None:
         await self.provider.aclose()
@@ -166,8 +175,14 @@ class WebhookProcessor(Processor):
             return Outcome("skipped", f"unhandled type {trigger}")
         if inbox_id is None:
             return Outcome("skipped", "no inbox for this grant")
+        since = (await conn.fetchval(CATCHUP_SINCE, inbox_id, self.catchup_overlap)
+                 if target == "active" else None)
         changed = await conn.fetchval(INBOX_STATUS, inbox_id, target, version)
-        return Outcome(note=f"inbox {'-> ' + target if changed else 'unchanged'}")
+        note = f"inbox {'-> ' + target if changed else 'unchanged'}"
+        if changed and target == "active":
+            config_id = await conn.fetchval(QUEUE_CATCHUP, inbox_id, since)
+            note += f" catch-up={config_id}" if config_id else " (backfill already running)"
+        return Outcome(note=note)
 
     async def record_failure(self, conn: asyncpg.Connection, job: Job, error: BaseException,
                              final: bool) -> None:
@@ -200,7 +215,9 @@ def build_provider(settings: Settings) -> MailProvider:
 def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    worker = Worker(WebhookProcessor(build_provider(settings)), settings)
+    worker = Worker(WebhookProcessor(build_provider(settings),
+                                     catchup_overlap_seconds=settings.catchup_overlap_seconds),
+                    settings)
     asyncio.run(run_workers([worker]))
     return 0
 
