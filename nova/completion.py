@@ -53,6 +53,11 @@ PREMATURE = "SELECT * FROM recover_premature_completions()"
 STUCK = "SELECT * FROM recover_stuck_threads($1, $2)"
 LOST_JOBS = "SELECT * FROM recover_lost_backfill_jobs($1)"
 CATCHUPS = "SELECT * FROM queue_due_catchups($1, $2)"
+# Counters that drifted low would never say "done": recovery re-counts every waiting backfill.
+SYNCING = """
+SELECT id FROM flux_inbox_configurations
+WHERE backfill_status = 'thread_sync' AND discovery_completed_at IS NOT NULL AND deleted_at IS NULL
+"""
 STUCK_BATCH = 1000
 
 
@@ -79,6 +84,7 @@ class Repairs:
     premature: list[Any] = field(default_factory=list)
     threads: list[Any] = field(default_factory=list)
     jobs: list[Any] = field(default_factory=list)
+    recounted: list[Any] = field(default_factory=list)
     catchups: list[Any] = field(default_factory=list)
 
 
@@ -171,6 +177,12 @@ class CompletionMonitor:
             for r in repairs.jobs:
                 log.warning("[Recovery] backfill job re-sent config=%s job=%d", r["config_id"],
                             r["msg_id"])
+            for config_id in [r["id"] for r in await self.pool.fetch(SYNCING)]:
+                result = await self.pool.fetchrow(COMPLETE, config_id)
+                if result["outcome"] == "completed":
+                    repairs.recounted.append(config_id)
+                    log.warning("[Recovery] config=%s completed after re-counting its threads",
+                                config_id)
         if self.settings.catchup_gap_seconds > 0:
             repairs.catchups = await self.pool.fetch(
                 CATCHUPS, timedelta(seconds=self.settings.catchup_gap_seconds),

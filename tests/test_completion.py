@@ -112,6 +112,20 @@ async def test_completion_is_verified_against_the_rows(pool: asyncpg.Pool, db_ur
     assert (p["threads_completed"], p["threads_pending"]) == (0, 20)  # re-derived
 
 
+async def test_counters_that_drifted_low_do_not_block_completion(
+        pool: asyncpg.Pool, db_url: str, sandbox: SandboxNylas) -> None:
+    inbox, config = await synced(pool, db_url, sandbox)
+    await pool.execute("UPDATE flux_inbox_configurations SET backfill_status = 'thread_sync',"
+                       " backfill_completed_at = NULL WHERE id = $1", config)
+    await pool.execute("UPDATE inbox_sync_stats SET threads_completed = 5,"
+                       " threads_pending = 15 WHERE config_id = $1", config)
+    monitor = CompletionMonitor(settings(sandbox), pool=pool)
+    assert await monitor.check() == []  # the counters say 25%: no completion from them
+    assert (await monitor.recover()).recounted == [config]
+    p = await pool.fetchrow("SELECT * FROM get_sync_progress($1)", config)
+    assert p["backfill_status"] == "completed" and p["threads_completed"] == 20
+
+
 async def test_stuck_threads_are_requeued(pool: asyncpg.Pool, db_url: str,
                                           sandbox: SandboxNylas) -> None:
     inbox = await add_inbox(pool, sandbox.grant_ids[0])
