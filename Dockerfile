@@ -1,0 +1,26 @@
+# One image for every Nova process; the command picks the processor:
+#   docker run nova python -m nova.webhooks
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1
+
+RUN useradd --create-home --uid 10001 nova
+WORKDIR /app
+
+# Dependencies first, so code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+COPY nova/__init__.py nova/__init__.py
+COPY migrations migrations
+COPY sql sql
+RUN pip install --upgrade pip && pip install .  && pip uninstall -y nova
+
+COPY nova nova
+RUN pip install --no-deps .
+
+USER nova
+EXPOSE 8080
+# SIGTERM lets in-flight jobs finish (NOVA_SHUTDOWN_GRACE_SECONDS); give the container that long.
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "nova"]
