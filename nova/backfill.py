@@ -50,7 +50,6 @@ from nova.runtime import (
 log = logging.getLogger("nova.backfill")
 
 PAGE_LIMIT = 200  # Nylas' maximum page size
-MAX_RANGE = timedelta(days=366)  # one year, with the day of grace queue_inbox_backfill allows
 MAX_RATE_LIMITED_IN_A_ROW = 10
 
 LOAD = """
@@ -202,11 +201,19 @@ class BackfillProcessor(Processor):
                 await conn.execute(EXPIRE_INBOX, inbox_id)
 
 
+def earliest_start(now: datetime) -> datetime:
+    """`now - interval '1 year 1 day'` as Postgres computes it (29 February -> 28th)."""
+    try:
+        year_ago = now.replace(year=now.year - 1)
+    except ValueError:
+        year_ago = now.replace(year=now.year - 1, day=28)
+    return year_ago - timedelta(days=1)
+
+
 def _check_range(since: datetime | None, until: datetime | None) -> None:
-    now = datetime.now(UTC)
     if since is None:
         raise GiveUp("backfill range has no start")
-    if since < now - MAX_RANGE:
+    if since < earliest_start(datetime.now(UTC)):
         raise GiveUp(f"range starts {since.isoformat()}, more than one year back")
     if until is not None and until <= since:
         raise GiveUp(f"empty range ({since.isoformat()} .. {until.isoformat()})")

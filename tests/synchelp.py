@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,14 @@ async def add_inbox(pool: asyncpg.Pool, grant_id: str) -> uuid.UUID:
         " RETURNING id", grant_id)
 
 
+# The sandbox mailbox spans the year before its anchor (an hour ago); `now() - 1 year`, the
+# default start, would cut off that hour's oldest threads, so start within the day of grace.
+FULL_YEAR = timedelta(days=365, hours=2)
+
+
 async def start_backfill(pool: asyncpg.Pool, inbox_id: uuid.UUID, kind: str = "full",
                          since: Any = None) -> uuid.UUID:
+    since = since if since is not None else datetime.now(UTC) - FULL_YEAR
     return await pool.fetchval(  # type: ignore[no-any-return]
         "SELECT queue_inbox_backfill($1, $2, NULL, $3)", inbox_id, since, kind)
 
@@ -108,7 +115,7 @@ async def running(db_url: str, s: Settings, *, backfill: int = 1, threads: int =
     workers = [Worker(BackfillProcessor(s), s, database_url=db_url) for _ in range(backfill)]
     workers += [Worker(ThreadSyncProcessor(s, **(thread_kw or {})), s, database_url=db_url)
                 for _ in range(threads)]
-    tasks = [asyncio.create_task(w.run()) for w in workers]
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(w.run()) for w in workers]
     mon = CompletionMonitor(s, database_url=db_url) if monitor else None
     if mon is not None:
         tasks.append(asyncio.create_task(mon.run()))
