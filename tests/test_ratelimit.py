@@ -90,3 +90,21 @@ async def test_rate_limit_holds_across_two_thread_workers(pool: asyncpg.Pool,
     assert stats["statuses"].get("429", 0) <= 1, stats["statuses"]
     # Paced, not throttled: the whole run took about requests / rate.
     assert elapsed > (requests - rate / 2) / rate * 0.9
+
+
+async def test_a_429_becomes_a_shared_hold_and_costs_no_attempt(pool: asyncpg.Pool,
+                                                                db_url: str) -> None:
+    with make_sandbox(6) as sb:
+        grant = sb.grant_ids[0]
+        inbox = await add_inbox(pool, grant)
+        config = await start_backfill(pool, inbox)
+        sb.inject_fault("rate_limit", 1, endpoint="get_thread")  # Retry-After: 1
+        async with running(db_url, settings(sb), threads=1):
+            await wait_for(lambda: pool.fetchval(
+                "SELECT backfill_status = 'completed' FROM flux_inbox_configurations"
+                " WHERE id = $1", config), 30, what="completion")
+        assert sb.get_stats()["statuses"]["429"] == 1
+    hold = await pool.fetchrow("SELECT * FROM provider_rate_limits WHERE grant_id = $1", grant)
+    assert hold["holds"] == 1 and hold["held_until"] is not None
+    attempts = [r["attempts"] for r in await pool.fetch("SELECT attempts FROM queued_threads")]
+    assert attempts == [1] * 6
