@@ -1,5 +1,10 @@
-"""`python -m nova`: the `nova` command."""
+"""`python -m nova`: every processor in one process; with arguments, the `nova` command."""
 
-from nova.cli import main
+import sys
+
+if len(sys.argv) > 1:
+    from nova.cli import main
+else:
+    from nova.service import main
 
 raise SystemExit(main())

@@ -29,20 +29,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import asyncpg
-import httpx
 
 from nova import db
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
-from nova.providers import AuthExpired, MailProvider, Permanent, RateLimited
-from nova.ratelimit import ProviderBudget, provider_from_settings
+from nova.providers import AuthExpired, Permanent, RateLimited
+from nova.ratelimit import ProviderProcessor
 from nova.runtime import (
     GiveUp,
     Job,
     JobContext,
-    Processor,
     RetryLater,
-    RetryPolicy,
     Worker,
     run_workers,
 )
@@ -88,33 +85,12 @@ class Superseded(RetryLater):
     """Another orchestrator advanced this backfill's checkpoint: it owns the job now."""
 
 
-class BackfillProcessor(Processor):
+class BackfillProcessor(ProviderProcessor):
     queue: ClassVar[str] = "inbox_backfill_jobs"
     component: ClassVar[str] = "Backfill"
     max_attempts: ClassVar[int] = 3
 
-    def __init__(self, settings: Settings, provider: MailProvider | None = None, *,
-                 retry_base_delay: float = 2.0, retry_max_delay: float = 300.0) -> None:
-        self.settings = settings
-        self.provider = provider
-        self.retry_base_delay = retry_base_delay
-        self.retry_max_delay = retry_max_delay
-        self._client: httpx.AsyncClient | None = None
-
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts, self.retry_base_delay, self.retry_max_delay)
-
-    async def setup(self, worker: Worker) -> None:
-        if self.provider is None:
-            budget = ProviderBudget.from_settings(worker.pool, self.settings)
-            self.provider, self._client = provider_from_settings(
-                self.settings, budget, transient_retries=3)
-
-    async def teardown(self) -> None:
-        if self.provider is not None:
-            await self.provider.aclose()
-        if self._client is not None:
-            await self._client.aclose()
+    transient_retries = 3
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         config_id = _config_id(job)
@@ -165,7 +141,7 @@ class BackfillProcessor(Processor):
                 if limited >= MAX_RATE_LIMITED_IN_A_ROW:
                     raise RetryLater(f"rate limited {limited} times in a row",
                                      exc.retry_after) from exc
-                await asyncio.sleep(min(exc.retry_after or 1.0, 60.0) if self._client is None
+                await asyncio.sleep(min(exc.retry_after or 1.0, 60.0) if not self.budgeted
                                     else 0)
             except AuthExpired as exc:
                 raise GrantExpired(f"AuthExpired: {exc}") from exc

@@ -81,6 +81,24 @@ def cmd_backfill_start(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill_resume(settings: Settings, args: argparse.Namespace) -> int:
+    with _connect(settings, args) as conn:
+        row = conn.execute("SELECT resume_inbox_backfill(%s) AS msg_id",
+                           (args.config_id,)).fetchone()
+    assert row is not None
+    print(f"resumed {args.config_id}" + (f" (job {row['msg_id']})" if row["msg_id"]
+                                          else " (thread sync)"))
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from nova.service import main as serve
+
+    if args.database_url:
+        settings = settings.model_copy(update={"database_url": args.database_url})
+    return serve(settings)
+
+
 def cmd_progress(settings: Settings, args: argparse.Namespace) -> int:
     with _connect(settings, args) as conn:
         row = conn.execute("SELECT * FROM get_sync_progress(%s)", (args.config_id,)).fetchone()
@@ -163,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inbox", required=True, type=_uuid)
     p.add_argument("--since", type=_date, help="YYYY-MM-DD, at most one year back (default)")
     p.set_defaults(func=cmd_backfill_start)
+
+    p = backfill.add_parser("resume", help="continue a failed backfill from its checkpoint")
+    p.add_argument("config_id", type=_uuid)
+    p.set_defaults(func=cmd_backfill_resume)
+
+    p = sub.add_parser("run", help="every processor and the receiver in one process"
+                                   " (a Nylas sandbox when NYLAS_API_KEY is unset)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("progress", help="get_sync_progress of a configuration")
     p.add_argument("config_id", type=_uuid)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import asyncpg
 from nova import db
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
-from nova.runtime import CONNECTION_ERRORS
+from nova.runtime import CONNECTION_ERRORS, install_signal_handlers
 
 log = logging.getLogger("nova.completion")
 
@@ -195,28 +194,9 @@ class CompletionMonitor:
         return repairs
 
 
-def install_signal_handlers(monitor: CompletionMonitor) -> None:
-    """First SIGTERM/SIGINT: finish the pass and stop. Second: stop now."""
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-
-    def first(sig: signal.Signals) -> None:
-        log.info("[Monitor] %s received: stopping (again to force)", sig.name)
-        monitor.stop()
-        for s in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(s, second, s)
-
-    def second(sig: signal.Signals) -> None:
-        if main_task is not None:
-            main_task.cancel()
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(s, first, s)
-
-
 async def _run(settings: Settings) -> None:
     monitor = CompletionMonitor(settings)
-    install_signal_handlers(monitor)
+    install_signal_handlers([monitor])
     with contextlib.suppress(asyncio.CancelledError):
         await monitor.run()
 

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, validation_alias="NOVA_RECEIVER_MAX_BODY_BYTES"
     )
 
+    # `python -m nova` without NYLAS_API_KEY runs against the built-in Nylas sandbox.
+    sandbox_threads: int = Field(default=100, ge=1, le=100_000,
+                                 validation_alias="NOVA_SANDBOX_THREADS")
+    sandbox_seed: int = Field(default=0, validation_alias="NOVA_SANDBOX_SEED")
+    sandbox_event_seconds: float = Field(default=10.0, ge=0,
+                                         validation_alias="NOVA_SANDBOX_EVENT_SECONDS")
+
     # Attachments (NAS mount).
     attachment_path: Path = Field(
         default=Path("./attachments"), validation_alias="NOVA_ATTACHMENT_PATH"

@@ -22,7 +22,9 @@ import asyncpg
 import httpx
 
 from nova.config import Settings
+from nova.providers import MailProvider
 from nova.providers.nylas import NylasProvider, parse_retry_after
+from nova.runtime import Processor, RetryPolicy, Worker
 
 log = logging.getLogger("nova.ratelimit")
 
@@ -117,3 +119,43 @@ def provider_from_settings(settings: Settings, budget: ProviderBudget, *,
     return budgeted_nylas(budget, settings.nylas_api_key.get_secret_value(),
                           settings.nylas_api_uri, transient_retries=transient_retries,
                           max_connections=max(20, settings.batch_size * 2))
+
+
+class ProviderProcessor(Processor):
+    """A processor that calls the provider: it builds a budgeted provider from the settings
+    when none is given, and closes what it built."""
+
+    transient_retries: int = 0
+
+    def __init__(self, settings: Settings, provider: MailProvider | None = None, *,
+                 retry_base_delay: float = 2.0, retry_max_delay: float = 300.0) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.retry_base_delay = retry_base_delay
+        self.retry_max_delay = retry_max_delay
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def budgeted(self) -> bool:
+        """True when requests go through the shared budget (which waits out 429s)."""
+        return self._client is not None
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.retry_base_delay, self.retry_max_delay)
+
+    async def setup(self, worker: Worker) -> None:
+        if self.provider is None:
+            budget = ProviderBudget.from_settings(worker.pool, self.settings)
+            self.provider, self._client = provider_from_settings(
+                self.settings, budget, transient_retries=self.transient_retries)
+
+    async def teardown(self) -> None:
+        if self.provider is not None:
+            await self.provider.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def api(self) -> MailProvider:
+        assert self.provider is not None, "processor not set up"
+        return self.provider

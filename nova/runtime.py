@@ -30,10 +30,10 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import asyncpg
 
@@ -412,22 +412,27 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
-def install_signal_handlers(workers: list[Worker]) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: cancel everything now."""
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def install_signal_handlers(parts: Sequence[Stoppable]) -> None:
+    """First SIGTERM/SIGINT: graceful stop of every part. Second: cancel everything now."""
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
 
     def first(sig: signal.Signals) -> None:
         log.info("[Runtime] %s received: stopping (again to force)", sig.name)
-        for w in workers:
-            w.stop()
+        for part in parts:
+            part.stop()
         for s in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(s, second, s)
 
     def second(sig: signal.Signals) -> None:
-        log.warning("[Runtime] %s received again: cancelling in-flight jobs", sig.name)
-        for w in workers:
-            w.grace = 0
+        log.warning("[Runtime] %s received again: cancelling in-flight work", sig.name)
+        for part in parts:
+            if isinstance(part, Worker):
+                part.grace = 0
         if main_task is not None:
             main_task.cancel()
 

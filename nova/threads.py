@@ -27,28 +27,24 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import asyncpg
-import httpx
 
 from nova import store
-from nova.config import Settings, settings_or_exit
+from nova.config import settings_or_exit
 from nova.logs import setup_logging
 from nova.providers import (
     AuthExpired,
     GrantNotFound,
-    MailProvider,
     NotFound,
     Permanent,
     RateLimited,
 )
 from nova.providers.models import Message, Thread
-from nova.ratelimit import ProviderBudget, provider_from_settings
+from nova.ratelimit import ProviderProcessor
 from nova.runtime import (
     GiveUp,
     Job,
     JobContext,
-    Processor,
     RetryLater,
-    RetryPolicy,
     Worker,
     run_workers,
 )
@@ -93,32 +89,10 @@ WHERE id = $1 AND status = 'active'
 """
 
 
-class ThreadSyncProcessor(Processor):
+class ThreadSyncProcessor(ProviderProcessor):
     queue: ClassVar[str] = "thread_sync_jobs"
     component: ClassVar[str] = "Threads"
     max_attempts: ClassVar[int] = 5
-
-    def __init__(self, settings: Settings, provider: MailProvider | None = None, *,
-                 retry_base_delay: float = 2.0, retry_max_delay: float = 300.0) -> None:
-        self.settings = settings
-        self.provider = provider
-        self.retry_base_delay = retry_base_delay
-        self.retry_max_delay = retry_max_delay
-        self._client: httpx.AsyncClient | None = None
-
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts, self.retry_base_delay, self.retry_max_delay)
-
-    async def setup(self, worker: Worker) -> None:
-        if self.provider is None:
-            budget = ProviderBudget.from_settings(worker.pool, self.settings)
-            self.provider, self._client = provider_from_settings(self.settings, budget)
-
-    async def teardown(self) -> None:
-        if self.provider is not None:
-            await self.provider.aclose()
-        if self._client is not None:
-            await self._client.aclose()
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         row = await _load(ctx.pool, job)
@@ -186,7 +160,7 @@ class ThreadSyncProcessor(Processor):
                 limited += 1
                 if limited >= MAX_RATE_LIMITED_IN_A_ROW:
                     raise RetryLater(f"rate limited {limited} times", exc.retry_after) from exc
-                if self._client is None:  # an unbudgeted provider: wait here
+                if not self.budgeted:  # an unbudgeted provider: wait here
                     await asyncio.sleep(min(exc.retry_after or 1.0, 60.0))
             except GrantNotFound as exc:
                 raise GiveUp(f"grant not found: {exc}") from exc

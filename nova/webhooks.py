@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from datetime import datetime
@@ -34,12 +35,13 @@ from typing import Any, ClassVar
 import asyncpg
 
 from nova import store
-from nova.config import Settings, settings_or_exit
+from nova.config import settings_or_exit
 from nova.logs import setup_logging
-from nova.providers import AuthExpired, MailProvider, NotFound, Permanent, RateLimited
+from nova.providers import AuthExpired, NotFound, Permanent, RateLimited
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
-from nova.runtime import GiveUp, Job, JobContext, Processor, RetryLater, Worker, run_workers
+from nova.ratelimit import ProviderProcessor
+from nova.runtime import GiveUp, Job, JobContext, RetryLater, Worker, run_workers
 
 log = logging.getLogger("nova.webhooks")
 
@@ -83,17 +85,14 @@ class Outcome:
         self.note = note
 
 
-class WebhookProcessor(Processor):
+class WebhookProcessor(ProviderProcessor):
     queue: ClassVar[str] = "nylas_webhook_notifications"
     component: ClassVar[str] = "Webhooks"
     max_attempts: ClassVar[int] = 3
 
-    def __init__(self, provider: MailProvider, *, catchup_overlap_seconds: int = 600) -> None:
-        self.provider = provider
-        self.catchup_overlap = float(catchup_overlap_seconds)
-
-    async def teardown(self) -> None:
-        await self.provider.aclose()
+    @property
+    def catchup_overlap(self) -> float:
+        return float(self.settings.catchup_overlap_seconds)
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         notification_id = _notification_id(job)
@@ -125,9 +124,9 @@ class WebhookProcessor(Processor):
             return None
         try:
             if trigger in ("message.created", "message.updated") and truncated:
-                return await self.provider.get_message(row["grant_id"], str(obj["id"]))
+                return await self.api.get_message(row["grant_id"], str(obj["id"]))
             if trigger == "thread.replied":
-                return await self.provider.get_thread(row["grant_id"], str(obj["thread_id"]))
+                return await self.api.get_thread(row["grant_id"], str(obj["thread_id"]))
         except RateLimited as exc:
             raise RetryLater(str(exc), delay=exc.retry_after) from exc
         except NotFound:
@@ -204,20 +203,14 @@ def _notification_id(job: Job) -> uuid.UUID:
         raise GiveUp(f"queue message without a notification id: {job.message}") from exc
 
 
-def build_provider(settings: Settings) -> MailProvider:
-    from nova.providers.nylas import NylasProvider
-
-    if settings.nylas_api_key is None:
-        raise SystemExit("NYLAS_API_KEY is not set (python -m nova runs a sandbox without it)")
-    return NylasProvider(settings.nylas_api_key.get_secret_value(), settings.nylas_api_uri)
-
-
 def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    worker = Worker(WebhookProcessor(build_provider(settings),
-                                     catchup_overlap_seconds=settings.catchup_overlap_seconds),
-                    settings)
+    if settings.nylas_api_key is None:
+        print("NYLAS_API_KEY is not set (python -m nova runs a sandbox without it)",
+              file=sys.stderr)
+        return 2
+    worker = Worker(WebhookProcessor(settings), settings)
     asyncio.run(run_workers([worker]))
     return 0
 

@@ -165,8 +165,7 @@ async def test_catchup_is_queued_on_grant_updated_after_grant_expired(
             {"type": kind, "time": when, "data": {"object": {"grant_id": grant}}})
         s = settings(sandbox)
         provider = NylasProvider("sync-test-key", sandbox.base_url)
-        await Worker(WebhookProcessor(provider, catchup_overlap_seconds=600), s,
-                     pool=pool).run(burst=True)
+        await Worker(WebhookProcessor(s, provider), s, pool=pool).run(burst=True)
 
     await deliver("grant.expired", expired_at)
     assert await pool.fetchval("SELECT status FROM flux_inboxes") == "auth_expired"

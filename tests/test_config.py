@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import AliasChoices
 
-from nova.config import ConfigError, load_settings
+from nova.config import ConfigError, Settings, load_settings
 
 SEED_DEFAULTS = {
     "POLL_INTERVAL_MS": ("poll_interval_ms", 5000),
@@ -28,9 +29,16 @@ NOVA_DEFAULTS = {
     "NOVA_CATCHUP_OVERLAP_SECONDS": ("catchup_overlap_seconds", 600),
     "NOVA_CATCHUP_GAP_SECONDS": ("catchup_gap_seconds", 3600),
 }
-ALL_NAMES = [*SEED_DEFAULTS, *NOVA_DEFAULTS, "NOVA_DATABASE_URL", "DATABASE_URL", "NYLAS_API_KEY",
-             "NYLAS_API_URI", "NYLAS_WEBHOOK_SECRET", "NOVA_ATTACHMENT_PATH",
-             "NOVA_EMBEDDED_PGDATA", "NOVA_LOG_FORMAT"]
+def _every_variable() -> list[str]:
+    names: list[str] = []
+    for info in Settings.model_fields.values():
+        alias = info.validation_alias
+        names += [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else [
+            str(alias)]
+    return names
+
+
+ALL_NAMES = _every_variable()
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,6 @@ import pytest
 from servers import ServerThread
 
 from nova.config import load_settings
-from nova.providers.nylas import NylasProvider
 from nova.receiver import create_app
 from nova.runtime import Worker
 from nova.sandbox.nylas import SandboxNylas
@@ -52,9 +51,10 @@ async def inbox(pool: asyncpg.Pool, sandbox: SandboxNylas) -> uuid.UUID:
 
 
 def make_worker(db_url: str, pool: asyncpg.Pool, sandbox: SandboxNylas) -> Worker:
-    provider = NylasProvider(API_KEY, sandbox.base_url)
-    settings = load_settings(batch_size=4, poll_interval_ms=1000)
-    return Worker(WebhookProcessor(provider), settings, pool=pool, database_url=db_url)
+    """The processor as `python -m nova.webhooks` builds it: provider calls on the budget."""
+    settings = load_settings(batch_size=4, poll_interval_ms=1000, nylas_api_key=API_KEY,
+                             nylas_api_uri=sandbox.base_url, database_url=db_url)
+    return Worker(WebhookProcessor(settings), settings, pool=pool, database_url=db_url)
 
 
 @pytest.fixture
