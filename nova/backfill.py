@@ -33,7 +33,7 @@ import asyncpg
 from nova import db
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
-from nova.providers import AuthExpired, Permanent, RateLimited
+from nova.providers import AuthExpired, Permanent
 from nova.ratelimit import ProviderProcessor
 from nova.runtime import (
     GiveUp,
@@ -47,7 +47,6 @@ from nova.runtime import (
 log = logging.getLogger("nova.backfill")
 
 PAGE_LIMIT = 200  # Nylas' maximum page size
-MAX_RATE_LIMITED_IN_A_ROW = 10
 
 LOAD = """
 SELECT c.id, c.inbox_id, c.backfill_status, c.backfill_kind, c.backfill_since, c.backfill_until,
@@ -128,25 +127,14 @@ class BackfillProcessor(ProviderProcessor):
                 f"{' (resumed)' if resumed else ''}")
 
     async def _page(self, cfg: asyncpg.Record, token: str | None) -> Any:
-        assert self.provider is not None
-        limited = 0
-        while True:
-            try:
-                return await self.provider.list_threads_page(
-                    cfg["grant_id"], page_token=token, limit=PAGE_LIMIT,
-                    received_after=cfg["backfill_since"], received_before=cfg["backfill_until"])
-            except RateLimited as exc:
-                # The budget already holds the grant for Retry-After; the next request waits.
-                limited += 1
-                if limited >= MAX_RATE_LIMITED_IN_A_ROW:
-                    raise RetryLater(f"rate limited {limited} times in a row",
-                                     exc.retry_after) from exc
-                await asyncio.sleep(min(exc.retry_after or 1.0, 60.0) if not self.budgeted
-                                    else 0)
-            except AuthExpired as exc:
-                raise GrantExpired(f"AuthExpired: {exc}") from exc
-            except Permanent as exc:
-                raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return await self.call(lambda: self.api.list_threads_page(
+                cfg["grant_id"], page_token=token, limit=PAGE_LIMIT,
+                received_after=cfg["backfill_since"], received_before=cfg["backfill_until"]))
+        except AuthExpired as exc:
+            raise GrantExpired(f"AuthExpired: {exc}") from exc
+        except Permanent as exc:
+            raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
 
     async def _save_page(self, conn: asyncpg.Connection, config_id: uuid.UUID, kind: str,
                          pages_done: int, found: int, ids: list[str],

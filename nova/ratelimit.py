@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 from urllib.parse import unquote
 
 import asyncpg
 import httpx
 
 from nova.config import Settings
-from nova.providers import MailProvider
+from nova.providers import MailProvider, RateLimited
 from nova.providers.nylas import NylasProvider, parse_retry_after
-from nova.runtime import Processor, RetryPolicy, Worker
+from nova.runtime import Processor, RetryLater, RetryPolicy, Worker
 
 log = logging.getLogger("nova.ratelimit")
 
 ACQUIRE = "SELECT acquire_provider_budget($1, $2, $3)"
 HOLD = "SELECT hold_provider_grant($1, $2)"
+MAX_RATE_LIMITED_IN_A_ROW = 10
+T = TypeVar("T")
 DEFAULT_RETRY_AFTER = 1.0
 
 
@@ -159,3 +163,19 @@ class ProviderProcessor(Processor):
     def api(self) -> MailProvider:
         assert self.provider is not None, "processor not set up"
         return self.provider
+
+    async def call(self, request: Callable[[], Awaitable[T]]) -> T:
+        """Run a provider request, trying again after a 429. The budget holds the grant for
+        its Retry-After, so the next try waits by itself; too many 429s in a row become a
+        retry of the whole job."""
+        limited = 0
+        while True:
+            try:
+                return await request()
+            except RateLimited as exc:
+                limited += 1
+                if limited >= MAX_RATE_LIMITED_IN_A_ROW:
+                    raise RetryLater(f"rate limited {limited} times in a row",
+                                     exc.retry_after) from exc
+                if not self.budgeted:  # nothing else will wait: do it here
+                    await asyncio.sleep(min(exc.retry_after or 1.0, 60.0))

@@ -36,7 +36,6 @@ from nova.providers import (
     GrantNotFound,
     NotFound,
     Permanent,
-    RateLimited,
 )
 from nova.providers.models import Message, Thread
 from nova.ratelimit import ProviderProcessor
@@ -44,14 +43,12 @@ from nova.runtime import (
     GiveUp,
     Job,
     JobContext,
-    RetryLater,
     Worker,
     run_workers,
 )
 
 log = logging.getLogger("nova.threads")
 
-MAX_RATE_LIMITED_IN_A_ROW = 5
 
 LOAD = """
 SELECT q.id, q.config_id, q.inbox_id, q.provider_thread_id, q.status, q.queue_msg_id,
@@ -144,30 +141,23 @@ class ThreadSyncProcessor(ProviderProcessor):
 
     async def _fetch(self, grant_id: str,
                      thread_id: str) -> tuple[Thread, list[Message]] | None:
-        assert self.provider is not None
-        limited = 0
-        while True:
-            try:
-                thread = await self.provider.get_thread(grant_id, thread_id)
-                messages: list[Message] = []
-                async for message in self.provider.list_thread_messages(grant_id, thread_id):
-                    messages.append(message)
-                    if self.settings.message_delay_ms:
-                        await asyncio.sleep(self.settings.message_delay_ms / 1000)
-                return thread, messages
-            except RateLimited as exc:
-                # The budget holds the grant for Retry-After; the retried call waits for it.
-                limited += 1
-                if limited >= MAX_RATE_LIMITED_IN_A_ROW:
-                    raise RetryLater(f"rate limited {limited} times", exc.retry_after) from exc
-                if not self.budgeted:  # an unbudgeted provider: wait here
-                    await asyncio.sleep(min(exc.retry_after or 1.0, 60.0))
-            except GrantNotFound as exc:
-                raise GiveUp(f"grant not found: {exc}") from exc
-            except NotFound:
-                return None
-            except Permanent as exc:
-                raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
+        async def fetch() -> tuple[Thread, list[Message]]:
+            thread = await self.api.get_thread(grant_id, thread_id)
+            messages: list[Message] = []
+            async for message in self.api.list_thread_messages(grant_id, thread_id):
+                messages.append(message)
+                if self.settings.message_delay_ms:
+                    await asyncio.sleep(self.settings.message_delay_ms / 1000)
+            return thread, messages
+
+        try:
+            return await self.call(fetch)
+        except GrantNotFound as exc:
+            raise GiveUp(f"grant not found: {exc}") from exc
+        except NotFound:
+            return None
+        except Permanent as exc:
+            raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
 
     async def record_failure(self, conn: asyncpg.Connection, job: Job, error: BaseException,
                              final: bool) -> None:
