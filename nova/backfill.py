@@ -41,7 +41,7 @@ from nova.runtime import (
     JobContext,
     RetryLater,
     Worker,
-    run_workers,
+    run_parts,
 )
 
 log = logging.getLogger("nova.backfill")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         return asyncio.run(resume(settings, args.resume))
     worker = Worker(BackfillProcessor(settings), settings)
-    asyncio.run(run_workers([worker]))
+    asyncio.run(run_parts([worker]))
     return 0
 
 

@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from nova import db, migrate
-from nova.config import ConfigError, Settings, load_settings
+from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
 
 
@@ -215,11 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(exc.message, file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
     func: Callable[[Settings, argparse.Namespace], int] = args.func
     try:

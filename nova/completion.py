@@ -37,7 +37,7 @@ import asyncpg
 from nova import db
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
-from nova.runtime import CONNECTION_ERRORS, install_signal_handlers
+from nova.runtime import CONNECTION_ERRORS, run_parts
 
 log = logging.getLogger("nova.completion")
 
@@ -194,17 +194,10 @@ class CompletionMonitor:
         return repairs
 
 
-async def _run(settings: Settings) -> None:
-    monitor = CompletionMonitor(settings)
-    install_signal_handlers([monitor])
-    with contextlib.suppress(asyncio.CancelledError):
-        await monitor.run()
-
-
 def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(_run(settings))
+    asyncio.run(run_parts([CompletionMonitor(settings)]))
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from nova import db
-from nova.config import ConfigError, load_settings
+from nova.config import settings_or_exit
 from nova.logs import setup_logging
 
 log = logging.getLogger("nova.migrate")
@@ -177,11 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nova migrate", description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", help="overrides NOVA_DATABASE_URL / DATABASE_URL")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(exc.message, file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
     url = args.database_url or db.database_url(settings)
     try:

@@ -412,11 +412,15 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
-class Stoppable(Protocol):
+class Runnable(Protocol):
+    """A part of a process: runs until stopped."""
+
+    async def run(self) -> Any: ...
+
     def stop(self) -> None: ...
 
 
-def install_signal_handlers(parts: Sequence[Stoppable]) -> None:
+def install_signal_handlers(parts: Sequence[Runnable]) -> None:
     """First SIGTERM/SIGINT: graceful stop of every part. Second: cancel everything now."""
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -440,18 +444,17 @@ def install_signal_handlers(parts: Sequence[Stoppable]) -> None:
         loop.add_signal_handler(s, first, s)
 
 
-async def run_workers(workers: list[Worker]) -> None:
-    """Run workers side by side until a signal stops them; if one dies, stop the others."""
-    install_signal_handlers(workers)
-    tasks = [asyncio.create_task(w.run(), name=w.component) for w in workers]
+async def run_parts(parts: Sequence[Runnable]) -> None:
+    """Run the parts of a process side by side until a signal stops them. When one part ends
+    on its own (it failed), the others are stopped too, so the process never limps on."""
+    install_signal_handlers(parts)
+    tasks = [asyncio.create_task(p.run(), name=type(p).__name__) for p in parts]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                for w in workers:
-                    w.stop()
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for part in parts:
+            part.stop()
         await asyncio.gather(*tasks)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # a second signal
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

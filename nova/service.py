@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import socket
-from typing import Any, Protocol
+from typing import Any
 
 import uvicorn
 from pydantic import SecretStr
@@ -30,12 +30,6 @@ log = logging.getLogger("nova.service")
 
 SANDBOX_API_KEY = "sandbox-api-key"
 SANDBOX_SECRET = "sandbox-webhook-secret"
-
-
-class Runnable(Protocol):
-    async def run(self) -> Any: ...
-
-    def stop(self) -> None: ...
 
 
 class ReceiverServer:
@@ -116,7 +110,7 @@ async def _register_sandbox_inboxes(url: str, sandbox: Any) -> None:
 async def serve(settings: Settings) -> None:
     from nova.backfill import BackfillProcessor
     from nova.completion import CompletionMonitor
-    from nova.runtime import Worker, install_signal_handlers
+    from nova.runtime import Runnable, Worker, run_parts
     from nova.threads import ThreadSyncProcessor
     from nova.webhooks import WebhookProcessor
 
@@ -158,17 +152,8 @@ async def serve(settings: Settings) -> None:
                Worker(BackfillProcessor(settings), settings, database_url=url),
                Worker(ThreadSyncProcessor(settings), settings, database_url=url)]
     runnables += [*workers, CompletionMonitor(settings, database_url=url)]
-    install_signal_handlers(runnables)
-    tasks = [asyncio.create_task(r.run(), name=type(r).__name__) for r in runnables]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for r in runnables:  # one part ended (an error, or a signal): stop the rest
-            r.stop()
-        await asyncio.gather(*tasks)
-    except asyncio.CancelledError:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await run_parts(runnables)
     finally:
         if sandbox is not None:
             await asyncio.to_thread(sandbox.stop)

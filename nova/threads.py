@@ -44,7 +44,7 @@ from nova.runtime import (
     Job,
     JobContext,
     Worker,
-    run_workers,
+    run_parts,
 )
 
 log = logging.getLogger("nova.threads")
@@ -194,7 +194,7 @@ def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
     worker = Worker(ThreadSyncProcessor(settings), settings)
-    asyncio.run(run_workers([worker]))
+    asyncio.run(run_parts([worker]))
     return 0
 
 

@@ -41,7 +41,7 @@ from nova.providers import AuthExpired, NotFound, Permanent, RateLimited
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
 from nova.ratelimit import ProviderProcessor
-from nova.runtime import GiveUp, Job, JobContext, RetryLater, Worker, run_workers
+from nova.runtime import GiveUp, Job, JobContext, RetryLater, Worker, run_parts
 
 log = logging.getLogger("nova.webhooks")
 
@@ -211,7 +211,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     worker = Worker(WebhookProcessor(settings), settings)
-    asyncio.run(run_workers([worker]))
+    asyncio.run(run_parts([worker]))
     return 0
 
 

@@ -61,13 +61,13 @@ class Recorder(Processor):
 async def _main(url: str) -> None:
     from nova.config import load_settings
     from nova.logs import setup_logging
-    from nova.runtime import run_workers
+    from nova.runtime import run_parts
 
     settings = load_settings()
     setup_logging("info")
     worker = Worker(Recorder(), settings, database_url=url)
     print("READY", flush=True)
-    await run_workers([worker])
+    await run_parts([worker])
 
 
 if __name__ == "__main__":
