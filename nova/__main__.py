@@ -3,8 +3,10 @@
 import sys
 
 if len(sys.argv) > 1:
-    from nova.cli import main
-else:
-    from nova.service import main
+    from nova.cli import main as cli
 
-raise SystemExit(main())
+    raise SystemExit(cli())
+
+from nova.service import main as serve
+
+raise SystemExit(serve())

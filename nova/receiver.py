@@ -44,6 +44,8 @@ from nova.runtime import CONNECTION_ERRORS
 
 log = logging.getLogger("nova.receiver")
 
+# The database is away or too slow: answer 503, which Nylas retries.
+UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 STORE = "SELECT notification_id, is_new FROM queue_nylas_webhook_notification($1, $2, $3)"
 
 
@@ -123,7 +125,7 @@ class Receiver:
         try:
             pool = await self.pool()
             await asyncio.wait_for(pool.fetchval("SELECT 1"), 5)
-        except (*CONNECTION_ERRORS, TimeoutError) as exc:
+        except UNAVAILABLE as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -161,7 +163,7 @@ class Receiver:
             row = await pool.fetchrow(STORE, webhook_id, kind, payload)
         except asyncpg.DataError as exc:  # e.g. a \u0000 that jsonb refuses
             return PlainTextResponse(f"unusable payload: {exc}", status_code=400)
-        except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
+        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             log.error("[Receiver] could not store webhook %s (%s): %s", webhook_id, kind, exc)
             return PlainTextResponse("temporarily unavailable", status_code=503,
                                      headers={"Retry-After": "5"})

@@ -44,7 +44,7 @@ class ReceiverServer:
         self.server = uvicorn.Server(config)
         # uvicorn would take over SIGTERM/SIGINT and raise them again when it stops; the
         # service's own handlers stop every part in order instead.
-        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
     async def run(self) -> None:
         await self.server.serve()
