@@ -71,15 +71,16 @@ async def _is(pool: asyncpg.Pool, config: uuid.UUID, wanted: str) -> bool:
 
 async def test_thread_sync_starts_while_discovery_goes_on(pool: asyncpg.Pool,
                                                          db_url: str) -> None:
-    with make_sandbox(600, latency_ms=60) as sb:  # three pages, each takes a while
+    with make_sandbox(600, latency_ms=100) as sb:  # three pages, each takes a while
         inbox = await add_inbox(pool, sb.grant_ids[0])
         config = await start_backfill(pool, inbox)
         async with running(db_url, settings(sb), threads=2):
             await wait_for(lambda: _is(pool, config, "completed"), 90, what="completion")
-    first_synced = await pool.fetchval("SELECT min(processed_at) FROM queued_threads")
+    # A worker picks up a thread of page 1 while pages 2 and 3 are still being fetched.
+    first_started = await pool.fetchval("SELECT min(started_at) FROM queued_threads")
     discovered = await pool.fetchval(
         "SELECT discovery_completed_at FROM flux_inbox_configurations WHERE id = $1", config)
-    assert first_synced < discovered
+    assert first_started < discovered
 
 
 async def test_sigkill_mid_discovery_and_mid_sync_resumes_to_the_same_state(
