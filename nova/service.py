@@ -119,7 +119,8 @@ async def serve(settings: Settings) -> None:
     log.info("[Service] database %s ready (%d migration(s) applied)", db.describe(url),
              len(result.applied))
 
-    if not _port_free(settings.receiver_host, settings.receiver_port):
+    receiving = settings.nylas_api_key is None or settings.nylas_webhook_secret is not None
+    if receiving and not _port_free(settings.receiver_host, settings.receiver_port):
         raise SystemExit(f"NOVA_RECEIVER_PORT {settings.receiver_port} is already in use")
     runnables: list[Runnable] = []
     sandbox: Any = None
@@ -143,10 +144,10 @@ async def serve(settings: Settings) -> None:
             runnables.append(SandboxTicker(sandbox, sandbox.grant_ids[0],
                                            settings.sandbox_event_seconds))
 
-    if settings.nylas_webhook_secret is None:
-        log.warning("[Service] NYLAS_WEBHOOK_SECRET is not set: the receiver is not started")
-    else:
+    if receiving:
         runnables.append(ReceiverServer(settings, url))
+    else:
+        log.warning("[Service] NYLAS_WEBHOOK_SECRET is not set: the receiver is not started")
 
     workers = [Worker(WebhookProcessor(settings), settings, database_url=url),
                Worker(BackfillProcessor(settings), settings, database_url=url),

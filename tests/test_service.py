@@ -57,3 +57,40 @@ def test_everything_in_one_process_against_the_sandbox(db_url: str) -> None:
     assert proc.returncode == 0, out
     assert "[Monitor] Config" in out and "completed" in out
     assert "using the Nylas sandbox" in out
+
+
+def test_with_credentials_but_no_webhook_secret_the_processors_run_without_receiver(
+        db_url: str) -> None:
+    from nova.sandbox.nylas import SandboxNylas
+
+    with SandboxNylas(threads=5, seed=2, api_key="real-looking-key") as sandbox:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
+        env.update({"NOVA_DATABASE_URL": db_url, "NYLAS_API_KEY": "real-looking-key",
+                    "NYLAS_API_URI": sandbox.base_url, "NOVA_RECEIVER_PORT": str(port)})
+        proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                inbox = conn.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES"
+                                     " (%s, 'r@x.com') RETURNING id",
+                                     (sandbox.grant_ids[0],)).fetchone()
+                assert inbox is not None
+                conn.execute("SELECT queue_inbox_backfill(%s, now() - interval '1 year 23 hours')",
+                             (inbox[0],))
+                deadline = time.monotonic() + 60
+                while conn.execute("SELECT count(*) FROM flux_email_threads").fetchone() != (5,):
+                    assert proc.poll() is None, proc.communicate()[0]
+                    assert time.monotonic() < deadline, "threads were not synced"
+                    time.sleep(0.2)
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                raise AssertionError("a receiver answered without a webhook secret")
+            except httpx.TransportError:
+                pass
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "NYLAS_WEBHOOK_SECRET is not set" in out and "using the Nylas sandbox" not in out
