@@ -80,6 +80,14 @@ async def post_signed(receiver: str, payload: dict[str, Any]) -> None:
     assert r.status_code == 200, r.text
 
 
+def truncated_event(sandbox: SandboxNylas, subject: str, **kw: Any) -> dict[str, Any]:
+    """A new sandbox message announced the way Nylas announces a large one: no body."""
+    msg = sandbox.add_message(sandbox.grant_ids[0], subject=subject, send=False, **kw).message
+    assert msg is not None
+    slim = {k: v for k, v in msg.items() if k != "body"}
+    return event("message.created.truncated", slim, int(time.time()))
+
+
 def event(kind: str, obj: dict[str, Any], when: int) -> dict[str, Any]:
     return {"specversion": "1.0", "type": kind, "source": "/google/emails/realtime",
             "id": str(uuid.uuid4()), "time": when, "webhook_delivery_attempt": 1,
@@ -141,13 +149,9 @@ async def test_update_before_create_ends_with_the_newest_state(
 async def test_truncated_event_fetches_the_full_message(receiver: str, sandbox: SandboxNylas,
                                                         inbox: uuid.UUID, pool: asyncpg.Pool,
                                                         drain: Any) -> None:
-    grant = sandbox.grant_ids[0]
-    msg = sandbox.add_message(grant, subject="big one", body="<p>the whole body</p>",
-                              send=False).message
-    assert msg is not None
-    slim = {k: v for k, v in msg.items() if k != "body"}
+    note = truncated_event(sandbox, "big one", body="<p>the whole body</p>")
     sandbox.reset_stats()
-    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    await post_signed(receiver, note)
     await drain()
     row = await pool.fetchrow("SELECT body_html, subject FROM flux_email_messages")
     assert row["body_html"] == "<p>the whole body</p>" and row["subject"] == "big one"
@@ -207,11 +211,9 @@ async def test_grant_lifecycle_changes_the_inbox(receiver: str, sandbox: Sandbox
     assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
                                inbox) == "auth_expired"
     # while expired, message events do not call the provider and are skipped
-    msg = sandbox.add_message(grant, subject="while expired", send=False).message
-    assert msg is not None
-    slim = {k: v for k, v in msg.items() if k != "body"}
+    note = truncated_event(sandbox, "while expired")
     sandbox.reset_stats()
-    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    await post_signed(receiver, note)
     await drain()
     assert sandbox.get_stats()["requests"].get("get_message") is None
     last = (await notifications(pool))[-1]
@@ -242,12 +244,9 @@ async def test_unknown_types_and_unknown_grants_are_stored_and_skipped(
 async def test_provider_failures_retry_then_record_the_error(
         receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
         db_url: str) -> None:
-    grant = sandbox.grant_ids[0]
-    msg = sandbox.add_message(grant, subject="flaky", send=False).message
-    assert msg is not None
-    slim = {k: v for k, v in msg.items() if k != "body"}
+    note = truncated_event(sandbox, "flaky")
     sandbox.inject_fault("error_5xx", count=10, endpoint="get_message")
-    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    await post_signed(receiver, note)
     worker = make_worker(db_url, pool, sandbox)
     worker.policy.base_delay = 0.1
     task = asyncio.create_task(worker.run())
@@ -274,12 +273,9 @@ def _spawn_webhooks(db_url: str, sandbox: SandboxNylas) -> subprocess.Popen[str]
 async def test_sigkill_mid_job_then_redelivery_leaves_no_duplicate(
         receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
         db_url: str) -> None:
-    grant = sandbox.grant_ids[0]
-    msg = sandbox.add_message(grant, subject="killed", send=False).message
-    assert msg is not None
-    slim = {k: v for k, v in msg.items() if k != "body"}
+    note = truncated_event(sandbox, "killed")
     sandbox.set_latency(1500)  # the fetch of the full message is slow: kill during it
-    await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+    await post_signed(receiver, note)
     first = _spawn_webhooks(db_url, sandbox)
     deadline = time.monotonic() + 20
     while await pool.fetchval("SELECT attempts FROM flux_webhook_notifications") < 1:
@@ -306,13 +302,10 @@ async def test_sigkill_mid_job_then_redelivery_leaves_no_duplicate(
 async def test_sigterm_with_jobs_in_flight_finishes_them(
         receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
         db_url: str) -> None:
-    grant = sandbox.grant_ids[0]
     sandbox.set_latency(800)
     for i in range(3):
-        msg = sandbox.add_message(grant, subject=f"inflight {i}", send=False).message
-        assert msg is not None
-        slim = {k: v for k, v in msg.items() if k != "body"}
-        await post_signed(receiver, event("message.created.truncated", slim, int(time.time())))
+        note = truncated_event(sandbox, f"inflight {i}")
+        await post_signed(receiver, note)
     proc = _spawn_webhooks(db_url, sandbox)
     deadline = time.monotonic() + 20
     while await pool.fetchval("SELECT count(*) FROM flux_webhook_notifications"
