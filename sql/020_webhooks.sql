@@ -36,7 +36,8 @@ BEGIN
     IF jsonb_typeof(v_object) IS DISTINCT FROM 'object' THEN
         v_object := '{}'::jsonb;
     END IF;
-    v_grant := coalesce(p_grant_id, v_object ->> 'grant_id');
+    -- Message-tracking events (thread.replied) also carry the grant beside the object.
+    v_grant := coalesce(p_grant_id, v_object ->> 'grant_id', p_payload #>> '{data,grant_id}');
     IF v_time IS NULL AND jsonb_typeof(p_payload -> 'time') = 'number' THEN
         v_time := to_timestamp((p_payload ->> 'time')::double precision);
     END IF;

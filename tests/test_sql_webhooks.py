@@ -4,6 +4,7 @@ acknowledge_webhook_notification and get_webhook_metrics."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import psycopg
@@ -397,3 +398,14 @@ def test_metrics_of_no_deliveries_are_empty(conn: Conn) -> None:
 def test_metrics_reject_a_non_positive_window(conn: Conn, window: str | None) -> None:
     assert_rejected(conn, errors.InvalidParameterValue, "time window must be positive",
                     "SELECT * FROM get_webhook_metrics(%s::interval)", (window,))
+
+
+def test_grant_given_only_beside_the_object_links_the_inbox(conn: Any) -> None:
+    inbox = conn.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES ('g-side', 's@x.com')"
+                         " RETURNING id").fetchone()["id"]
+    payload = {"type": "thread.replied", "id": "w-side", "time": 1_780_000_000,
+               "data": {"grant_id": "g-side", "object": {"thread_id": "t1"}}}
+    conn.execute("SELECT * FROM queue_nylas_webhook_notification('w-side', 'thread.replied',"
+                 " %s::jsonb)", (json.dumps(payload),))
+    row = conn.execute("SELECT grant_id, inbox_id FROM flux_webhook_notifications").fetchone()
+    assert (row["grant_id"], row["inbox_id"]) == ("g-side", inbox)
