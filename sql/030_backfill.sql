@@ -15,6 +15,24 @@ BEGIN
 END;
 $$;
 
+-- The same, locked FOR UPDATE: for functions that decide on the current row, not on what
+-- they read before waiting for a concurrent writer.
+CREATE OR REPLACE FUNCTION nova_lock_config(p_config_id uuid)
+RETURNS flux_inbox_configurations
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_config flux_inbox_configurations;
+BEGIN
+    SELECT * INTO v_config FROM flux_inbox_configurations
+    WHERE id = p_config_id AND deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no inbox configuration %', coalesce(p_config_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_config;
+END;
+$$;
+
 -- Starts a backfill of an inbox: (re)sets its configuration to 'queued' with a fresh checkpoint
 -- and queues the job. Returns the configuration id. The range reaches at most one year back.
 CREATE OR REPLACE FUNCTION queue_inbox_backfill(
@@ -100,8 +118,7 @@ BEGIN
         RAISE EXCEPTION 'update_backfill_orchestration_progress: pages (%) and threads (%) must be >= 0',
             p_pages_done, p_threads_found USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_config := nova_require_config(p_config_id);
-    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
+    v_config := nova_lock_config(p_config_id);
     IF v_config.backfill_status NOT IN ('queued', 'discovering') THEN
         RAISE EXCEPTION 'update_backfill_orchestration_progress: configuration % is %, not discovering',
             p_config_id, v_config.backfill_status USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -269,10 +286,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_config flux_inbox_configurations;
 BEGIN
-    v_config := nova_require_config(p_config_id);
     -- Decide on the locked, current row: a concurrent caller that transitioned first must make
     -- this call a no-op (false), not an error about the status seen before waiting.
-    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
+    v_config := nova_lock_config(p_config_id);
     UPDATE flux_inbox_configurations
     SET backfill_status = 'thread_sync', discovery_completed_at = now(),
         backfill_started_at = coalesce(backfill_started_at, now()),

@@ -17,8 +17,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_config flux_inbox_configurations;
 BEGIN
-    v_config := nova_require_config(p_config_id);
-    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
+    v_config := nova_lock_config(p_config_id);
     IF v_config.backfill_status <> 'failed' THEN
         RAISE EXCEPTION 'resume_inbox_backfill: configuration % is %, not failed',
             p_config_id, v_config.backfill_status USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -79,8 +78,7 @@ DECLARE
     v_config flux_inbox_configurations;
     v_stats  inbox_sync_stats;
 BEGIN
-    v_config := nova_require_config(p_config_id);
-    SELECT * INTO v_config FROM flux_inbox_configurations WHERE id = p_config_id FOR UPDATE;
+    v_config := nova_lock_config(p_config_id);
     IF v_config.backfill_status <> 'thread_sync' OR v_config.discovery_completed_at IS NULL THEN
         RETURN QUERY SELECT 'not_ready'::text, NULL::bigint, NULL::bigint;
         RETURN;
