@@ -30,8 +30,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from nova import db
-from nova.config import Settings, settings_or_exit
+from nova.config import settings_or_exit
 from nova.logs import setup_logging
 from nova.providers import AuthExpired, Permanent
 from nova.ratelimit import ProviderProcessor
@@ -73,9 +72,6 @@ UPDATE flux_inboxes SET status = 'auth_expired', auth_expired_at = coalesce(auth
        updated_at = now()
 WHERE id = $1 AND status = 'active'
 """
-RESUME = "SELECT resume_inbox_backfill($1)"
-
-
 class GrantExpired(GiveUp):
     """The provider refused the grant: the inbox needs re-authentication."""
 
@@ -194,29 +190,18 @@ def _short(config_id: uuid.UUID) -> str:
     return str(config_id)[:8]
 
 
-async def resume(settings: Settings, config_id: uuid.UUID) -> int:
-    pool = await db.create_pool(db.database_url(settings), min_size=1, max_size=1)
-    try:
-        msg_id = await pool.fetchval(RESUME, config_id)
-    except asyncpg.PostgresError as exc:
-        print(f"cannot resume {config_id}: {exc}")
-        return 1
-    finally:
-        await pool.close()
-    print(f"resumed {config_id}" + (f" (job {msg_id})" if msg_id else " (thread sync)"))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nova.backfill", description=__doc__.split(
         "\n")[0])
     parser.add_argument("--resume", metavar="CONFIG_ID", type=uuid.UUID,
                         help="continue a failed backfill from its checkpoint, then exit")
     args = parser.parse_args(argv)
+    if args.resume is not None:  # the same as `nova backfill resume CONFIG_ID`
+        from nova.cli import main as cli
+
+        return cli(["backfill", "resume", str(args.resume)])
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    if args.resume is not None:
-        return asyncio.run(resume(settings, args.resume))
     worker = Worker(BackfillProcessor(settings), settings)
     asyncio.run(run_parts([worker]))
     return 0

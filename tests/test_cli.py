@@ -106,3 +106,29 @@ def test_replay_all_and_argument_checks(db_url: str) -> None:
     out = nova(db_url, "replay", "thread_sync_jobs", "--all")
     assert out.returncode == 0 and "1 message(s) replayed" in out.stdout
     assert "0 dead letter(s)" in nova(db_url, "failures").stdout
+
+
+def test_backfill_resume_restarts_a_failed_backfill_from_its_checkpoint(db_url: str) -> None:
+    inbox = nova(db_url, "inbox", "add", "--grant-id", "g-res", "--email", "r@x.com").stdout
+    config = nova(db_url, "backfill", "start", "--inbox", inbox.strip()).stdout.strip()
+    running = nova(db_url, "backfill", "resume", config)
+    assert running.returncode == 1 and "not failed" in running.stderr
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("DELETE FROM pgmq.q_inbox_backfill_jobs")
+        c.execute("UPDATE flux_inbox_configurations SET backfill_status = 'failed',"
+                  " checkpoint_pages_done = 2, checkpoint_page_token = 'p3', last_error = 'x'"
+                  " WHERE id = %s", (config,))
+    # `python -m nova.backfill --resume` is the same command
+    env = {**os.environ, "NOVA_DATABASE_URL": db_url}
+    resumed = subprocess.run([sys.executable, "-m", "nova.backfill", "--resume", config],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {config} (job " in resumed.stdout
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT backfill_status, checkpoint_pages_done, checkpoint_page_token,"
+                        " last_error FROM flux_inbox_configurations WHERE id = %s",
+                        (config,)).fetchone()
+        assert row == ("discovering", 2, "p3", None)
+        jobs = c.execute("SELECT message->>'config_id' FROM pgmq.q_inbox_backfill_jobs"
+                         ).fetchall()
+        assert jobs == [(config,)]
