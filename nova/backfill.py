@@ -22,7 +22,6 @@ reaching more than a year back is refused. Past 3 attempts the configuration is 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -30,8 +29,6 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from nova.config import settings_or_exit
-from nova.logs import setup_logging
 from nova.providers import AuthExpired, Permanent
 from nova.ratelimit import ProviderProcessor
 from nova.runtime import (
@@ -39,8 +36,6 @@ from nova.runtime import (
     Job,
     JobContext,
     RetryLater,
-    Worker,
-    run_parts,
 )
 
 log = logging.getLogger("nova.backfill")
@@ -200,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         from nova.cli import main as cli
 
         return cli(["backfill", "resume", str(args.resume)])
-    settings = settings_or_exit()
-    setup_logging(settings.log_level, settings.log_format)
-    worker = Worker(BackfillProcessor(settings), settings)
-    asyncio.run(run_parts([worker]))
-    return 0
+    return BackfillProcessor.main()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -23,10 +24,11 @@ from urllib.parse import unquote
 import asyncpg
 import httpx
 
-from nova.config import Settings
+from nova.config import Settings, settings_or_exit
+from nova.logs import setup_logging
 from nova.providers import MailProvider, RateLimited
 from nova.providers.nylas import NylasProvider, parse_retry_after
-from nova.runtime import Processor, RetryLater, RetryPolicy, Worker
+from nova.runtime import Processor, RetryLater, RetryPolicy, Worker, run_parts
 
 log = logging.getLogger("nova.ratelimit")
 
@@ -158,6 +160,18 @@ class ProviderProcessor(Processor):
             await self.provider.aclose()
         if self._client is not None:
             await self._client.aclose()
+
+    @classmethod
+    def main(cls) -> int:
+        """`python -m nova.<processor>`: this processor alone, until SIGTERM/SIGINT."""
+        settings = settings_or_exit()
+        setup_logging(settings.log_level, settings.log_format)
+        if settings.nylas_api_key is None:
+            print("NYLAS_API_KEY is not set (python -m nova runs a sandbox without it)",
+                  file=sys.stderr)
+            return 2
+        asyncio.run(run_parts([Worker(cls(settings), settings)]))
+        return 0
 
     @property
     def api(self) -> MailProvider:

@@ -29,8 +29,6 @@ from typing import Any, ClassVar
 import asyncpg
 
 from nova import store
-from nova.config import settings_or_exit
-from nova.logs import setup_logging
 from nova.providers import (
     AuthExpired,
     GrantNotFound,
@@ -43,8 +41,6 @@ from nova.runtime import (
     GiveUp,
     Job,
     JobContext,
-    Worker,
-    run_parts,
 )
 
 log = logging.getLogger("nova.threads")
@@ -191,11 +187,7 @@ async def _load(pool: asyncpg.Pool, job: Job) -> asyncpg.Record | None:
 
 
 def main() -> int:
-    settings = settings_or_exit()
-    setup_logging(settings.log_level, settings.log_format)
-    worker = Worker(ThreadSyncProcessor(settings), settings)
-    asyncio.run(run_parts([worker]))
-    return 0
+    return ThreadSyncProcessor.main()
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ delete. Max 3 attempts, then the message is archived and the row says `error`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 import time
 import uuid
 from datetime import datetime
@@ -35,13 +33,11 @@ from typing import Any, ClassVar
 import asyncpg
 
 from nova import store
-from nova.config import settings_or_exit
-from nova.logs import setup_logging
 from nova.providers import AuthExpired, NotFound, Permanent, RateLimited
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
 from nova.ratelimit import ProviderProcessor
-from nova.runtime import GiveUp, Job, JobContext, RetryLater, Worker, run_parts
+from nova.runtime import GiveUp, Job, JobContext, RetryLater
 
 log = logging.getLogger("nova.webhooks")
 
@@ -204,15 +200,7 @@ def _notification_id(job: Job) -> uuid.UUID:
 
 
 def main() -> int:
-    settings = settings_or_exit()
-    setup_logging(settings.log_level, settings.log_format)
-    if settings.nylas_api_key is None:
-        print("NYLAS_API_KEY is not set (python -m nova runs a sandbox without it)",
-              file=sys.stderr)
-        return 2
-    worker = Worker(WebhookProcessor(settings), settings)
-    asyncio.run(run_parts([worker]))
-    return 0
+    return WebhookProcessor.main()
 
 
 if __name__ == "__main__":
