@@ -8,6 +8,7 @@ import sys
 import threading
 
 from .server import SandboxNylas
+from .webhooks import DEFAULT_RETRY_DELAYS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default="sandbox-api-key")
     ap.add_argument("--webhook-url", default=None)
     ap.add_argument("--webhook-secret", default="sandbox-webhook-secret")
+    ap.add_argument("--rate-limit-kind", choices=["nylas", "provider"], default="nylas")
+    ap.add_argument("--webhook-gzip", action="store_true")
+    ap.add_argument("--webhook-retry-delays", type=float, nargs="*", default=None,
+                    help="seconds before attempt 2, 3 (default 300 600, as Nylas)")
+    ap.add_argument("--message-variant", choices=["transformed", "metadata", "cleaned"],
+                    default=None)
+    ap.add_argument("--hostile", type=float, default=0.0, help="share of hostile threads")
+    ap.add_argument("--cursor-ttl", type=float, default=None, help="page token lifetime, s")
     args = ap.parse_args(argv)
+    delays = (DEFAULT_RETRY_DELAYS if args.webhook_retry_delays is None
+              else tuple(args.webhook_retry_delays))
     sb = SandboxNylas(threads=args.threads, other_threads=args.other_threads,
                       grants=args.grants, seed=args.seed, rate_limit=args.rate_limit,
                       latency_ms=args.latency_ms, api_key=args.api_key,
                       webhook_url=args.webhook_url, webhook_secret=args.webhook_secret,
-                      host=args.host, port=args.port)
+                      host=args.host, port=args.port, rate_limit_kind=args.rate_limit_kind,
+                      webhook_gzip=args.webhook_gzip, message_variant=args.message_variant,
+                      hostile=args.hostile, cursor_ttl_seconds=args.cursor_ttl,
+                      webhook_retry_delays=delays)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -17,9 +17,21 @@ https://developer.nylas.com/docs/reference/api/):
   ``headers`` (SDK ``FindMessageQueryParams.fields``).
 * ``GET /v3/grants/{grant_id}/attachments/{attachment_id}?message_id=`` -- metadata.
 * ``GET /v3/grants/{grant_id}/attachments/{attachment_id}/download?message_id=`` -- bytes,
-  streamed (https://developer.nylas.com/docs/reference/api/attachments/).
+  streamed as ``application/octet-stream`` with no ``Content-Disposition`` and so no
+  filename: name and type come only from the metadata endpoint
+  (https://developer.nylas.com/docs/reference/api/attachments/ and
+  https://developer.nylas.com/docs/cookbook/email/attachments/download-attachments/, which
+  take the filename and content type from the message's ``attachments`` metadata).
 
-Auth is ``Authorization: Bearer <api key>``; see :mod:`.errors` for the error bodies.
+Auth is ``Authorization: Bearer <api key>``; see :mod:`.errors` for the error bodies.  Every
+JSON body escapes non-ASCII (:class:`.errors.SafeJSONResponse`), so hostile strings with lone
+surrogates serialise as ``\ud800`` instead of crashing the response.
+
+Rate limiting (:class:`.state.RateLimiter`, https://developer.nylas.com/docs/developer-tools/
+api/rate-limits/): with ``rate_limit_kind="nylas"`` a refused request is Nylas's own 429
+(``nylas_rate_limit_exceeded``, no Retry-After); with ``"provider"`` it is the provider's 429
+relayed (``rate_limit_error`` + ``provider_error``, Retry-After on ``retry_after_share`` of
+them).  A stale ``page_token`` answers :func:`.errors.expired_page_token`.
 """
 
 from __future__ import annotations
@@ -31,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import errors
 from .blobs import random_chunks, split_chunks
-from .mailbox import MAX_LIMIT, BadCursor, GrantRec
+from .mailbox import MAX_LIMIT, BadCursor, ExpiredCursor, GrantRec
 
 if TYPE_CHECKING:
     from .server import SandboxNylas
@@ -73,8 +85,8 @@ def _bool(q: Any, name: str) -> bool | None:
     raise _BadParam(f"Invalid value for {name}: {raw!r}")
 
 
-def _ok(data: Any, **extra: Any) -> JSONResponse:
-    return JSONResponse({"request_id": errors.request_id(), "data": data, **extra})
+def _ok(data: Any, **extra: Any) -> Response:
+    return errors.SafeJSONResponse({"request_id": errors.request_id(), "data": data, **extra})
 
 
 def build_app(sb: SandboxNylas) -> Starlette:
@@ -100,13 +112,15 @@ def build_app(sb: SandboxNylas) -> Starlette:
         grant = mb.grant(gid)
         if grant is None or grant.deleted:
             return errors.grant_not_found()
-        retry_after = sb.limiter.check(gid)
-        if retry_after is not None:
-            return errors.rate_limited(retry_after)
+        throttle = sb.limiter.verdict(gid)
+        if throttle is not None:
+            if throttle.kind == "nylas":
+                return errors.nylas_rate_limited()
+            return errors.provider_rate_limited(grant.provider, throttle.retry_after)
         fault = sb.faults.pick(endpoint, gid)
         if fault is not None:
             sb.stats.fault(fault)
-            injected = await fault_response(fault, endpoint)
+            injected = await fault_response(fault, endpoint, grant)
             if injected is not None:
                 return injected
         if grant.status != "valid" and not allow_expired:
@@ -115,14 +129,22 @@ def build_app(sb: SandboxNylas) -> Starlette:
             return await handler(request, grant)
         except _BadParam as exc:
             return errors.bad_request(str(exc))
+        except ExpiredCursor:
+            return errors.expired_page_token()
         except BadCursor:
             return errors.bad_request("Invalid page_token")
 
-    async def fault_response(kind: str, endpoint: str) -> Response | None:
+    async def fault_response(kind: str, endpoint: str, grant: GrantRec) -> Response | None:
         if kind == "error_5xx":
             return errors.internal_error(sb.faults.next_5xx())
-        if kind == "rate_limit":
-            return errors.rate_limited(sb.forced_retry_after)
+        if kind == "rate_limit":  # the provider's 429 *with* Retry-After (see FAULT_KINDS)
+            return errors.provider_rate_limited(grant.provider, sb.forced_retry_after)
+        if kind == "provider_rate_limit":
+            return errors.provider_rate_limited(grant.provider, None)
+        if kind == "nylas_rate_limit":
+            return errors.nylas_rate_limited()
+        if kind == "unauthorized":
+            return errors.unauthorized()
         if kind == "html_error":
             return Response("<html><head><title>502 Bad Gateway</title></head><body><center>"
                             "<h1>502 Bad Gateway</h1></center></body></html>",
@@ -169,13 +191,13 @@ def build_app(sb: SandboxNylas) -> Starlette:
             cursor=q.get("page_token") or None, after=after, before=before,
             pred=thread_pred(q))
         extra = {"next_cursor": nxt} if nxt else {}
-        return _ok([t.to_json(grant.id) for t in items], **extra)
+        return _ok([t.to_json(grant.id, latest_body=sb.thread_bodies) for t in items], **extra)
 
     async def get_thread(request: Request, grant: GrantRec) -> Response:
         thread = mb.thread(grant.id, request.path_params["thread_id"])
         if thread is None:
             return errors.not_found("Thread")
-        return _ok(thread.to_json(grant.id))
+        return _ok(thread.to_json(grant.id, latest_body=sb.thread_bodies))
 
     async def list_messages(request: Request, grant: GrantRec) -> Response:
         q = request.query_params
@@ -219,10 +241,9 @@ def build_app(sb: SandboxNylas) -> Starlette:
                 yield chunk
                 await asyncio.sleep(0)
 
-        disposition = "inline" if att.is_inline else "attachment"
-        return StreamingResponse(body(), media_type=att.content_type, headers={
-            "Content-Disposition": f'{disposition}; filename="{att.filename}"',
-            "Content-Length": str(att.size)})
+        # Bytes only: no filename, no real type (both live in the attachment metadata).
+        return StreamingResponse(body(), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(att.size)})
 
     from .control import control_routes
 

@@ -17,7 +17,22 @@ Object shapes follow the Nylas v3 reference:
   https://developer.nylas.com/docs/reference/api/messages/ and ``nylas.models.messages``.
 * Attachment metadata (``id, grant_id, filename, content_type, size, is_inline,
   content_id``): https://developer.nylas.com/docs/reference/api/attachments/ and
-  ``nylas.models.attachments.Attachment``.
+  ``nylas.models.attachments.Attachment``.  Content types may carry MIME parameters, as
+  providers pass them through (``image/png; name="image.png"``, ``text/plain;
+  charset="ISO-8859-1"``); a text attachment labelled ISO-8859-1 really is Latin-1 bytes.
+  Those choices come from a second RNG keyed on the attachment id, so the main stream (and so
+  every other generated value) is the same as before they existed.
+
+Hostile mail (``hostile`` share, :func:`hostilize`): a chosen share of threads carries NUL
+(``\u0000``) in subjects, snippets, bodies, participant names, header values and attachment
+filenames; lone surrogates (``\ud800`` / ``\udc00``) in every other such thread; control
+characters and the RTL override (``\u202e``); attachment filenames built to escape a folder
+or trip a filesystem (``../../etc/passwd``, ``..\\..\\boot.ini``, ``/abs/path.pdf``,
+``CON``, ``NUL.txt``, ``.hidden``, a 300+ byte UTF-8 name, the same name in NFC and NFD, an
+empty name, a name of only dots); text attachments whose declared charset lies or is unknown;
+and, in every fourth such thread, a 300 KB body of unclosed ``<div>`` tags.  Which kinds a
+thread carries depends only on its hostile ordinal (:func:`hostile_kinds`), so tests can list
+them without generating anything.
 """
 
 from __future__ import annotations
@@ -25,7 +40,9 @@ from __future__ import annotations
 import hashlib
 import html
 import random
+import unicodedata
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .blobs import make_pdf, make_png
@@ -56,6 +73,8 @@ SENTENCES = [
 RECEIVED_FOLDERS = [["INBOX"], ["INBOX", "IMPORTANT"], ["INBOX", "CATEGORY_UPDATES"],
                     ["INBOX", "CATEGORY_PERSONAL"], ["Label_Projects"]]
 GRANT_PROVIDERS = ["google", "microsoft", "google", "imap", "google"]
+LATIN1_WORDS = ["Grüße", "café", "Ñandú", "façade", "Øresund", "señor", "crème brûlée",
+                "Åsa", "naïve", "Zürich"]
 
 
 def stable_hex(*parts: object, n: int = 10) -> str:
@@ -134,7 +153,9 @@ class ThreadRec:
     def latest_ts(self) -> int:
         return max(m.date for m in self.messages)
 
-    def to_json(self, grant_id: str) -> dict[str, Any]:
+    def to_json(self, grant_id: str, *, latest_body: bool = True) -> dict[str, Any]:
+        """``latest_body=False`` leaves the body out of ``latest_draft_or_message`` (the
+        harsher reading: the docs type it as a whole Message, but do not promise its body)."""
         msgs = sorted(self.messages, key=lambda m: (m.date, m.id))
         latest = msgs[-1]
         received = [m.date for m in msgs if "SENT" not in m.folders]
@@ -155,7 +176,9 @@ class ThreadRec:
             "earliest_message_date": msgs[0].date,
             "latest_message_received_date": max(received) if received else None,
             "latest_message_sent_date": max(sent) if sent else None,
-            "latest_draft_or_message": latest.to_json(grant_id),
+            "latest_draft_or_message": {
+                k: v for k, v in latest.to_json(grant_id).items()
+                if latest_body or k != "body"},
         }
 
 
@@ -189,8 +212,16 @@ def make_attachment(rng: random.Random, aid: str, subject: str, company: str) ->
         data = make_pdf(lines)
         return AttachmentRec(aid, f"invoice-{number}.pdf", "application/pdf", len(data), "pdf",
                              text=lines, data=data)
+    aux = random.Random(f"{aid}:params")  # MIME parameters; leaves ``rng`` untouched
     if roll < 0.60:
-        data = ("\n".join(rng.choice(SENTENCES) for _ in range(rng.randint(3, 40)))).encode()
+        text = "\n".join(rng.choice(SENTENCES) for _ in range(rng.randint(3, 40)))
+        if aux.random() < 0.35:
+            # Declared Latin-1 and really Latin-1: UTF-8 decoding of these bytes fails.
+            text += "\n" + " ".join(aux.sample(LATIN1_WORDS, 3))
+            data = text.encode("latin-1")
+            return AttachmentRec(aid, "notes.txt", 'text/plain; charset="ISO-8859-1"',
+                                 len(data), "text", data=data)
+        data = text.encode()
         return AttachmentRec(aid, "notes.txt", "text/plain", len(data), "text", data=data)
     if roll < 0.72:
         rows = ["date,amount,category"] + [
@@ -198,20 +229,26 @@ def make_attachment(rng: random.Random, aid: str, subject: str, company: str) ->
             f"{rng.choice(['travel', 'software', 'meals'])}" for _ in range(rng.randint(5, 200))
         ]
         data = "\n".join(rows).encode()
-        return AttachmentRec(aid, "expenses.csv", "text/csv", len(data), "text", data=data)
+        ctype = 'text/csv; charset="us-ascii"' if aux.random() < 0.35 else "text/csv"
+        return AttachmentRec(aid, "expenses.csv", ctype, len(data), "text", data=data)
     if roll < 0.85:
         data = make_png(rng.randint(4, 64), rng.randint(4, 64),
                         (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
         inline = rng.random() < 0.5
-        return AttachmentRec(aid, "image.png", "image/png", len(data), "png", data=data,
+        ctype = 'image/png; name="image.png"' if aux.random() < 0.35 else "image/png"
+        return AttachmentRec(aid, "image.png", ctype, len(data), "png", data=data,
                              is_inline=inline, content_id=f"img-{aid}@sandbox" if inline else None)
     size = rng.randint(150_000, 1_500_000)
     return AttachmentRec(aid, "archive.bin", "application/octet-stream", size, "bin")
 
 
 def build_thread(seed: int, grant_idx: int, grant_email: str, grant_name: str, thread_id: str,
-                 latest_ts: int) -> ThreadRec:
-    """Generate one thread whose newest message is dated ``latest_ts`` (a received message)."""
+                 latest_ts: int, hostile_ordinal: int | None = None) -> ThreadRec:
+    """Generate one thread whose newest message is dated ``latest_ts`` (a received message).
+
+    With ``hostile_ordinal`` (the thread's rank among the grant's hostile threads) the thread
+    is then made hostile by :func:`hostilize`.
+    """
     rng = random.Random(f"{seed}:{grant_idx}:{thread_id}")
     me = {"name": grant_name, "email": grant_email}
     others = [person(rng) for _ in range(rng.randint(1, 4))]
@@ -248,10 +285,115 @@ def build_thread(seed: int, grant_idx: int, grant_email: str, grant_name: str, t
             unread=(not outgoing) and rng.random() < 0.3, starred=rng.random() < 0.05,
             attachments=atts, headers=headers,
         ))
-    return ThreadRec(id=thread_id, messages=messages)
+    thread = ThreadRec(id=thread_id, messages=messages)
+    if hostile_ordinal is not None:
+        hostilize(thread, hostile_ordinal)
+    return thread
 
 
 def thread_dates(seed: int, grant_idx: int, n: int, anchor: int) -> list[int]:
     """Distinct unix timestamps spread over the year before ``anchor``, newest first."""
     rng = random.Random(f"{seed}:{grant_idx}:dates")
     return [anchor - off for off in sorted(rng.sample(range(60, YEAR), n))]
+
+
+# ---------------------------------------------------------------------- hostile mail
+NUL = "\u0000"
+CONTROL = "\x07\x1b[31m\x08\x7f"
+RTL = "\u202e"
+LONE_HIGH, LONE_LOW = "\ud800", "\udc00"
+LONG_NAME = "\u00fc" * 160 + ".pdf"  # 324 bytes of UTF-8, over every filesystem's 255
+NFC_NAME = unicodedata.normalize("NFC", "r\u00e9sum\u00e9.pdf")
+NFD_NAME = unicodedata.normalize("NFD", NFC_NAME)
+HOSTILE_FILENAME_GROUPS: list[tuple[str, list[str]]] = [
+    ("path_traversal", ["../../etc/passwd", "..\\..\\boot.ini", "/abs/path.pdf"]),
+    ("reserved_names", ["CON", "NUL.txt", ".hidden"]),
+    ("unicode_names", [LONG_NAME, NFC_NAME, NFD_NAME]),
+    ("degenerate_names", ["", "...", "invoice" + NUL + ".pdf.exe"]),
+]
+BROKEN_CHARSETS: list[tuple[str, bytes]] = [
+    # declared UTF-8, but not UTF-8 at all
+    ('text/plain; charset="utf-8"', b"caf\xe9 au lait \xff\xfe then \xc3\x28 broken\n"),
+    # a charset no codec knows
+    ('text/plain; charset="x-sandbox-nonexistent"', b"price: 12\xa4 \x80\x81\x82\n"),
+    # UTF-16 without a BOM and with an odd number of bytes
+    ('text/plain; charset="utf-16"', "half a character".encode("utf-16-le") + b"\x00"),
+]
+HUGE_BODY_EVERY = 4
+
+
+@lru_cache(maxsize=1)
+def huge_unclosed_body() -> str:
+    """About 300 KB of ``<div>`` tags that are never closed (one shared string)."""
+    return "<div>" * 61_440 + "the end of a body no parser should have to hold"
+
+
+def hostile_kinds(ordinal: int) -> list[str]:
+    """What the ``ordinal``-th hostile thread of a grant carries (see :func:`hostilize`)."""
+    kinds = ["nul", "control_chars", "rtl_override", "nul_filename", "broken_charset"]
+    if ordinal % 2 == 1:
+        kinds.append("lone_surrogate")
+    kinds.append(HOSTILE_FILENAME_GROUPS[ordinal % len(HOSTILE_FILENAME_GROUPS)][0])
+    if ordinal % HUGE_BODY_EVERY == 0:
+        kinds.append("huge_body")
+    return kinds
+
+
+def _hostile_text(text: str, ordinal: int) -> str:
+    cut = min(3, len(text))
+    out = text[:cut] + NUL + text[cut:] + " " + CONTROL + RTL + "fdp.exe"
+    if ordinal % 2 == 1:
+        out += " " + LONE_HIGH
+    return out
+
+
+def _hostile_person(p: dict[str, str], ordinal: int) -> dict[str, str]:
+    name = p["name"] + NUL + RTL + " (via)"
+    if ordinal % 2 == 1:
+        name = LONE_LOW + name
+    return {"name": name, "email": p["email"]}
+
+
+def hostilize(thread: ThreadRec, ordinal: int) -> list[str]:
+    """Rewrite a freshly generated thread in place to carry :func:`hostile_kinds` (ordinal)."""
+    people: dict[str, dict[str, str]] = {}
+
+    def evil(p: dict[str, str]) -> dict[str, str]:
+        return people.setdefault(p["email"], _hostile_person(p, ordinal))
+
+    for m in thread.messages:
+        m.subject = _hostile_text(m.subject, ordinal)
+        m.snippet = NUL + CONTROL + m.snippet
+        m.body = m.body.replace("<p>", "<p>" + NUL + CONTROL + RTL, 1)
+        m.from_ = [evil(p) for p in m.from_]
+        m.to = [evil(p) for p in m.to]
+        m.cc = [evil(p) for p in m.cc]
+        sender = m.from_[0]
+        headers = []
+        for h in m.headers:
+            if h["name"] == "Subject":
+                h = {"name": "Subject", "value": m.subject}
+            elif h["name"] == "From":
+                h = {"name": "From", "value": f'"{sender["name"]}" <{sender["email"]}>'}
+            headers.append(h)
+        headers.append({"name": "X-Sandbox-Hostile",
+                        "value": "a" + NUL + "b" + CONTROL + RTL
+                        + (LONE_HIGH if ordinal % 2 == 1 else "")})
+        m.headers = headers
+    if ordinal % HUGE_BODY_EVERY == 0:
+        first = thread.messages[0]
+        first.body = huge_unclosed_body()
+    latest = thread.messages[-1]
+    group = HOSTILE_FILENAME_GROUPS[ordinal % len(HOSTILE_FILENAME_GROUPS)][1]
+    extra: list[AttachmentRec] = []
+    for k, name in enumerate(group):
+        pdf = name.endswith(".pdf") and not name.startswith("/")
+        data = make_pdf([f"hostile attachment {k}"]) if pdf else b"hostile attachment payload\n"
+        extra.append(AttachmentRec(f"{latest.id}h{k}", name,
+                                   "application/pdf" if pdf else "application/octet-stream",
+                                   len(data), "blob", data=data))
+    ctype, data = BROKEN_CHARSETS[ordinal % len(BROKEN_CHARSETS)]
+    extra.append(AttachmentRec(f"{latest.id}h{len(group)}", f"notes{NUL}{ordinal}.txt", ctype,
+                               len(data), "text", data=data))
+    latest.attachments = [*latest.attachments, *extra]
+    return hostile_kinds(ordinal)

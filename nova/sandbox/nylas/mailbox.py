@@ -5,6 +5,13 @@ the previous response's ``next_cursor``; https://developer.nylas.com/docs/api/v3
 and the SDK's ``ListQueryParams``: "defaults to 50. The maximum allowed value is 200").
 Tokens encode the sort key of the last item returned, so pages stay stable when new mail
 arrives at the top of the mailbox.  Date windows are half-open: ``after <= ts < before``.
+
+Page tokens can go stale.  Nylas does not document a lifetime for ``page_token``; the sandbox
+makes staleness testable: ``cursor_ttl_seconds`` ends a token's life that many seconds after it
+was (last) issued, and :meth:`Mailbox.expire_cursors` invalidates every token issued so far (an
+epoch number inside the token).  With a TTL set, a well-formed token this sandbox never issued
+(for instance one from before a restart) counts as expired.  Stale tokens raise
+:class:`ExpiredCursor`; the HTTP answer is in :func:`.errors.expired_page_token`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import time
 import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -32,6 +39,7 @@ from .generate import (
     MessageRec,
     ThreadRec,
     build_thread,
+    hostile_kinds,
     html_body,
     person,
     stable_hex,
@@ -48,6 +56,10 @@ class BadCursor(ValueError):
     """The page token is not one this sandbox issued."""
 
 
+class ExpiredCursor(BadCursor):
+    """The page token was issued here but is past its lifetime or was invalidated."""
+
+
 @dataclass
 class GrantRec:
     idx: int
@@ -61,6 +73,7 @@ class GrantRec:
     status: str = "valid"
     deleted: bool = False
     updated_at: int = 0
+    hostile: dict[int, int] = field(default_factory=dict)  # thread index -> hostile ordinal
 
     def to_json(self) -> dict[str, Any]:
         """Grant object per https://developer.nylas.com/docs/reference/api/manage-grants/."""
@@ -74,18 +87,20 @@ class GrantRec:
         }
 
 
-def encode_cursor(kind: str, key: Key) -> str:
-    raw = json.dumps([kind, key[0], key[1]], separators=(",", ":")).encode()
+def encode_cursor(kind: str, key: Key, epoch: int = 0) -> str:
+    raw = json.dumps([kind, key[0], key[1], epoch], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(kind: str, token: str) -> Key:
+def decode_cursor(kind: str, token: str) -> tuple[Key, int]:
+    """``(sort key, epoch)`` of a token; :class:`BadCursor` when it is not well formed."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        got_kind, neg_ts, ident = json.loads(raw)
-        if got_kind != kind or not isinstance(neg_ts, int) or not isinstance(ident, str):
+        got_kind, neg_ts, ident, epoch = json.loads(raw)
+        if got_kind != kind or not isinstance(neg_ts, int) or not isinstance(ident, str) \
+                or not isinstance(epoch, int):
             raise BadCursor(token)
-        return (neg_ts, ident)
+        return (neg_ts, ident), epoch
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise BadCursor(token) from exc
 
@@ -116,7 +131,10 @@ class Mailbox:
 
     def __init__(self, *, seed: int = 0, threads: int = 200, grants: int = 3,
                  other_threads: int | None = None, anchor: int | None = None,
-                 cache_size: int = 4096) -> None:
+                 cache_size: int = 4096, hostile: float = 0.0,
+                 cursor_ttl_seconds: float | None = None) -> None:
+        if not 0.0 <= hostile <= 1.0:
+            raise ValueError(f"hostile is a share of threads between 0 and 1, not {hostile}")
         if anchor is None:
             today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
             anchor = int(today.timestamp())
@@ -132,11 +150,18 @@ class Mailbox:
             email = who["email"] if who["email"] not in used else f"{gi}.{who['email']}"
             used.add(email)
             n = threads if gi == 0 else others
+            chosen = sorted(random.Random(f"{seed}:{gi}:hostile").sample(
+                range(n), round(n * hostile))) if hostile else []
             self.grants[gid] = GrantRec(
                 idx=gi, id=gid, email=email, name=who["name"],
                 provider=GRANT_PROVIDERS[gi % len(GRANT_PROVIDERS)],
                 created_at=anchor - 400 * DAY + gi * 3600, n_threads=n,
-                dates=thread_dates(seed, gi, n, anchor))
+                dates=thread_dates(seed, gi, n, anchor),
+                hostile={i: k for k, i in enumerate(chosen)})
+        self.hostile = hostile
+        self.cursor_ttl: float | None = cursor_ttl_seconds
+        self._epoch = 0
+        self._issued: dict[str, float] = {}
         self._over: dict[str, dict[str, ThreadRec | None]] = {g: {} for g in self.grants}
         self._owner: dict[str, dict[str, str]] = {g: {} for g in self.grants}
         self._blobs: dict[str, bytes] = {}
@@ -167,7 +192,44 @@ class Mailbox:
     def _generate(self, gid: str, i: int) -> ThreadRec:
         g = self.grants[gid]
         return build_thread(self.seed, g.idx, g.email, g.name, self.base_thread_id(g, i),
-                            g.dates[i])
+                            g.dates[i], hostile_ordinal=g.hostile.get(i))
+
+    def hostile_threads(self, gid: str) -> dict[str, list[str]]:
+        """Hostile thread ids of a grant (newest first) -> the kinds each carries."""
+        with self.lock:
+            g = self.grants[gid]
+            out: dict[str, list[str]] = {}
+            for i, ordinal in sorted(g.hostile.items()):
+                tid = self.base_thread_id(g, i)
+                if self._over[gid].get(tid, True) is not None:
+                    out[tid] = hostile_kinds(ordinal)
+            return out
+
+    # ----------------------------------------------------------------- page tokens
+    def expire_cursors(self) -> None:
+        """Invalidate every page token issued so far."""
+        with self.lock:
+            self._epoch += 1
+            self._issued.clear()
+
+    def _issue(self, kind: str, key: Key | None) -> str | None:
+        if key is None:
+            return None
+        token = encode_cursor(kind, key, self._epoch)
+        self._issued[token] = time.monotonic()
+        return token
+
+    def _redeem(self, kind: str, token: str | None) -> Key | None:
+        if not token:
+            return None
+        key, epoch = decode_cursor(kind, token)
+        if epoch != self._epoch:
+            raise ExpiredCursor(token)
+        if self.cursor_ttl is not None:
+            issued = self._issued.get(token)
+            if issued is None or time.monotonic() - issued > self.cursor_ttl:
+                raise ExpiredCursor(token)
+        return key
 
     def grant(self, gid: str) -> GrantRec | None:
         return self.grants.get(gid)
@@ -223,11 +285,11 @@ class Mailbox:
                      pred: Callable[[ThreadRec], bool] | None = None,
                      ) -> tuple[list[ThreadRec], str | None]:
         with self.lock:
-            key = decode_cursor("t", cursor) if cursor else None
+            key = self._redeem("t", cursor)
             items, nxt = page_keys(self._thread_keys(gid), lambda k: self.thread(gid, k[1]),
                                    limit=limit, cursor=key, after=after, before=before,
                                    pred=pred)
-            return items, encode_cursor("t", nxt) if nxt else None
+            return items, self._issue("t", nxt)
 
     def list_messages(self, gid: str, *, thread_id: str | None = None, limit: int = 50,
                       cursor: str | None = None, after: int | None = None,
@@ -235,7 +297,7 @@ class Mailbox:
                       pred: Callable[[MessageRec], bool] | None = None,
                       ) -> tuple[list[MessageRec], str | None]:
         with self.lock:
-            key = decode_cursor("m", cursor) if cursor else None
+            key = self._redeem("m", cursor)
             if thread_id is not None:
                 thread = self.thread(gid, thread_id)
                 msgs = {m.id: m for m in thread.messages} if thread else {}
@@ -246,7 +308,7 @@ class Mailbox:
                 load = lambda k: self.message(gid, k[1])  # noqa: E731
             items, nxt = page_keys(keys, load, limit=limit, cursor=key, after=after,
                                    before=before, pred=pred)
-            return items, encode_cursor("m", nxt) if nxt else None
+            return items, self._issue("m", nxt)
 
     # ----------------------------------------------------------------- mutations
     def _editable(self, gid: str, tid: str) -> ThreadRec | None:
@@ -269,11 +331,14 @@ class Mailbox:
                     date: int | None = None, unread: bool = True, starred: bool = False,
                     folders: list[str] | None = None,
                     attachments: Iterable[tuple[str, str, bytes]] = (),
+                    generated: Iterable[tuple[str, str, int]] = (),
                     ) -> tuple[MessageRec, ThreadRec, bool]:
         """Deliver a new message (into ``thread_id`` or a new thread).
 
         Returns ``(message, thread, created_thread)``.  ``attachments`` are
-        ``(filename, content_type, data)`` triples served back byte-for-byte.
+        ``(filename, content_type, data)`` triples served back byte-for-byte; ``generated`` are
+        ``(filename, content_type, size)`` triples whose bytes are pseudo-random, generated
+        from the attachment id as they are served (a gigabyte costs no memory).
         """
         with self.lock:
             g = self.grants[gid]
@@ -306,6 +371,8 @@ class Mailbox:
                 aid = f"{mid}a{k}"
                 self._blobs[aid] = data
                 atts.append(AttachmentRec(aid, filename, ctype, len(data), "blob"))
+            for k, (filename, ctype, size) in enumerate(generated, start=len(atts)):
+                atts.append(AttachmentRec(f"{mid}a{k}", filename, ctype, int(size), "bin"))
             msg = MessageRec(
                 id=mid, thread_id=thread.id, subject=subj, from_=[sender],
                 to=[{"name": g.name, "email": g.email}], cc=[], date=when,
@@ -360,6 +427,12 @@ class Mailbox:
         with self.lock:
             g = self.grants[gid]
             g.status, g.updated_at = "valid", int(time.time())
+            return g
+
+    def touch_grant(self, gid: str) -> GrantRec:
+        with self.lock:
+            g = self.grants[gid]
+            g.updated_at = max(int(time.time()), g.updated_at + 1)
             return g
 
     def delete_grant(self, gid: str) -> GrantRec:

@@ -4,12 +4,28 @@ Runs uvicorn in a background thread with its own event loop, so it serves sync c
 (``with SandboxNylas(...) as sb``) and async tests (``async with SandboxNylas(...) as sb``)
 alike.  Every knob and mutation is a thread-safe method here and also reachable over HTTP
 under ``/_sandbox`` (see :mod:`.control`).
+
+Constructor knobs beyond the mailbox's size and seed (defaults keep the old behaviour unless
+noted):
+
+* ``rate_limit`` (requests/s per grant, None = off), ``rate_limit_kind`` (``"nylas"``: 429
+  ``nylas_rate_limit_exceeded`` without Retry-After -- the default, and a change: the old
+  limiter sent Retry-After; ``"provider"``: ``rate_limit_error`` + ``provider_error``),
+  ``retry_after_share`` (0.5: share of provider 429s with Retry-After), ``retry_after``
+  (seconds on the forced ``rate_limit`` fault).
+* ``webhook_retry_delays`` (``(300, 600)`` s: Nylas's three attempts, the last 15 minutes after
+  the first), ``webhook_gzip`` (False), ``webhook_timeout`` (10 s, Nylas's endpoint timeout).
+* ``message_variant`` (None | ``"transformed"`` | ``"metadata"`` | ``"cleaned"``),
+  ``transformed_fields`` (for ``.transformed``), ``truncate_at`` (1 MB).
+* ``hostile`` (0.0: share of generated threads that carry hostile strings and filenames).
+* ``cursor_ttl_seconds`` (None: page tokens never expire; see also :meth:`expire_cursors`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import threading
 import time
@@ -25,7 +41,14 @@ from .app import build_app
 from .generate import stable_hex
 from .mailbox import Mailbox
 from .state import Faults, RateLimiter, Stats
-from .webhooks import Notification, Outbox, WebhookBuilder
+from .webhooks import (
+    DEFAULT_RETRY_DELAYS,
+    DEFAULT_TRANSFORMED_FIELDS,
+    WEBHOOK_TIMEOUT,
+    Notification,
+    Outbox,
+    WebhookBuilder,
+)
 
 
 @dataclass
@@ -54,21 +77,38 @@ class SandboxNylas:
                  latency_ms: int = 0, rate_limit: float | None = None,
                  host: str = "127.0.0.1", port: int = 0, anchor: int | None = None,
                  hang_seconds: float = 30.0, retry_after: int = 1,
-                 truncate_at: int = 1_000_000) -> None:
+                 truncate_at: int = 1_000_000, rate_limit_kind: str = "nylas",
+                 retry_after_share: float = 0.5,
+                 webhook_retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+                 webhook_gzip: bool = False, webhook_timeout: float = WEBHOOK_TIMEOUT,
+                 message_variant: str | None = None,
+                 transformed_fields: Sequence[str] = DEFAULT_TRANSFORMED_FIELDS,
+                 hostile: float = 0.0, cursor_ttl_seconds: float | None = None,
+                 thread_bodies: bool = True) -> None:
+        # Whether a thread's latest_draft_or_message carries its body (the SDKs type it as a
+        # whole Message, https://developer.nylas.com/docs/reference/api/threads/; False is the
+        # harsher reading, and makes every thread need its own message request).
+        self.thread_bodies = thread_bodies
         self.mailbox = Mailbox(seed=seed, threads=threads, grants=grants,
-                               other_threads=other_threads, anchor=anchor)
+                               other_threads=other_threads, anchor=anchor, hostile=hostile,
+                               cursor_ttl_seconds=cursor_ttl_seconds)
         self.seed = seed
         self.api_key = api_key
         self.webhook_secret = webhook_secret
         self.latency_ms = latency_ms
-        self.limiter = RateLimiter(rate_limit)
+        self.limiter = RateLimiter(rate_limit, kind=rate_limit_kind,
+                                   retry_after_share=retry_after_share, seed=seed)
         self.faults = Faults(seed)
         self.faults.hang_seconds = hang_seconds
         self.forced_retry_after = retry_after
         self.stats = Stats()
         self.application_id = stable_hex("app", seed, n=32)
         self.webhooks = WebhookBuilder(self.application_id, webhook_secret, truncate_at)
-        self.outbox = Outbox(webhook_url)
+        self.webhooks.set_variant(message_variant)
+        self.webhooks.set_transformed_fields(transformed_fields)
+        self.outbox = Outbox(webhook_url, webhook_timeout, retry_delays=webhook_retry_delays,
+                             gzipped=webhook_gzip)
+        self._replies = 0
         self.app = build_app(self)
         self.host, self.port = host, port
         self.stopping = False
@@ -160,8 +200,34 @@ class SandboxNylas:
     def set_latency(self, ms: int) -> None:
         self.latency_ms = ms
 
-    def set_rate_limit(self, per_second: float | None) -> None:
+    def set_rate_limit(self, per_second: float | None, *, kind: str | None = None,
+                       retry_after_share: float | None = None) -> None:
+        """Requests/s per grant (None: off); ``kind`` ``"nylas"`` | ``"provider"``."""
+        self.limiter.configure(kind=kind, retry_after_share=retry_after_share)
         self.limiter.set_rate(per_second)
+
+    def set_message_variant(self, variant: str | None,
+                            transformed_fields: Sequence[str] | None = None) -> None:
+        """Shape message.created/updated: None, "transformed", "metadata" or "cleaned"."""
+        self.webhooks.set_variant(variant)
+        if transformed_fields is not None:
+            self.webhooks.set_transformed_fields(transformed_fields)
+
+    def set_webhook_delivery(self, *, gzip: bool | None = None,
+                             retry_delays: Sequence[float] | None = None) -> None:
+        if gzip is not None:
+            self.outbox.gzipped = bool(gzip)
+        if retry_delays is not None:
+            self.outbox.set_retry_delays(retry_delays)
+
+    def set_cursor_ttl(self, seconds: float | None) -> None:
+        """Page tokens older than ``seconds`` (since issued) answer as expired; None: never."""
+        with self.mailbox.lock:
+            self.mailbox.cursor_ttl = seconds
+
+    def expire_cursors(self) -> None:
+        """Invalidate every page token issued so far (they answer as expired)."""
+        self.mailbox.expire_cursors()
 
     def inject_fault(self, kind: str, count: int = 1, *, endpoint: str | None = None,
                      grant_id: str | None = None) -> None:
@@ -195,6 +261,10 @@ class SandboxNylas:
         m = self.mailbox.message(grant_id, message_id)
         return None if m is None else m.to_json(grant_id, include_headers=True)
 
+    def hostile_threads(self, grant_id: str) -> dict[str, list[str]]:
+        """Thread ids made hostile (``hostile`` knob), newest first, with what each carries."""
+        return self.mailbox.hostile_threads(grant_id)
+
     def attachment_bytes(self, grant_id: str, attachment_id: str, message_id: str) -> bytes:
         from .blobs import random_chunks
 
@@ -215,16 +285,26 @@ class SandboxNylas:
                     unread: bool = True, starred: bool = False,
                     folders: list[str] | None = None,
                     attachments: Iterable[tuple[str, str, bytes]] = (),
-                    send: bool = True, duplicate: bool = False) -> Mutation:
-        """New message -> ``message.created`` (+ ``thread.replied`` for an existing thread)."""
+                    generated: Iterable[tuple[str, str, int]] = (),
+                    send: bool = True, duplicate: bool = False,
+                    tracked: bool = False) -> Mutation:
+        """New message -> ``message.created``.
+
+        ``thread.replied`` is a message-tracking trigger (source ``/com/nylas/tracking``): Nylas
+        sends it only for threads of messages sent through Nylas with reply tracking on
+        (https://developer.nylas.com/docs/reference/notifications/message-tracking/
+        thread-replied/).  So it is emitted only with ``tracked=True`` for an existing thread;
+        an ordinary reply is a ``message.created`` alone.
+        """
         grant = self.mailbox.grants[grant_id]
         msg, thread, created = self.mailbox.add_message(
             grant_id, thread_id=thread_id, subject=subject, sender=sender, body=body,
             date=date, unread=unread, starred=starred, folders=folders,
-            attachments=attachments)
+            attachments=attachments, generated=generated)
         mjson = msg.to_json(grant_id)
-        notes = [self.webhooks.message_event(WebhookTriggers.MESSAGE_CREATED, grant, mjson)]
-        if not created:
+        notes = [self.webhooks.message_event(WebhookTriggers.MESSAGE_CREATED, grant,
+                                             msg.to_json(grant_id, include_headers=True))]
+        if tracked and not created:
             ordered = sorted(thread.messages, key=lambda m: (m.date, m.id))
             notes.append(self.webhooks.thread_replied(
                 grant, thread.id, ordered[0].id, ordered[-2].id, msg.id, len(ordered) - 1,
@@ -239,7 +319,8 @@ class SandboxNylas:
         msg = self.mailbox.update_message(grant_id, message_id, unread=unread, starred=starred,
                                           folders=folders)
         mjson = msg.to_json(grant_id)
-        notes = [self.webhooks.message_event(WebhookTriggers.MESSAGE_UPDATED, grant, mjson)]
+        notes = [self.webhooks.message_event(WebhookTriggers.MESSAGE_UPDATED, grant,
+                                             msg.to_json(grant_id, include_headers=True))]
         self._emit(notes, send, duplicate)
         return Mutation(notes, message=mjson)
 
@@ -259,9 +340,48 @@ class SandboxNylas:
         self._emit(notes, send, duplicate)
         return Mutation(notes, grant=grant.to_json())
 
-    def revive_grant(self, grant_id: str) -> Mutation:
-        """Re-authenticate an expired grant (no webhook)."""
-        return Mutation(grant=self.mailbox.revive_grant(grant_id).to_json())
+    def revive_grant(self, grant_id: str, *, send: bool = True,
+                     duplicate: bool = False) -> Mutation:
+        """Re-authenticate a grant -> ``grant.updated`` with code 25027 and
+        ``reauthentication_flag: true``
+        (https://developer.nylas.com/docs/reference/notifications/grants/grant-updated/)."""
+        grant = self.mailbox.revive_grant(grant_id)
+        notes = [self.webhooks.grant_event(WebhookTriggers.GRANT_UPDATED, grant,
+                                           reauthenticated=True)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, grant=grant.to_json())
+
+    def update_grant(self, grant_id: str, *, send: bool = True,
+                     duplicate: bool = False) -> Mutation:
+        """Any other change to a grant -> plain ``grant.updated`` (code 25014,
+        ``reauthentication_flag: false``); the grant's status is left as it is."""
+        grant = self.mailbox.touch_grant(grant_id)
+        notes = [self.webhooks.grant_event(WebhookTriggers.GRANT_UPDATED, grant)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, grant=grant.to_json())
+
+    def reply_to_random_threads(self, grant_id: str, n: int, *, older_than_rank: int = 200,
+                                seed: int | None = None, send: bool = True) -> list[str]:
+        """Reply to ``n`` threads now ranked ``older_than_rank`` or further down the newest-first
+        list (so past the first page of any listing), moving each to the top.
+
+        Each reply is an ordinary (untracked) ``message.created``.  Threads are picked with
+        ``random.Random(seed)`` (default: derived from the sandbox seed and a call counter, so
+        runs repeat).  Returns the thread ids in the order they were replied to; the last one
+        ends up newest.  Meant to race discovery/backfill with new mail.
+        """
+        if n < 0 or older_than_rank < 0:
+            raise ValueError("n and older_than_rank must not be negative")
+        candidates = self.thread_ids(grant_id)[older_than_rank:]
+        if len(candidates) < n:
+            raise ValueError(f"only {len(candidates)} threads rank {older_than_rank} or lower")
+        self._replies += 1
+        rng = random.Random(seed if seed is not None
+                            else f"{self.seed}:replies:{grant_id}:{self._replies}")
+        picked = rng.sample(candidates, n)
+        for tid in picked:
+            self.add_message(grant_id, thread_id=tid, send=send)
+        return picked
 
     def delete_grant(self, grant_id: str, *, send: bool = True,
                      duplicate: bool = False) -> Mutation:
@@ -292,4 +412,6 @@ class SandboxNylas:
 
     @property
     def webhook_log(self) -> list[dict[str, Any]]:
-        return list(self.outbox.log)
+        """One entry per delivery attempt: ``{id, type, attempt, status | error, outcome
+        [, retry_in]}`` (see :class:`.webhooks.Outbox`)."""
+        return self.outbox.entries()

@@ -10,10 +10,21 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-FAULT_KINDS = ("error_5xx", "timeout", "malformed", "html_error", "rate_limit")
+FAULT_KINDS = ("error_5xx", "timeout", "malformed", "html_error", "rate_limit",
+               "nylas_rate_limit", "provider_rate_limit", "unauthorized")
 """``error_5xx``: 500/503/504 with a Nylas error body; ``timeout``: hang past the client's
 timeout; ``malformed``: 200 with an invalid JSON body; ``html_error``: 502 with an HTML body
-(a proxy in front of the API); ``rate_limit``: a forced 429 with Retry-After."""
+(a proxy in front of the API); ``rate_limit``: a forced 429 *from the provider, with*
+``Retry-After`` (``rate_limit_error`` + ``provider_error``; the header carries the sandbox's
+``retry_after`` knob) -- the one 429 that tells the client how long to wait;
+``nylas_rate_limit``: Nylas's own 429 (``nylas_rate_limit_exceeded``, no Retry-After);
+``provider_rate_limit``: a provider 429 without Retry-After.  The two kinds of 429:
+https://developer.nylas.com/docs/developer-tools/api/rate-limits/.  ``unauthorized``: a 401
+``api.authentication_error`` for a grant that is in fact valid (Nylas documents that one type
+for a bad key, a grant of another region and an expired grant alike:
+https://developer.nylas.com/docs/api/errors/)."""
+
+RATE_LIMIT_KINDS = ("nylas", "provider")
 
 
 @dataclass
@@ -74,18 +85,60 @@ class Faults:
             return self.status_cycle[(self._n5xx - 1) % len(self.status_cycle)]
 
 
-class RateLimiter:
-    """Token bucket per grant: ``rate`` requests per second, bursts up to ``rate``."""
+@dataclass(frozen=True)
+class Throttle:
+    """A refused request: which layer refused it and the Retry-After to send (None: none)."""
 
-    def __init__(self, rate: float | None) -> None:
+    kind: str  # "nylas" | "provider"
+    retry_after: int | None
+
+
+class RateLimiter:
+    """Token bucket per grant: ``rate`` requests per second, bursts up to ``rate``.
+
+    ``kind`` says which layer the limit models
+    (https://developer.nylas.com/docs/developer-tools/api/rate-limits/):
+
+    * ``"nylas"`` -- Nylas's own per-grant limit (the docs: 200 requests/s per grant on the
+      Messages endpoints): the 429 is ``nylas_rate_limit_exceeded`` and carries no
+      Retry-After, so the client must pick its own back-off.
+    * ``"provider"`` -- the mailbox provider's limit relayed by Nylas: ``rate_limit_error`` with
+      ``provider_error``; only ``retry_after_share`` of these 429s carry Retry-After ("when the
+      provider sends one"), chosen by a seeded RNG so runs repeat.
+    """
+
+    def __init__(self, rate: float | None, *, kind: str = "nylas",
+                 retry_after_share: float = 0.5, seed: int = 0) -> None:
         self._lock = threading.Lock()
         self.rate = rate
+        self.kind = _check_kind(kind)
+        self.retry_after_share = _share(retry_after_share)
+        self._rng = random.Random(f"{seed}:rate-limit")
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def set_rate(self, rate: float | None) -> None:
         with self._lock:
             self.rate = rate
             self._buckets.clear()
+
+    def configure(self, *, kind: str | None = None,
+                  retry_after_share: float | None = None) -> None:
+        with self._lock:
+            if kind is not None:
+                self.kind = _check_kind(kind)
+            if retry_after_share is not None:
+                self.retry_after_share = _share(retry_after_share)
+
+    def verdict(self, key: str) -> Throttle | None:
+        """Consume a token; None when allowed, else how the refusal looks."""
+        wait = self.check(key)
+        if wait is None:
+            return None
+        with self._lock:
+            if self.kind == "nylas":
+                return Throttle("nylas", None)
+            with_header = self._rng.random() < self.retry_after_share
+            return Throttle("provider", wait if with_header else None)
 
     def check(self, key: str) -> int | None:
         """Consume a token; return None when allowed, else Retry-After seconds (>= 1)."""
@@ -101,6 +154,19 @@ class RateLimiter:
                 return None
             self._buckets[key] = (tokens, now)
             return max(1, math.ceil((1 - tokens) / rate))
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in RATE_LIMIT_KINDS:
+        raise ValueError(f"rate_limit_kind must be one of {RATE_LIMIT_KINDS}, not {kind!r}")
+    return kind
+
+
+def _share(value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"a share must be between 0 and 1, not {value}")
+    return value
 
 
 class Stats:
