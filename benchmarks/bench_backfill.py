@@ -4,7 +4,9 @@ thread workers (each a `python -m nova.threads` subprocess, plus one `python -m 
     python benchmarks/bench_backfill.py [--threads 10000] [--rate 50] [--workers 1,2,4]
                                         [--latency-ms 0] [--batch-size 10]
 
-Nova's budget is set to the sandbox's limit (NOVA_PROVIDER_RATE_LIMIT=R, burst R/2). For each
+Nova's budget is set to the sandbox's limit and fixed there (NOVA_PROVIDER_RATE_LIMIT and
+NOVA_PROVIDER_RATE_CEILING = R, burst R/2: the pacing itself is measured here; bench_budget.py
+measures the learned rate against a limit Nova is not told). For each
 worker count it prints threads/s, the achieved request rate and its ratio to R, the 429s the
 sandbox sent, the time from queueing the backfill to the first synced thread, and the peak RSS
 (VmHWM) of every process. Goal: >= 90% of R with 2+ workers, no 429 beyond a first probe, first
@@ -80,6 +82,7 @@ async def run_once(args: argparse.Namespace, workers: int) -> Result:
         grant = sb.grant_ids[0]
         env = {**os.environ, "NOVA_DATABASE_URL": url, "NYLAS_API_KEY": API_KEY,
                "NYLAS_API_URI": sb.base_url, "NOVA_PROVIDER_RATE_LIMIT": str(args.rate),
+               "NOVA_PROVIDER_RATE_CEILING": str(args.rate),  # told the limit: fixed pacing
                "NOVA_PROVIDER_BURST": str(max(1.0, args.rate / 2)),
                "BATCH_SIZE": str(args.batch_size), "LOG_LEVEL": "warning",
                "PYTHONPATH": str(ROOT)}

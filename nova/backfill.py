@@ -1,22 +1,33 @@
 """`python -m nova.backfill`: discover an inbox's threads for a backfill (`inbox_backfill_jobs`).
 
-A job (from `queue_inbox_backfill`) pages through the inbox's threads in the configured range,
-newest first, 200 per page (the Nylas maximum), starting from the checkpoint saved on the
-configuration, so a crash or a retry resumes where it stopped instead of at page one. Each page
-commits in ONE transaction of its own: `queue_discovered_threads` adds the new threads and sends
-their `thread_sync_jobs` (thread sync starts while discovery goes on), and
+A job (from `queue_inbox_backfill`) pages through the inbox's threads, newest first, 200 per
+page (the Nylas maximum), starting from the checkpoint saved on the configuration, so a crash
+or a retry resumes where it stopped instead of at page one. Each page commits in ONE
+transaction of its own: `queue_discovered_threads` adds the new threads and sends their
+`thread_sync_jobs` (thread sync starts while discovery goes on), and
 `update_backfill_orchestration_progress` saves the checkpoint. Only one page is in memory at a
 time. The job's own message stays in the queue (kept invisible by the runtime's heartbeat)
-until discovery ends: the last transaction runs `transition_to_thread_sync` together with the
-message's delete.
+until discovery ends: the last page commits with `transition_to_thread_sync` and the message's
+delete.
 
-A catch-up (kind `catch_up`) also re-queues threads this configuration had already synced:
-being listed in the catch-up window means they changed.
+Threads that move. Nylas lists threads by their latest message, so a thread on a later page
+that gets a reply while discovery runs jumps to page one, already read, and would never be
+seen. So discovery has two parts:
+- the main pass lists the range up to `discovery_cutoff`, the moment the backfill was queued:
+  a reply after it takes its thread out of this listing instead of moving it under it;
+- then rounds list every thread changed since (latest message after the cutoff, less the
+  clock skew; each later round from the start of the previous one), queueing again, even if
+  synced already, each thread whose latest message the previous listing had not seen, until a
+  round finds no such change or MAX_CHANGE_ROUNDS ran. Webhooks,
+  where they are configured, also queue any thread a message names while the backfill runs.
+A page token the provider rejects (an expired cursor) restarts the current listing from its
+first page; queueing is idempotent.
 
 Failures: a 429 waits out Retry-After (shared with every worker through nova.ratelimit) and
-goes on; an expired grant marks the inbox `auth_expired` and the configuration `failed`; a range
-reaching more than a year back is refused. Past 3 attempts the configuration is `failed` with
-`last_error`, checkpoint kept: `python -m nova.backfill --resume CONFIG_ID` continues it.
+goes on; a 401 confirmed by the grant marks the inbox `auth_expired` (or `revoked`) and the
+configuration `failed`. Past 3 attempts the configuration is `failed` with `last_error`,
+checkpoint kept: `python -m nova.backfill --resume CONFIG_ID` continues it. The one-year limit
+is checked when a backfill is queued, not when it resumes.
 """
 
 from __future__ import annotations
@@ -24,28 +35,36 @@ from __future__ import annotations
 import argparse
 import logging
 import uuid
-from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import ClassVar
 
 import asyncpg
 
-from nova.providers import AuthExpired, Permanent
-from nova.ratelimit import ProviderProcessor
+from nova import store
+from nova.providers import AuthExpired, GrantNotFound, Permanent
+from nova.providers.models import Page, Thread
+from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
     GiveUp,
     Job,
     JobContext,
     RetryLater,
 )
+from nova.store import VERSION_SKEW_SECONDS
 
 log = logging.getLogger("nova.backfill")
 
 PAGE_LIMIT = 200  # Nylas' maximum page size
+MAX_CHANGE_ROUNDS = 5
+SKEW = timedelta(seconds=VERSION_SKEW_SECONDS)
 
 LOAD = """
 SELECT c.id, c.inbox_id, c.backfill_status, c.backfill_kind, c.backfill_since, c.backfill_until,
        c.checkpoint_page_token, c.checkpoint_pages_done, c.checkpoint_threads_found,
-       c.discovery_completed_at, i.grant_id, i.status AS inbox_status
+       c.discovery_completed_at, coalesce(c.discovery_cutoff, c.updated_at) AS discovery_cutoff,
+       c.changes_since, c.changes_rounds, c.changes_round_started_at,
+       i.grant_id, i.status AS inbox_status, i.provider
 FROM flux_inbox_configurations c JOIN flux_inboxes i ON i.id = c.inbox_id
 WHERE c.id = $1 AND c.deleted_at IS NULL
 """
@@ -53,8 +72,14 @@ LOCK_CHECKPOINT = """
 SELECT backfill_status, checkpoint_pages_done FROM flux_inbox_configurations
 WHERE id = $1 FOR UPDATE
 """
-QUEUE_PAGE = "SELECT count(*) FROM queue_discovered_threads($1, $2::text[], $3)"
+QUEUE_PAGE = "SELECT count(*) FROM queue_discovered_threads($1, $2::text[], $3, $4::text[])"
 CHECKPOINT = "SELECT 1 FROM update_backfill_orchestration_progress($1, $2, $3, $4)"
+FOUND = "SELECT threads_queued FROM inbox_sync_stats WHERE config_id = $1"
+SAVE_ROUNDS = """
+UPDATE flux_inbox_configurations
+SET changes_since = $2, changes_rounds = $3, changes_round_started_at = $4
+WHERE id = $1
+"""
 TRANSITION = "SELECT transition_to_thread_sync($1)"
 RECORD_ERROR = """
 UPDATE flux_inbox_configurations
@@ -62,17 +87,43 @@ SET last_error = $2, backfill_attempts = greatest(backfill_attempts, $3),
     backfill_status = CASE WHEN $4 THEN 'failed' ELSE backfill_status END, updated_at = now()
 WHERE id = $1 AND backfill_status IN ('queued', 'discovering')
 """
-EXPIRE_INBOX = """
-UPDATE flux_inboxes SET status = 'auth_expired', auth_expired_at = coalesce(auth_expired_at, now()),
-       updated_at = now()
-WHERE id = $1 AND status = 'active'
-"""
+
+
 class GrantExpired(GiveUp):
-    """The provider refused the grant: the inbox needs re-authentication."""
+    """The grant itself confirmed the refusal: the inbox needs re-authentication."""
+
+    inbox_status = "auth_expired"
+
+
+class GrantDeleted(GrantExpired):
+    inbox_status = "revoked"
 
 
 class Superseded(RetryLater):
     """Another orchestrator advanced this backfill's checkpoint: it owns the job now."""
+
+
+Change = tuple[str, float]  # a thread and the time of its latest message
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where discovery stands: the checkpoint, plus which listing it is in and (in memory) the
+    recent changes it listed, so a round ends when it finds nothing the last listing had not."""
+
+    token: str | None
+    pages: int
+    found: int
+    since: datetime | None  # None: the main pass; else the current round lists changes since
+    rounds: int  # rounds of changes completed
+    round_started: datetime | None
+    seen: frozenset[Change] = frozenset()  # this listing's changes inside the skew window
+    prev: frozenset[Change] = frozenset()  # the previous listing's
+    fresh: int = 0  # changes this round listed that the previous listing had not
+
+    @property
+    def in_main(self) -> bool:
+        return self.since is None
 
 
 class BackfillProcessor(ProviderProcessor):
@@ -95,49 +146,85 @@ class BackfillProcessor(ProviderProcessor):
         if not cfg["grant_id"]:
             raise GiveUp("inbox has no grant")
 
-        pages, found = cfg["checkpoint_pages_done"], cfg["checkpoint_threads_found"]
-        token: str | None = cfg["checkpoint_page_token"]
-        resumed = pages > 0
+        cur = Cursor(token=cfg["checkpoint_page_token"], pages=cfg["checkpoint_pages_done"],
+                     found=cfg["checkpoint_threads_found"], since=cfg["changes_since"],
+                     rounds=cfg["changes_rounds"], round_started=cfg["changes_round_started_at"],
+                     # resumed inside a round: what it listed before is unknown, assume news
+                     fresh=1 if cfg["changes_since"] and cfg["checkpoint_page_token"] else 0)
+        resumed = cur.pages > 0
         if resumed:
-            log.info("[Backfill] resuming config=%s page=%d threads=%d", _short(config_id),
-                     pages + 1, found)
-        # pages > 0 without a token: the last page was saved, only the transition is missing.
-        while pages == 0 or token is not None:
-            page = await self._page(cfg, token)
-            ids = [t.id for t in page.items]
+            log.info("[Backfill] resuming config=%s page=%d threads=%d %s", _short(config_id),
+                     cur.pages + 1, cur.found, _phase(cur))
+        restarted = False
+        while True:
+            version = store.sync_version()
+            try:
+                page = await self._page(cfg, cur)
+            except Permanent as exc:
+                # A page token the provider no longer accepts: list this part again from its
+                # first page (queueing is idempotent). Once per run; then it is an error.
+                if cur.token is None or restarted or exc.status != 400:
+                    raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
+                log.warning("[Backfill] page token rejected config=%s (%s): listing again from "
+                            "the first page", _short(config_id), exc)
+                cur, restarted = replace(cur, token=None), True
+                continue
+            nxt, done, ids = _advance(cfg, cur, page)
+            work = await PageWork.build(page, ids, version)
+            if done:
+                break
             async with ctx.pool.acquire() as conn, conn.transaction():
-                await self._save_page(conn, cfg["id"], cfg["backfill_kind"], pages, found,
-                                      ids, page.next_page_token)
-            pages, found, token = pages + 1, found + len(ids), page.next_page_token
-            log.info("[Backfill] page saved config=%s page=%d threads=%d found=%d more=%s",
-                     _short(config_id), pages, len(ids), found, token is not None)
+                await ctx.hold_lease(conn)  # a page commits only while the job is ours
+                nxt = await self._save_page(conn, cfg, cur, nxt, work)
+            log.info("[Backfill] page saved config=%s page=%d threads=%d found=%d %s",
+                     _short(config_id), nxt.pages, len(page.items), nxt.found, _phase(cur))
+            cur = nxt
 
-        async with ctx.transaction() as conn:
+        async with ctx.transaction() as conn:  # the last page, the transition, the job's delete
+            nxt = await self._save_page(conn, cfg, cur, nxt, work)
             await conn.fetchval(TRANSITION, config_id)
-        return (f"config={_short(config_id)} discovered pages={pages} threads={found}"
-                f"{' (resumed)' if resumed else ''}")
+        return (f"config={_short(config_id)} discovered pages={nxt.pages} threads={nxt.found} "
+                f"change_rounds={nxt.rounds}{' (resumed)' if resumed else ''}")
 
-    async def _page(self, cfg: asyncpg.Record, token: str | None) -> Any:
+    async def _page(self, cfg: asyncpg.Record, cur: Cursor) -> Page[Thread]:
+        if cur.in_main:  # the range, bounded at the moment the backfill was queued
+            until = cfg["backfill_until"]
+            after = cfg["backfill_since"]
+            before = min(until, cfg["discovery_cutoff"]) if until else cfg["discovery_cutoff"]
+        else:
+            after, before = cur.since, cfg["backfill_until"]
+        grant_id, kind = cfg["grant_id"], cfg["provider"]
         try:
-            return await self.call(lambda: self.api.list_threads_page(
-                cfg["grant_id"], page_token=token, limit=PAGE_LIMIT,
-                received_after=cfg["backfill_since"], received_before=cfg["backfill_until"]))
+            return await self.call(lambda: self.provider_for(kind).list_threads_page(
+                grant_id, page_token=cur.token, limit=PAGE_LIMIT, received_after=after,
+                received_before=before), grant_id, kind)
         except AuthExpired as exc:
             raise GrantExpired(f"AuthExpired: {exc}") from exc
-        except Permanent as exc:
-            raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
+        except GrantNotFound as exc:
+            raise GrantDeleted(f"GrantNotFound: {exc}") from exc
 
-    async def _save_page(self, conn: asyncpg.Connection, config_id: uuid.UUID, kind: str,
-                         pages_done: int, found: int, ids: list[str],
-                         next_token: str | None) -> None:
+    async def _save_page(self, conn: asyncpg.Connection, cfg: asyncpg.Record, cur: Cursor,
+                         nxt: Cursor, work: PageWork) -> Cursor:
+        config_id = cfg["id"]
         current = await conn.fetchrow(LOCK_CHECKPOINT, config_id)
         if (current["backfill_status"] not in ("queued", "discovering")
-                or current["checkpoint_pages_done"] != pages_done):
+                or current["checkpoint_pages_done"] != cur.pages):
             raise Superseded(f"checkpoint moved to page {current['checkpoint_pages_done']} "
                              f"({current['backfill_status']}) under this orchestrator",
                              delay=self.settings.visibility_timeout)
-        await conn.fetchval(QUEUE_PAGE, config_id, ids, kind == "catch_up")
-        await conn.execute(CHECKPOINT, config_id, next_token, pages_done + 1, found + len(ids))
+        # The listing's thread objects are written as they are (no second request for them);
+        # a thread whose one message came whole with it is done here, the rest get a job.
+        # Rounds list changed threads: queued again even when already synced.
+        await store.upsert_threads(conn, cfg["inbox_id"], work.threads, work.version)
+        await store.upsert_messages(conn, cfg["inbox_id"], work.messages, work.version)
+        await conn.fetchval(QUEUE_PAGE, config_id, work.queue, not cur.in_main, work.done)
+        found = int(await conn.fetchval(FOUND, config_id) or 0)
+        await conn.execute(CHECKPOINT, config_id, nxt.token, nxt.pages, found)
+        if (nxt.since, nxt.rounds, nxt.round_started) != (cur.since, cur.rounds,
+                                                           cur.round_started):
+            await conn.execute(SAVE_ROUNDS, config_id, nxt.since, nxt.rounds,
+                               nxt.round_started)
+        return replace(nxt, found=found)
 
     async def record_failure(self, conn: asyncpg.Connection, job: Job, error: BaseException,
                              final: bool) -> None:
@@ -153,23 +240,80 @@ class BackfillProcessor(ProviderProcessor):
             inbox_id = await conn.fetchval(
                 "SELECT inbox_id FROM flux_inbox_configurations WHERE id = $1", config_id)
             if inbox_id is not None:
-                await conn.execute(EXPIRE_INBOX, inbox_id)
+                await refuse_inbox(conn, inbox_id, error.inbox_status)
 
 
-def earliest_start(now: datetime) -> datetime:
-    """`now - interval '1 year 1 day'` as Postgres computes it (29 February -> 28th)."""
-    try:
-        year_ago = now.replace(year=now.year - 1)
-    except ValueError:
-        year_ago = now.replace(year=now.year - 1, day=28)
-    return year_ago - timedelta(days=1)
+@dataclass(frozen=True)
+class PageWork:
+    """What a page writes: its threads, the messages of those that came whole, the jobs."""
+
+    threads: list[Thread]
+    done: list[str]
+    queue: list[str]
+    messages: list[store.PreparedMessage]
+    version: datetime
+
+    @classmethod
+    async def build(cls, page: Page[Thread], ids: list[str], version: datetime) -> PageWork:
+        wanted = set(ids)
+        threads = [t for t in page.items if t.id in wanted]
+        whole = [t for t in threads if _whole(t)]
+        done = {t.id for t in whole}
+        return cls(threads=threads, done=sorted(done),
+                   queue=[i for i in dict.fromkeys(ids) if i not in done],
+                   messages=await store.prepare_messages(
+                       [t.latest_message for t in whole if t.latest_message is not None]),
+                   version=version)
+
+
+def _whole(thread: Thread) -> bool:
+    """A thread whose only message came with the listing, body included
+    (latest_draft_or_message): nothing left to fetch."""
+    latest = thread.latest_message
+    return (latest is not None and thread.message_ids == (latest.id,)
+            and latest.body is not None and latest.thread_id == thread.id)
+
+
+def _phase(cur: Cursor) -> str:
+    return "main pass" if cur.in_main else f"changes round {cur.rounds + 1}"
+
+
+def _advance(cfg: asyncpg.Record, cur: Cursor,
+             page: Page[Thread]) -> tuple[Cursor, bool, list[str]]:
+    """The cursor after `page`, whether discovery is over with it, and the threads to queue:
+    every thread of the main pass; in a round, those with a change the last listing had not
+    (a thread listed again with the same latest message is already queued)."""
+    cutoff: datetime = cfg["discovery_cutoff"]
+    changes = [(t.id, (t.latest_message_date or cutoff).timestamp()) for t in page.items]
+    if cur.in_main:
+        recent = {c for c in changes if c[1] >= (cutoff - SKEW).timestamp()}
+        ids = [c[0] for c in changes]
+        nxt = replace(cur, seen=cur.seen | recent)
+    else:
+        new = [c for c in changes if c not in cur.prev]
+        ids = [c[0] for c in new]
+        nxt = replace(cur, seen=cur.seen | set(changes), fresh=cur.fresh + len(new))
+    nxt = replace(nxt, token=page.next_page_token, pages=cur.pages + 1)
+    if page.next_page_token is not None:
+        return nxt, False, ids
+    now = datetime.now(cutoff.tzinfo)
+    if cur.in_main:
+        until = cfg["backfill_until"]
+        if until is not None and until <= cutoff:
+            return nxt, True, ids  # a closed range in the past: nothing can move into it
+        return replace(nxt, since=cutoff - SKEW, round_started=now, prev=nxt.seen,
+                       seen=frozenset(), fresh=0), False, ids
+    rounds = cur.rounds + 1
+    if nxt.fresh == 0 or rounds >= MAX_CHANGE_ROUNDS:
+        return replace(nxt, rounds=rounds), True, ids
+    assert cur.round_started is not None
+    return replace(nxt, since=cur.round_started - SKEW, rounds=rounds, round_started=now,
+                   prev=nxt.seen, seen=frozenset(), fresh=0), False, ids
 
 
 def _check_range(since: datetime | None, until: datetime | None) -> None:
     if since is None:
         raise GiveUp("backfill range has no start")
-    if since < earliest_start(datetime.now(UTC)):
-        raise GiveUp(f"range starts {since.isoformat()}, more than one year back")
     if until is not None and until <= since:
         raise GiveUp(f"empty range ({since.isoformat()} .. {until.isoformat()})")
 

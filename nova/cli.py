@@ -1,7 +1,8 @@
 """The `nova` command.
 
-Exit codes: 0 success, 1 the operation failed (the database said no, a row is missing),
-2 bad usage or settings.
+Exit codes: 0 done; 1 the operation failed (the database refused or did not answer, an id that
+does not exist, a backfill that failed while watched); 2 bad usage or settings; `nova verify`
+adds 3, drift found. Every failure is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,18 +10,32 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.rows import dict_row
 
 from nova import db, migrate
-from nova.config import Settings, settings_or_exit
+from nova.config import ConfigError, Settings, load_settings
 from nova.logs import setup_logging
+
+log = logging.getLogger("nova.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+CONNECT_TIMEOUT = 10
+
+
+class Unreachable(Exception):
+    """The database did not answer (refused, down, wrong host or credentials)."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _json_default(value: Any) -> Any:
@@ -48,12 +63,24 @@ def _uuid(text: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"not an id: {text!r}") from None
 
 
+def _url(settings: Settings, args: argparse.Namespace) -> str:
+    try:
+        return str(args.database_url or db.database_url(settings))
+    except psycopg.OperationalError as exc:  # the embedded server did not come up
+        raise Unreachable(_one_line(str(exc))) from None
+
+
 def _connect(settings: Settings, args: argparse.Namespace) -> psycopg.Connection[Any]:
-    url = args.database_url or db.database_url(settings)
-    return psycopg.connect(url, autocommit=True, row_factory=dict_row)  # type: ignore[arg-type]
+    url = _url(settings, args)
+    try:
+        return psycopg.connect(url, autocommit=True, row_factory=dict_row,  # type: ignore[arg-type]
+                               connect_timeout=CONNECT_TIMEOUT)
+    except psycopg.OperationalError as exc:
+        raise Unreachable(f"{db.describe(url)}: {_one_line(str(exc))}") from None
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    _connect(settings, args).close()  # a database that does not answer: one line, exit 1
     argv = ["--database-url", args.database_url] if args.database_url else []
     return migrate.main(argv)
 
@@ -68,6 +95,37 @@ def cmd_inbox_add(settings: Settings, args: argparse.Namespace) -> int:
         ).fetchone()
     assert row is not None
     print(row["id"])
+    return 0
+
+
+INBOXES = """
+SELECT i.id, i.email, i.provider, i.grant_id, i.status, i.created_at, i.last_event_at,
+       c.id AS config_id, c.backfill_status, c.backfill_kind, c.last_error,
+       s.threads_queued, s.threads_completed, s.threads_failed, s.messages_synced
+FROM flux_inboxes i
+LEFT JOIN flux_inbox_configurations c ON c.inbox_id = i.id AND c.deleted_at IS NULL
+LEFT JOIN inbox_sync_stats s ON s.config_id = c.id
+WHERE i.deleted_at IS NULL
+ORDER BY i.created_at, i.id
+"""
+
+
+def cmd_inbox_list(settings: Settings, args: argparse.Namespace) -> int:
+    with _connect(settings, args) as conn:
+        rows = conn.execute(INBOXES).fetchall()
+    if args.json:
+        print(json.dumps(rows, default=_json_default, indent=2))
+        return 0
+    print(f"{'inbox':<36}  {'email':<32} {'status':<12} {'backfill':<12} "
+          f"{'threads':>15}  config")
+    for r in rows:
+        threads = ""
+        if r["threads_queued"] is not None:
+            done = r["threads_completed"] + r["threads_failed"]
+            threads = f"{done:,}/{r['threads_queued']:,}"
+        print(f"{r['id']!s:<36}  {r['email']:<32} {r['status']:<12} "
+              f"{r['backfill_status'] or '-':<12} {threads:>15}  {r['config_id'] or '-'}")
+    print(f"{len(rows)} inbox(es)")
     return 0
 
 
@@ -91,6 +149,17 @@ def cmd_backfill_resume(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    with _connect(settings, args) as conn:
+        row = conn.execute("SELECT * FROM nova_cancel_backfill(%s)", (args.config_id,)
+                           ).fetchone()
+    assert row is not None
+    print(f"cancelled {args.config_id}: {row['backfill_jobs']} backfill job(s) and "
+          f"{row['thread_jobs']} thread job(s) removed, {row['threads_open']} thread(s) left "
+          f"waiting; `nova backfill resume {args.config_id}` continues it")
+    return 0
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from nova.service import main as serve
 
@@ -100,33 +169,76 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_progress(settings: Settings, args: argparse.Namespace) -> int:
+    from nova import progress_view
+
+    rate = settings.provider_rate_limit
     with _connect(settings, args) as conn:
-        row = conn.execute("SELECT * FROM get_sync_progress(%s)", (args.config_id,)).fetchone()
-    assert row is not None
-    if args.json:
-        print(json.dumps(row, default=_json_default, indent=2))
+        for config_id in args.config_id:  # an unknown id: "no inbox configuration ..."
+            conn.execute("SELECT 1 FROM get_sync_progress(%s)", (config_id,))
+        if args.json:
+            rows = [conn.execute("SELECT * FROM get_sync_progress(%s)", (c,)).fetchone()
+                    for c in args.config_id] if args.config_id else conn.execute(
+                "SELECT p.* FROM flux_inbox_configurations c"
+                " CROSS JOIN LATERAL get_sync_progress(c.id) p WHERE c.deleted_at IS NULL"
+                " AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')"
+                " ORDER BY c.created_at").fetchall()
+            shown: Any = rows[0] if len(args.config_id) == 1 else rows
+            print(json.dumps(shown, default=_json_default, indent=2))
+            return 0
+        live = sys.stdout.isatty() and not args.once
+        if not (live or args.follow):  # piped: one line per backfill, as it stands now
+            board = progress_view.Board(rate)
+            board.update(progress_view.fetch(conn, args.config_id, not args.config_id))
+            for b in board.backfills.values():
+                print(progress_view.plain_line(b, rate))
+            if not board.backfills:
+                print("no backfill is running")
+            return 0
+        try:
+            board = progress_view.watch(conn, args.config_id, configured_rate=rate, live=live,
+                                        interval=args.interval,
+                                        out=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:  # stopped watching; nothing failed
+            return 0
+    if not board.backfills:
+        print("no backfill is running")
         return 0
-    done = row["threads_completed"] + row["threads_failed"]
-    if row["percent_complete"] is None:
-        progress = f"discovering ({row['threads_discovered']} threads found so far)"
-    else:
-        progress = f"{row['percent_complete']}% ({done}/{row['threads_queued']})"
-    print(f"Config {row['config_id']} | Status: {row['backfill_status']} | Progress: {progress}"
-          f" | failed: {row['threads_failed']} | messages: {row['messages_synced']}")
-    return 0
+    failed = [b for b in board.backfills.values() if b.status == "failed"]
+    for b in failed:
+        print(f"nova: backfill {b.config_id} failed: {b.row.get('last_error') or 'see its log'}",
+              file=sys.stderr)
+    return EXIT_FAILED if failed else 0
+
+
+def _age(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+QUEUES = """
+SELECT m.queue_name, m.queue_length, m.oldest_msg_age_sec, m.newest_msg_age_sec,
+       m.total_messages, (SELECT count(*) FROM nova_dead_letters(q.queue_name)) AS dead_letters
+FROM flux_pgmq_list_queues() q, flux_pgmq_metrics(q.queue_name) m
+ORDER BY m.queue_name
+"""
 
 
 def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
     with _connect(settings, args) as conn:
-        rows = conn.execute(
-            "SELECT m.* FROM flux_pgmq_list_queues() q, flux_pgmq_metrics(q.queue_name) m"
-        ).fetchall()
+        rows = conn.execute(QUEUES).fetchall()
     if args.json:
         print(json.dumps(rows, default=_json_default, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['queue_name']:<30} length={r['queue_length']:<8}"
-                  f" oldest_s={r['oldest_msg_age_sec']} total={r['total_messages']}")
+        return 0
+    print(f"{'queue':<30} {'depth':>8} {'oldest':>9} {'dead letters':>13} {'ever sent':>10}")
+    for r in rows:
+        print(f"{r['queue_name']:<30} {r['queue_length']:>8,} {_age(r['oldest_msg_age_sec']):>9}"
+              f" {r['dead_letters']:>13,} {r['total_messages']:>10,}")
     return 0
 
 
@@ -154,13 +266,30 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             new = conn.execute("SELECT nova_replay_dead_letter(%s, %s) AS id",
                                (args.queue, msg_id)).fetchone()
             assert new is not None
-            print(f"{args.queue} {msg_id} -> {new['id']}")
+            sent = new["id"] if new["id"] is not None else "not sent: done, or a job is live"
+            print(f"{args.queue} {msg_id} -> {sent}")
     print(f"{len(ids)} message(s) replayed")
     return 0
 
 
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    from nova import verify
+
+    return verify.main(settings, args.database_url or db.database_url(settings), args)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nova", description="Keep mailboxes in Postgres.")
+    parser = Parser(prog="nova", description="Keep mailboxes in Postgres.",
+                    epilog="Exit codes: 0 done, 1 failed (the database refused or did not "
+                           "answer, an unknown id), 2 bad usage or settings, 3 drift found "
+                           "(verify).")
     parser.add_argument("--database-url", help="overrides NOVA_DATABASE_URL / DATABASE_URL")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -174,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", required=True)
     p.add_argument("--provider", default="nylas", choices=["nylas", "gmail"])
     p.set_defaults(func=cmd_inbox_add)
+    p = inbox.add_parser("list", help="every mailbox, its status and its backfill")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inbox_list)
 
     backfill = sub.add_parser("backfill", help="historical sync").add_subparsers(
         dest="backfill_command", required=True)
@@ -186,13 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config_id", type=_uuid)
     p.set_defaults(func=cmd_backfill_resume)
 
+    p = backfill.add_parser("cancel", help="stop a running backfill (it becomes failed, "
+                                           "checkpoint kept; resume continues it)")
+    p.add_argument("config_id", type=_uuid)
+    p.set_defaults(func=cmd_backfill_cancel)
+
     p = sub.add_parser("run", help="every processor and the receiver in one process"
                                    " (a Nylas sandbox when NYLAS_API_KEY is unset)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("progress", help="get_sync_progress of a configuration")
-    p.add_argument("config_id", type=_uuid)
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("progress", help="backfill progress: live bars on a terminal until it "
+                                        "completes; one line when piped")
+    p.add_argument("config_id", type=_uuid, nargs="*",
+                   help="configuration id(s); none: every running backfill")
+    p.add_argument("--json", action="store_true", help="get_sync_progress as JSON, once")
+    p.add_argument("--follow", action="store_true",
+                   help="off a terminal too: a line per change until the backfill ends")
+    p.add_argument("--once", action="store_true", help="one line, even on a terminal")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
     p.set_defaults(func=cmd_progress)
 
     p = sub.add_parser("failures", help="dead letters: messages archived after their last attempt")
@@ -207,23 +350,44 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("queues", help="PGMQ queue metrics")
+    p = sub.add_parser("queues", help="depth, oldest message and dead letters of every queue")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_queues)
+
+    p = sub.add_parser("verify", help="compare an inbox with the provider (LIST calls only);"
+                                      " exit 0 no drift, 3 drift, 1 failed, 2 usage")
+    p.add_argument("inbox", help="the inbox id, or its grant id or email")
+    p.add_argument("--repair", action="store_true",
+                   help="queue thread syncs for every missing, stale or extra thread")
+    p.add_argument("--since", type=_date, help="YYYY-MM-DD (default: the backfill's range)")
+    p.add_argument("--until", type=_date, help="YYYY-MM-DD (default: the backfill's range)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_or_exit()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        lines = exc.message.splitlines()
+        print(f"nova: invalid settings: {'; '.join(line.strip() for line in lines[1:])}",
+              file=sys.stderr)
+        return EXIT_USAGE
     setup_logging(settings.log_level, settings.log_format)
     func: Callable[[Settings, argparse.Namespace], int] = args.func
     try:
         return func(settings, args)
+    except Unreachable as exc:
+        print(f"nova: the database did not answer: {exc}", file=sys.stderr)
     except psycopg.Error as exc:
         diag = exc.diag.message_primary or str(exc)
-        print(f"nova: {diag}", file=sys.stderr)
-        return 1
+        print(f"nova: {_one_line(diag)}", file=sys.stderr)
+    except Exception as exc:  # one line, not a traceback; LOG_LEVEL=debug shows it
+        log.debug("nova %s failed", args.command, exc_info=True)
+        print(f"nova: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

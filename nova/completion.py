@@ -18,6 +18,10 @@ Not a queue processor: a loop.
   that has not had a webhook for longer than that gets a catch-up backfill from its last sign of
   life minus NOVA_CATCHUP_OVERLAP_SECONDS.
 
+A database error (unreachable, too many connections, a repair raising in a race) never stops
+the monitor: the failing step is logged in one line, the other steps of the pass still run, and
+a failed pass is tried again after a backoff that doubles up to its interval.
+
 SIGTERM/SIGINT finish the current pass and exit 0 (a second signal exits at once).
 """
 
@@ -27,17 +31,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
-from nova import db
+from nova import db, metrics
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
-from nova.runtime import CONNECTION_ERRORS, run_parts
+from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, describe_error, run_parts
 
 log = logging.getLogger("nova.completion")
 
@@ -58,6 +62,16 @@ SELECT id FROM flux_inbox_configurations
 WHERE backfill_status = 'thread_sync' AND discovery_completed_at IS NOT NULL AND deleted_at IS NULL
 """
 STUCK_BATCH = 1000
+# Expired inboxes not heard of for a while: their grants are asked again (recheck_grants).
+EXPIRED_INBOXES = """
+SELECT id, grant_id FROM flux_inboxes
+WHERE status = 'auth_expired' AND provider = 'nylas' AND deleted_at IS NULL
+  AND grant_id IS NOT NULL AND coalesce(status_changed_at, updated_at) < now() - $1::interval
+ORDER BY coalesce(status_changed_at, updated_at)
+LIMIT 50
+"""
+SET_STATUS = "SELECT * FROM nova_set_inbox_status($1, $2, now(), $3)"
+RESUME_FAILED = "SELECT * FROM resume_failed_backfills($1, $2)"
 
 
 def progress_line(p: Mapping[str, Any]) -> str:
@@ -85,6 +99,8 @@ class Repairs:
     jobs: list[Any] = field(default_factory=list)
     recounted: list[Any] = field(default_factory=list)
     catchups: list[Any] = field(default_factory=list)
+    grants: list[Any] = field(default_factory=list)  # (inbox, status after the check)
+    resumed: list[Any] = field(default_factory=list)
 
 
 class CompletionMonitor:
@@ -99,6 +115,7 @@ class CompletionMonitor:
         vt = settings.visibility_timeout
         self.stuck_after = timedelta(seconds=vt * 1.5 + 5)  # a margin past the timeout
         self._stopping = asyncio.Event()
+        self._failed_steps = 0
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -110,26 +127,33 @@ class CompletionMonitor:
 
     async def run(self) -> None:
         if self._pool is None:
-            url = self.database_url or db.database_url(self.settings)
-            self._pool = await db.create_pool(url, min_size=1, max_size=2)
+            pool = await self._connect()
+            if pool is None:  # stopped before the database ever answered
+                return
+            self._pool = pool
         log.info("[Monitor] started check=%.1fs recovery=%s catchup_gap=%ss",
                  self.check_interval,
                  f"{self.recovery_interval:.1f}s" if self.settings.enable_auto_recovery
                  else "off", self.settings.catchup_gap_seconds or "off")
         next_check = next_recovery = time.monotonic()
+        check_backoff = recovery_backoff = 0.5
         try:
             while not self._stopping.is_set():
+                # A pass that failed (all or some of its steps) is tried again after a bounded
+                # exponential backoff, never later than its interval.
                 now = time.monotonic()
-                try:
-                    if now >= next_recovery:
-                        next_recovery = now + self.recovery_interval
-                        await self.recover()
-                    if now >= next_check:
-                        next_check = now + self.check_interval
-                        await self.check()
-                except CONNECTION_ERRORS as exc:
-                    log.warning("[Monitor] database unreachable (%s); next pass as scheduled",
-                                exc)
+                if now >= next_recovery:
+                    if await self._pass("recovery", self.recover):
+                        next_recovery, recovery_backoff = now + self.recovery_interval, 0.5
+                    else:
+                        next_recovery = now + min(recovery_backoff, self.recovery_interval)
+                        recovery_backoff = min(recovery_backoff * 2, self.recovery_interval)
+                if now >= next_check:
+                    if await self._pass("check", self.check):
+                        next_check, check_backoff = now + self.check_interval, 0.5
+                    else:
+                        next_check = now + min(check_backoff, self.check_interval)
+                        check_backoff = min(check_backoff * 2, self.check_interval)
                 wait = max(0.0, min(next_check, next_recovery) - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), wait)
@@ -137,6 +161,42 @@ class CompletionMonitor:
             if self._own_pool:
                 await self.pool.close()
             log.info("[Monitor] stopped")
+
+    async def _connect(self) -> asyncpg.Pool | None:
+        url = self.database_url or db.database_url(self.settings)
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                return await db.create_pool(url, min_size=1, max_size=2)
+            except DATABASE_ERRORS as exc:
+                log.warning("[Monitor] database unreachable (%s); retrying in %.1fs",
+                            describe_error(exc), delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+        return None
+
+    async def _pass(self, name: str, run: Callable[[], Awaitable[Any]]) -> bool:
+        """One pass; False when it (or one of its steps) failed. A pass never kills the
+        monitor: the database failing, or a repair raising in a race, is logged and retried."""
+        self._failed_steps = 0
+        try:
+            await run()
+        except Exception as exc:
+            log.warning("[Monitor] %s pass failed (%s); trying again shortly", name,
+                        describe_error(exc))
+            return False
+        return self._failed_steps == 0
+
+    @contextlib.asynccontextmanager
+    async def _step(self, component: str, what: str) -> AsyncIterator[None]:
+        """One step of a pass: when it fails, the next steps still run."""
+        try:
+            yield
+        except Exception as exc:
+            self._failed_steps += 1
+            log.warning("[%s] %s failed (%s); the other steps go on", component, what,
+                        describe_error(exc))
 
     async def check(self) -> list[Any]:
         """One pass: a progress line per running backfill; completes the finished ones."""
@@ -148,57 +208,115 @@ class CompletionMonitor:
                         and p["threads_completed"] + p["threads_failed"] == p["threads_queued"])
             if not finished:
                 continue
-            result = await self.pool.fetchrow(COMPLETE, p["config_id"])
-            if result["outcome"] == "completed":
-                completed.append(p["config_id"])
-                log.info("[Monitor] Config %s... completed threads=%d failed=%d messages=%d",
-                         str(p["config_id"])[:8], result["threads_queued"],
-                         p["threads_failed"], p["messages_synced"])
-            else:
-                log.warning("[Monitor] Config %s... counters said done, rows say %s open: "
-                            "counters re-derived", str(p["config_id"])[:8],
-                            result["threads_open"])
+            async with self._step("Monitor", f"completion of config {p['config_id']}"):
+                result = await self.pool.fetchrow(COMPLETE, p["config_id"])
+                if result["outcome"] == "completed":
+                    completed.append(p["config_id"])
+                    log.info("[Monitor] Config %s... completed threads=%d failed=%d "
+                             "messages=%d", str(p["config_id"])[:8], result["threads_queued"],
+                             p["threads_failed"], p["messages_synced"])
+                else:
+                    log.warning("[Monitor] Config %s... counters said done, rows say %s open: "
+                                "counters re-derived", str(p["config_id"])[:8],
+                                result["threads_open"])
         return completed
 
     async def recover(self) -> Repairs:
         repairs = Repairs()
         if self.settings.enable_auto_recovery:
-            repairs.premature = await self.pool.fetch(PREMATURE)
-            for r in repairs.premature:
-                log.warning("[Recovery] premature completion repaired config=%s open_threads=%d "
-                            "completed_at=%s -> thread_sync", r["config_id"], r["threads_open"],
-                            r["completed_at"].isoformat() if r["completed_at"] else None)
-            repairs.threads = await self.pool.fetch(STUCK, self.stuck_after, STUCK_BATCH)
-            for r in repairs.threads:
-                log.warning("[Recovery] thread re-queued config=%s thread=%s was=%s job=%d",
-                            r["config_id"], r["provider_thread_id"], r["was"], r["msg_id"])
-            repairs.jobs = await self.pool.fetch(LOST_JOBS, self.stuck_after)
-            for r in repairs.jobs:
-                log.warning("[Recovery] backfill job re-sent config=%s job=%d", r["config_id"],
-                            r["msg_id"])
-            for config_id in [r["id"] for r in await self.pool.fetch(SYNCING)]:
-                result = await self.pool.fetchrow(COMPLETE, config_id)
-                if result["outcome"] == "completed":
-                    repairs.recounted.append(config_id)
-                    log.warning("[Recovery] config=%s completed after re-counting its threads",
-                                config_id)
+            async with self._step("Recovery", "premature completions"):
+                repairs.premature = await self.pool.fetch(PREMATURE)
+                for r in repairs.premature:
+                    log.warning("[Recovery] premature completion repaired config=%s "
+                                "open_threads=%d completed_at=%s -> thread_sync",
+                                r["config_id"], r["threads_open"],
+                                r["completed_at"].isoformat() if r["completed_at"] else None)
+            async with self._step("Recovery", "stuck threads"):
+                repairs.threads = await self.pool.fetch(STUCK, self.stuck_after, STUCK_BATCH)
+                for r in repairs.threads:
+                    log.warning("[Recovery] thread re-queued config=%s thread=%s was=%s job=%d",
+                                r["config_id"], r["provider_thread_id"], r["was"], r["msg_id"])
+            async with self._step("Recovery", "lost backfill jobs"):
+                repairs.jobs = await self.pool.fetch(LOST_JOBS, self.stuck_after)
+                for r in repairs.jobs:
+                    log.warning("[Recovery] backfill job re-sent config=%s job=%d",
+                                r["config_id"], r["msg_id"])
+            if self.settings.backfill_max_resumes > 0:
+                async with self._step("Recovery", "failed backfills"):
+                    repairs.resumed = await self.pool.fetch(
+                        RESUME_FAILED, timedelta(seconds=self.settings.backfill_resume_seconds),
+                        self.settings.backfill_max_resumes)
+                    for r in repairs.resumed:
+                        log.warning("[Recovery] failed backfill resumed config=%s resume=%d/%d"
+                                    " last_error=%s", r["config_id"], r["resumes"],
+                                    self.settings.backfill_max_resumes,
+                                    (r["last_error"] or "")[:200])
+            syncing: list[Any] = []
+            async with self._step("Recovery", "listing backfills to re-count"):
+                syncing = [r["id"] for r in await self.pool.fetch(SYNCING)]
+            for config_id in syncing:
+                async with self._step("Recovery", f"re-count of config {config_id}"):
+                    result = await self.pool.fetchrow(COMPLETE, config_id)
+                    if result["outcome"] == "completed":
+                        repairs.recounted.append(config_id)
+                        log.warning("[Recovery] config=%s completed after re-counting its "
+                                    "threads", config_id)
         if self.settings.catchup_gap_seconds > 0:
-            repairs.catchups = await self.pool.fetch(
-                CATCHUPS, timedelta(seconds=self.settings.catchup_gap_seconds),
-                timedelta(seconds=self.settings.catchup_overlap_seconds))
-            for r in repairs.catchups:
-                if r["config_id"] is not None:
-                    log.info("[Monitor] catch-up queued inbox=%s config=%s since=%s "
-                             "last_seen=%s", r["inbox_id"], r["config_id"],
-                             r["since"].isoformat(), r["last_seen"].isoformat())
+            async with self._step("Monitor", "catch-up scan"):
+                repairs.catchups = await self.pool.fetch(
+                    CATCHUPS, timedelta(seconds=self.settings.catchup_gap_seconds),
+                    timedelta(seconds=self.settings.catchup_overlap_seconds))
+                for r in repairs.catchups:
+                    if r["config_id"] is not None:
+                        log.info("[Monitor] catch-up queued inbox=%s config=%s since=%s "
+                                 "last_seen=%s", r["inbox_id"], r["config_id"],
+                                 r["since"].isoformat(), r["last_seen"].isoformat())
+        if self.settings.grant_recheck_seconds > 0 and self.settings.nylas_api_key is not None:
+            async with self._step("Monitor", "grant checks"):
+                repairs.grants = await self.recheck_grants()
         return repairs
+
+    async def recheck_grants(self) -> list[tuple[Any, str]]:
+        """Expired inboxes whose grant was not heard of for NOVA_GRANT_RECHECK_SECONDS: ask
+        the grant (GET /v3/grants/{id}). A re-authentication whose webhook never came (lost,
+        or no receiver configured) must not leave the inbox expired for good."""
+        from nova.providers import GrantNotFound, ProviderError
+        from nova.providers.nylas import NylasProvider
+
+        assert self.settings.nylas_api_key is not None
+        rows = await self.pool.fetch(
+            EXPIRED_INBOXES, timedelta(seconds=self.settings.grant_recheck_seconds))
+        done: list[tuple[Any, str]] = []
+        if not rows:
+            return done
+        async with NylasProvider(self.settings.nylas_api_key.get_secret_value(),
+                                 self.settings.nylas_api_uri, timeout=10) as provider:
+            for row in rows:
+                try:
+                    grant = await provider.get_grant(row["grant_id"])
+                    target = "active" if grant.is_valid else "auth_expired"
+                except GrantNotFound:
+                    target = "revoked"
+                except ProviderError as exc:
+                    log.warning("[Monitor] grant check of inbox=%s failed: %s", row["id"], exc)
+                    continue
+                result = await self.pool.fetchrow(
+                    SET_STATUS, row["id"], target,
+                    timedelta(seconds=self.settings.catchup_overlap_seconds))
+                done.append((row["id"], result["status"]))
+                if result["was"] != result["status"]:
+                    log.warning("[Monitor] inbox=%s %s -> %s after a grant check%s", row["id"],
+                                result["was"], result["status"],
+                                f" catch-up={result['catchup_config_id']}"
+                                if result["catchup_config_id"] else "")
+        return done
 
 
 def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(run_parts([CompletionMonitor(settings)]))
-    return 0
+    return asyncio.run(run_parts([CompletionMonitor(settings),
+                                  *metrics.server_parts(settings, "Monitor")]))
 
 
 if __name__ == "__main__":

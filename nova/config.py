@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     # The Nova seed's configuration table, names and defaults unchanged.
     poll_interval_ms: int = Field(default=5000, ge=1, validation_alias="POLL_INTERVAL_MS")
     batch_size: int = Field(default=10, ge=1, le=1000, validation_alias="BATCH_SIZE")
-    visibility_timeout: int = Field(default=300, ge=1, validation_alias="VISIBILITY_TIMEOUT")
+    # The seed held a read message for 300 s. Nova holds it by a lease that the worker's heartbeat
+    # renews every third of this, so a long job is never handed out twice while a dead worker's
+    # jobs come back within seconds; hence 10.
+    visibility_timeout: int = Field(default=10, ge=1, validation_alias="VISIBILITY_TIMEOUT")
     completion_check_interval_ms: int = Field(
         default=5000, ge=1, validation_alias="COMPLETION_CHECK_INTERVAL_MS"
     )
@@ -84,6 +87,13 @@ class Settings(BaseSettings):
         default=10.0, gt=0, validation_alias="NOVA_PROVIDER_RATE_LIMIT"
     )
     provider_burst: float = Field(default=5.0, ge=1, validation_alias="NOVA_PROVIDER_BURST")
+    # The rate above is where each grant starts: it is learned from the provider's answers
+    # (up while requests succeed, down on a 429), between these bounds. Nylas's own limit for
+    # the Messages endpoints is 200 requests/s per grant. A ceiling equal to the rate fixes it.
+    provider_rate_ceiling: float = Field(default=200.0, gt=0,
+                                         validation_alias="NOVA_PROVIDER_RATE_CEILING")
+    provider_rate_floor: float = Field(default=1.0, gt=0,
+                                       validation_alias="NOVA_PROVIDER_RATE_FLOOR")
 
     # Catch-up backfills (after a grant comes back, or a silence of webhooks).
     catchup_overlap_seconds: int = Field(
@@ -91,6 +101,19 @@ class Settings(BaseSettings):
     )
     catchup_gap_seconds: int = Field(
         default=3600, ge=0, validation_alias="NOVA_CATCHUP_GAP_SECONDS"
+    )
+    # The completion monitor asks the grant of an inbox expired for this long whether it is
+    # valid again (a re-authentication whose webhook was lost); 0: never.
+    grant_recheck_seconds: int = Field(
+        default=300, ge=0, validation_alias="NOVA_GRANT_RECHECK_SECONDS"
+    )
+    # A failed backfill of an active inbox is resumed from its checkpoint this long after it
+    # failed, at most this many times since it was queued (0: never).
+    backfill_resume_seconds: int = Field(
+        default=60, ge=0, validation_alias="NOVA_BACKFILL_RESUME_SECONDS"
+    )
+    backfill_max_resumes: int = Field(
+        default=5, ge=0, validation_alias="NOVA_BACKFILL_MAX_RESUMES"
     )
 
     # Webhook receiver.
@@ -100,6 +123,12 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, validation_alias="NOVA_RECEIVER_MAX_BODY_BYTES"
     )
 
+    # Prometheus /metrics and /healthz of the process (nova.metrics); unset: not served. 0 binds
+    # a free port (logged). Instances on one host need a port each (PM2: increment_var).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535,
+                                     validation_alias="NOVA_METRICS_PORT")
+    metrics_host: str = Field(default="0.0.0.0", validation_alias="NOVA_METRICS_HOST")
+
     # `python -m nova` without NYLAS_API_KEY runs against the built-in Nylas sandbox.
     sandbox_threads: int = Field(default=100, ge=1, le=100_000,
                                  validation_alias="NOVA_SANDBOX_THREADS")
@@ -107,10 +136,41 @@ class Settings(BaseSettings):
     sandbox_event_seconds: float = Field(default=10.0, ge=0,
                                          validation_alias="NOVA_SANDBOX_EVENT_SECONDS")
 
-    # Attachments (NAS mount).
+    # Attachments (nova.attachments): files on the NAS mount, text extracted.
     attachment_path: Path = Field(
         default=Path("./attachments"), validation_alias="NOVA_ATTACHMENT_PATH"
     )
+    # "nas": keep every file under attachment_path; "none": the ephemeral mode (extract, keep
+    # the derived data, keep no binary).
+    attachment_store: Literal["nas", "none"] = Field(default="nas",
+                                                     validation_alias="NOVA_ATTACHMENT_STORE")
+    attachment_downloads: bool = Field(default=True, validation_alias="NOVA_ATTACHMENT_DOWNLOADS")
+    attachment_include_inline: bool = Field(default=True,
+                                            validation_alias="NOVA_ATTACHMENT_INCLUDE_INLINE")
+    attachment_max_bytes: int = Field(default=0, ge=0, validation_alias="NOVA_ATTACHMENT_MAX_BYTES")
+    max_retries: int = Field(default=3, ge=1, le=100, validation_alias="MAX_RETRIES")  # Missive's
+    attachment_stuck_minutes: float = Field(default=30.0, gt=0,
+                                            validation_alias="NOVA_ATTACHMENT_STUCK_MINUTES")
+    attachment_sweep_seconds: float = Field(default=300.0, gt=0,
+                                            validation_alias="NOVA_ATTACHMENT_SWEEP_SECONDS")
+    attachment_temp_path: Path | None = Field(default=None,
+                                              validation_alias="NOVA_ATTACHMENT_TEMP_PATH")
+    attachment_temp_max_age_seconds: float = Field(
+        default=300.0, gt=0, validation_alias="NOVA_ATTACHMENT_TEMP_MAX_AGE_SECONDS")
+    attachment_max_name_bytes: int = Field(default=255, ge=64, le=1024,
+                                           validation_alias="NOVA_ATTACHMENT_MAX_NAME_BYTES")
+    # Text extraction, with the ephemeral-attachments seed's thresholds (10 MB / 50 MB).
+    extract_memory_max_bytes: int = Field(default=10 * 1024 * 1024, ge=0,
+                                          validation_alias="NOVA_EXTRACT_MEMORY_MAX_BYTES")
+    extract_max_bytes: int = Field(default=50 * 1024 * 1024, ge=0,
+                                   validation_alias="NOVA_EXTRACT_MAX_BYTES")
+    extract_max_pages: int = Field(default=200, ge=1, validation_alias="NOVA_EXTRACT_MAX_PAGES")
+    extract_max_chars: int = Field(default=1_000_000, ge=1,
+                                   validation_alias="NOVA_EXTRACT_MAX_CHARS")
+    extract_timeout_seconds: float = Field(default=30.0, gt=0,
+                                           validation_alias="NOVA_EXTRACT_TIMEOUT_SECONDS")
+    extract_memory_mb: int = Field(default=1024, ge=0, validation_alias="NOVA_EXTRACT_MEMORY_MB")
+    extract_workers: int = Field(default=2, ge=1, le=64, validation_alias="NOVA_EXTRACT_WORKERS")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -123,6 +183,16 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("attachment_temp_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url")
     @classmethod

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import zlib
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from typing import Any
 
 import asyncpg
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -39,6 +39,7 @@ from starlette.routing import Route
 from nova import db
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
+from nova.providers.clean import loads
 from nova.providers.nylas_webhooks import verify_signature
 from nova.runtime import CONNECTION_ERRORS
 
@@ -51,6 +52,39 @@ STORE = "SELECT notification_id, is_new FROM queue_nylas_webhook_notification($1
 
 class TooLarge(Exception):
     pass
+
+
+def unavailable() -> Response:
+    return PlainTextResponse("temporarily unavailable", status_code=503,
+                             headers={"Retry-After": "5"})
+
+
+class AlwaysRetryable:
+    """ASGI middleware: an unexpected error anywhere answers 503 (retried by Nylas), never
+    500 (https://developer.nylas.com/docs/v3/notifications/webhooks/: only 408, 429, 502,
+    503, 504 and 507 are retried)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("[Receiver] unexpected error: %r", exc)
+            if not started:
+                await unavailable()(scope, receive, send)
 
 
 async def read_capped(request: Request, cap: int) -> bytes:
@@ -92,6 +126,7 @@ class Receiver:
                 Route("/webhooks/nylas", self.deliver, methods=["POST"]),
                 Route("/healthz", self.health, methods=["GET"]),
             ],
+            middleware=[Middleware(AlwaysRetryable)],
             lifespan=self.lifespan,
         )
 
@@ -146,8 +181,8 @@ class Receiver:
             except zlib.error:
                 return PlainTextResponse("bad gzip body", status_code=400)
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            payload = loads(body)  # cleaned: a NUL or a lone surrogate costs only itself
+        except ValueError:
             return PlainTextResponse("body is not JSON", status_code=400)
         if not isinstance(payload, dict):
             return PlainTextResponse("body is not a JSON object", status_code=400)
@@ -161,12 +196,11 @@ class Receiver:
         try:
             pool = await self.pool()
             row = await pool.fetchrow(STORE, webhook_id, kind, payload)
-        except asyncpg.DataError as exc:  # e.g. a \u0000 that jsonb refuses
-            return PlainTextResponse(f"unusable payload: {exc}", status_code=400)
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            log.error("[Receiver] could not store webhook %s (%s): %s", webhook_id, kind, exc)
-            return PlainTextResponse("temporarily unavailable", status_code=503,
-                                     headers={"Retry-After": "5"})
+        except Exception as exc:
+            # Whatever failed before the commit, the answer is one Nylas retries: a 500 (or a
+            # 400) is never retried and the notification would be gone.
+            log.error("[Receiver] could not store webhook %s (%s): %r", webhook_id, kind, exc)
+            return unavailable()
         assert row is not None
         if row["is_new"]:
             log.info("[Receiver] stored %s id=%s", kind, webhook_id)
@@ -180,19 +214,43 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     return Receiver(settings or settings_or_exit(), database_url=database_url).app
 
 
+class ReceiverServer:
+    """The receiver as a part of a process (nova.runtime.run_parts): uvicorn in its event loop.
+    The process's own signal handlers stop it: left to itself, uvicorn takes over SIGTERM and
+    SIGINT and raises them again once it has stopped, so the process would end 143, not 0."""
+
+    def __init__(self, settings: Settings, database_url: str | None = None) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(create_app(settings, database_url=database_url),
+                                host=settings.receiver_host, port=settings.receiver_port,
+                                log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=max(1, int(
+                                    settings.shutdown_grace_seconds)))
+        self.server = uvicorn.Server(config)
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+
+    async def run(self) -> None:
+        await self.server.serve()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
 def main() -> int:
-    import uvicorn
+    """`python -m nova.receiver`: until SIGTERM/SIGINT, then exit 0 once in-flight deliveries
+    are answered."""
+    from nova import metrics
+    from nova.runtime import run_parts
 
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
     try:
-        app = create_app(settings)
+        server = ReceiverServer(settings)
     except ValueError as exc:
         log.error("[Receiver] %s", exc)
         return 2
-    uvicorn.run(app, host=settings.receiver_host, port=settings.receiver_port,
-                log_level="warning", access_log=False)
-    return 0
+    return asyncio.run(run_parts([server, *metrics.server_parts(settings, "Receiver")]))
 
 
 if __name__ == "__main__":

@@ -3,23 +3,35 @@
 A `Processor` says what one job does; `Worker` runs it against its PGMQ queue:
 
 - Pickup: a read returns at once; when the queue is empty the worker waits for a NOTIFY from the
-  queue's insert trigger (sql/040_queue_notify.sql), for the next delayed message to become
-  visible, or for POLL_INTERVAL_MS, whichever comes first. There is no fixed sleep between reads.
+  queue's insert trigger (sql/040_queue_notify.sql), for the next message to become visible (a
+  delayed retry, or the lease of a dead worker running out), or for POLL_INTERVAL_MS, whichever
+  comes first. There is no fixed sleep between reads.
 - Concurrency: at most BATCH_SIZE jobs in flight per process; reads ask only for free slots.
+- Leases: a read message is held by a short lease, (msg_id, read_ct): PGMQ hands the same
+  msg_id out again with read_ct + 1, so the worker that read it at read_ct N holds it only while
+  the row's read_ct is still N. One heartbeat per worker renews the leases of its running jobs
+  every third of VISIBILITY_TIMEOUT (`WHERE msg_id = .. AND read_ct = ..`). A job whose lease is
+  gone, or whose heartbeat kept failing past the lease's end, is abandoned: cancelled, nothing
+  committed, logged. A dead worker's jobs come back within VISIBILITY_TIMEOUT.
 - One transaction per job: the processor writes through `ctx.transaction()`, and the queue
-  delete commits inside that same transaction. A crash before commit leaves the message to be
-  redelivered after its visibility timeout; a crash after means the work is done.
+  delete commits inside that same transaction, only while the lease is still held; otherwise
+  the transaction rolls back (`LeaseLost`: logged as "lease lost", not an attempt).
 - Retries: a failed job's message is made visible again after an exponential backoff with
   jitter (`RetryPolicy`); past the queue's max attempts (PGMQ's read_ct) it is archived, the
   dead-letter record, and the processor records the error on the row the job concerns.
-- Heartbeat: while a job runs, its message's visibility is pushed forward every third of
-  VISIBILITY_TIMEOUT, so a long job is never handed to a second worker.
-- TESTING_MODE: jobs are processed but their messages are not deleted.
+- Jobs that kill their process (OOM, a C crash) never reach an `except`: a message read more
+  than max attempts + `Processor.crash_margin` times is archived at once, its row marked failed.
+- TESTING_MODE: jobs are processed but their messages are not deleted (a finished run costs
+  no attempt).
 - Shutdown on SIGTERM/SIGINT: stop reading, let in-flight jobs finish within the grace period,
-  cancel the rest and make their messages visible again at once; exit 0. A second signal
-  cancels at once.
-- Database outages: reads back off and retry; pools reconnect; an interrupted job is simply
-  redelivered. Nothing is lost.
+  cancel the rest and make their messages visible again at once without costing an attempt
+  (read_ct - 1); exit 0. A second signal cancels at once.
+- `Fatal` from a processor (the provider refuses the application's credentials: every job would
+  fail the same way): the job is released without costing an attempt, the worker stops
+  reading, drains, and the process exits with status 2 after one clear log line.
+- Database errors (unreachable, too many connections, a statement failing in a race) in the
+  read loop, the idle wait, the heartbeat, failure recording or a release: one log line, a
+  bounded exponential backoff, and on. A job cut off by them is simply redelivered.
 """
 
 from __future__ import annotations
@@ -28,8 +40,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,7 +51,7 @@ from typing import Any, ClassVar, Protocol
 
 import asyncpg
 
-from nova import db
+from nova import db, metrics
 from nova.config import Settings
 
 log = logging.getLogger("nova.runtime")
@@ -51,6 +65,22 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,
     ConnectionError,
 )
+# Everything the database (or the way to it) can throw at a worker or the monitor. None of it
+# is a reason for a process to die: the next try, after a backoff, may well succeed (a
+# function raising in a race, too many connections, a statement timing out, a lost socket).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+)
+READ_TIMEOUT = 30.0  # a read is milliseconds; longer means a lock or an outage: log, retry
+MAX_BACKOFF = 10.0
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,21 @@ class RetryLater(Exception):  # noqa: N818 - it is a decision, not a failure
 
 class GiveUp(Exception):  # noqa: N818
     """Raised by a processor when retrying cannot help (bad payload, permanent error)."""
+
+
+class Fatal(Exception):
+    """Raised by a processor when no job can succeed until an operator acts (the provider
+    rejects the application's API key, say). The job is released without costing an attempt,
+    the worker stops reading and drains, and the process exits with status 2."""
+
+
+class LeaseLost(Exception):  # noqa: N818
+    """The job's message is no longer held at the read_ct it was read with: another worker
+    has it (or it is gone). Whatever the job wrote in this transaction is rolled back."""
+
+
+class Crashed(Exception):  # noqa: N818
+    """The error recorded for a job that never finished: its process died every time."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +142,58 @@ class RetryPolicy:
         return RetryDecision(retry=True, delay=random.uniform(ceiling / 2, ceiling))
 
 
+_QUEUE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
+
+
+class QueueSQL:
+    """The statements a worker runs against its queue. PGMQ has no call that checks read_ct, so
+    the lease statements address the queue's table, pgmq.q_<queue>, as PGMQ's functions do."""
+
+    def __init__(self, queue: str) -> None:
+        if not _QUEUE_NAME.fullmatch(queue):
+            raise ValueError(f"not a PGMQ queue name: {queue!r}")
+        table = f"pgmq.q_{queue}"
+        self.read = "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.read($1, $2, $3)"
+        self.next_vt = f"SELECT extract(epoch FROM min(vt) - clock_timestamp()) FROM {table}"
+        # The heartbeat: every lease of the worker at once; the ones it no longer holds are
+        # missing from the result.
+        self.renew = (
+            f"UPDATE {table} q SET vt = clock_timestamp() + make_interval(secs => $3::float8)"
+            " FROM unnest($1::bigint[], $2::int[]) AS l(msg_id, read_ct)"
+            " WHERE q.msg_id = l.msg_id AND q.read_ct = l.read_ct RETURNING q.msg_id")
+        self.hold = f"SELECT msg_id FROM {table} WHERE msg_id = $1 AND read_ct = $2 FOR UPDATE"
+        self.delete = f"DELETE FROM {table} WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id"
+        self.retry = (
+            f"UPDATE {table} SET vt = clock_timestamp() + make_interval(secs => $3::float8)"
+            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
+        # Giving a message back (shutdown, Fatal) costs no attempt: the read is undone.
+        self.release = (
+            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0), vt = clock_timestamp()"
+            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
+        # TESTING_MODE keeps a finished job's message; its run costs no attempt either.
+        self.keep = (
+            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0)"
+            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
+        self.archive = "SELECT pgmq.archive($1, $2::bigint)"
+
+
+@dataclass(eq=False)
+class Lease:
+    """A worker's hold on one read message: (msg_id, read_ct), until a moment it renews."""
+
+    job: Job
+    until: float  # time.monotonic() at which it runs out unless renewed
+    task: asyncio.Task[None] | None = None  # the job, from start to outcome
+    work: asyncio.Task[str | None] | None = None  # the processor's part: what abandoning cancels
+    finishing: bool = False  # the commit is under way: the heartbeat leaves it be
+    lost: str | None = None  # why the lease is gone, once it is
+
+    @property
+    def renewable(self) -> bool:
+        return (self.work is not None and not self.work.done() and not self.finishing
+                and self.lost is None)
+
+
 class JobContext:
     """What a running job may use: the pool, and its one transaction."""
 
@@ -109,7 +206,8 @@ class JobContext:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """The job's transaction; the queue delete is committed with it. Once per job."""
+        """The job's transaction; the queue delete is committed with it, if the job still holds
+        its message (else `LeaseLost`, and the transaction rolls back). Once per job."""
         if self._opened:
             raise RuntimeError("a job has exactly one transaction")
         self._opened = True
@@ -118,6 +216,12 @@ class JobContext:
             await self.worker.finish(conn, self.job)
         self.committed = True
 
+    async def hold_lease(self, conn: asyncpg.Connection) -> None:
+        """For a transaction of the job's own besides `transaction()` (a page of a backfill):
+        lock the message's row while the lease is ours, or raise `LeaseLost` so that the
+        transaction rolls back. Another worker cannot take the message until it commits."""
+        await self.worker.hold(conn, self.job)
+
 
 class Processor:
     """One kind of job. Subclasses set `queue`, `component`, `max_attempts` and `process`."""
@@ -125,6 +229,10 @@ class Processor:
     queue: ClassVar[str]
     component: ClassVar[str]
     max_attempts: ClassVar[int] = 3
+    # Reads past max_attempts that a job may spend without an outcome (its process died, it lost
+    # its lease) before its message is archived unrun: a job that kills its process (OOM, a
+    # crash in C) never reaches an `except`, and would otherwise come back forever.
+    crash_margin: ClassVar[int] = 2
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(self.max_attempts)
@@ -144,13 +252,41 @@ class Processor:
         """Note the error on the row the job concerns (same transaction as the retry/archive)."""
 
 
+RECENT_DURATIONS = 1000
+
+
 @dataclass
 class WorkerStats:
+    """Counters of one worker. Nothing here grows with the number of jobs run."""
+
     processed: int = 0
     retried: int = 0
-    archived: int = 0
-    released: int = 0
-    durations_ms: list[float] = field(default_factory=list)
+    archived: int = 0  # dead letters, crashed jobs included
+    crashed: int = 0  # archived unrun: their process died every time
+    released: int = 0  # given back at shutdown or on Fatal, without costing an attempt
+    lost: int = 0  # leases lost: abandoned or refused at commit, nothing committed
+    # The most recent job durations (for percentiles); the totals cover every job.
+    durations_ms: deque[float] = field(
+        default_factory=lambda: deque(maxlen=RECENT_DURATIONS))
+    total_ms: float = 0.0
+    max_ms: float = 0.0
+
+    def record(self, elapsed_ms: float) -> None:
+        self.processed += 1
+        self.durations_ms.append(elapsed_ms)
+        self.total_ms += elapsed_ms
+        self.max_ms = max(self.max_ms, elapsed_ms)
+
+    @property
+    def mean_ms(self) -> float:
+        return self.total_ms / self.processed if self.processed else 0.0
+
+    def percentile_ms(self, pct: float) -> float:
+        """The pct-th percentile of the most recent jobs' durations."""
+        recent = sorted(self.durations_ms)
+        if not recent:
+            return 0.0
+        return recent[min(len(recent) - 1, int(len(recent) * pct / 100))]
 
 
 class Worker:
@@ -162,17 +298,23 @@ class Worker:
         self.database_url = database_url
         self.queue = processor.queue
         self.component = processor.component
+        self.sql = QueueSQL(self.queue)
         self.concurrency = settings.batch_size
         self.vt = settings.visibility_timeout
+        self.heartbeat_interval = max(self.vt / 3, 0.05)
         self.idle_ceiling = settings.poll_interval_ms / 1000
         self.grace = settings.shutdown_grace_seconds if shutdown_grace is None else shutdown_grace
         self.policy = processor.retry_policy()
+        self.crash_limit = self.policy.max_attempts + processor.crash_margin
         self.stats = WorkerStats()
+        self.fatal: Fatal | None = None
+        metrics.declare_queue(self.queue)
         self._pool = pool
         self._own_pool = pool is None
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
-        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight: dict[tuple[int, int], Lease] = {}  # by (msg_id, read_ct)
+        self._renewing = asyncio.Lock()
         self._listener: asyncpg.Connection | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -188,7 +330,8 @@ class Worker:
         self._wakeup.set()
 
     async def run(self, *, burst: bool = False) -> WorkerStats:
-        """Process jobs until stopped (or, with burst, until the queue has nothing visible)."""
+        """Process jobs until stopped (or, with burst, until the queue has nothing visible).
+        Raises `Fatal` after a clean stop when a job (or the set-up) raised it."""
         if self.database_url is None:
             self.database_url = db.database_url(self.settings)
         if self._pool is None:
@@ -196,20 +339,33 @@ class Worker:
             if pool is None:  # stopped before the database ever answered
                 return self.stats
             self._pool = pool
-        await self.processor.setup(self)
+        try:
+            await self.processor.setup(self)
+        except BaseException as exc:
+            if self._own_pool:
+                await self.pool.close()
+            if isinstance(exc, Fatal):
+                self.fatal = exc
+                log.error("[%s] fatal: %s; not started", self.component, exc)
+            raise
         log.info("[%s] started queue=%s concurrency=%d vt=%ds", self.component, self.queue,
                  self.concurrency, self.vt)
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"{self.queue}:heartbeat")
         try:
             await self._loop(burst)
         finally:
             await self._drain()
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
             await self._close_listener()
             await self.processor.teardown()
             if self._own_pool:
                 await self.pool.close()
-            log.info("[%s] stopped processed=%d retried=%d archived=%d released=%d",
+            log.info("[%s] stopped processed=%d retried=%d archived=%d released=%d lost=%d",
                      self.component, self.stats.processed, self.stats.retried,
-                     self.stats.archived, self.stats.released)
+                     self.stats.archived, self.stats.released, self.stats.lost)
+        if self.fatal is not None:
+            raise self.fatal
         return self.stats
 
     async def _connect(self, url: str) -> asyncpg.Pool | None:
@@ -217,11 +373,11 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 return await db.create_pool(url, min_size=1, max_size=self.concurrency + 2)
-            except CONNECTION_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("[%s] database unreachable (%s); retrying in %.1fs",
-                            self.component, exc, delay)
+                            self.component, describe_error(exc), delay)
                 await self._sleep(delay)
-                delay = min(delay * 2, 10)
+                delay = min(delay * 2, MAX_BACKOFF)
         return None
 
     # --- reading ---------------------------------------------------------------------------
@@ -234,47 +390,49 @@ class Worker:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            read_at = time.monotonic()
             try:
                 await self._ensure_listener()
                 jobs = await self._read(free)
                 backoff = 0.5
-            except CONNECTION_ERRORS as exc:
-                log.warning("[%s] read failed, database unreachable (%s); retrying in %.1fs",
-                            self.component, exc, backoff)
+            except DATABASE_ERRORS as exc:
+                log.warning("[%s] read failed (%s); retrying in %.1fs", self.component,
+                            describe_error(exc), backoff)
                 await self._close_listener()
                 await self._sleep(backoff)
-                backoff = min(backoff * 2, 10)
+                backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             for job in jobs:
-                self._start(job)
+                self._start(job, read_at)
             if jobs:
                 continue
             if burst:
                 if not self._inflight:
                     return
-                await asyncio.wait(list(self._inflight.values()),
+                await asyncio.wait([lease.task for lease in self._inflight.values()
+                                    if lease.task is not None],
                                    return_when=asyncio.FIRST_COMPLETED)
                 continue
             await self._idle_wait()
 
     async def _read(self, qty: int) -> list[Job]:
         self._wakeup.clear()  # a notify from now on means "look again"
-        rows = await self.pool.fetch(
-            "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.read($1, $2, $3)",
-            self.queue, self.vt, qty)
+        rows = await self.pool.fetch(self.sql.read, self.queue, self.vt, qty,
+                                     timeout=READ_TIMEOUT)
         return [Job(self.queue, r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"] or {})
                 for r in rows]
 
     async def _idle_wait(self) -> None:
         timeout = self.idle_ceiling
         try:
-            # A delayed message (a retry) becomes visible without any insert: wake for it.
-            next_vt = await self.pool.fetchval(
-                f"SELECT extract(epoch FROM min(vt) - clock_timestamp()) FROM pgmq.q_{self.queue}")
+            # A message becomes visible without any insert (a retry's delay, or the lease of a
+            # dead worker running out): wake for the first one.
+            next_vt = await self.pool.fetchval(self.sql.next_vt, timeout=READ_TIMEOUT)
             if next_vt is not None:
                 timeout = max(0.0, min(timeout, float(next_vt) + 0.01))
-        except CONNECTION_ERRORS:
-            pass
+        except DATABASE_ERRORS as exc:
+            log.warning("[%s] idle wait: next visibility unknown (%s); waiting %.1fs",
+                        self.component, describe_error(exc), timeout)
         if self._listener is None:
             timeout = min(timeout, 0.5)
         with contextlib.suppress(TimeoutError):
@@ -285,7 +443,11 @@ class Worker:
             return
         assert self.database_url is not None
         conn = await asyncpg.connect(self.database_url)
-        await conn.add_listener(f"nova_q_{self.queue}", self._on_notify)
+        try:
+            await conn.add_listener(f"nova_q_{self.queue}", self._on_notify)
+        except BaseException:
+            await conn.close(timeout=2)
+            raise
         conn.add_termination_listener(lambda _c: self._on_listener_lost())
         self._listener = conn
 
@@ -306,78 +468,176 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    # --- running a job ---------------------------------------------------------------------
+    # --- leases ----------------------------------------------------------------------------
 
-    def _start(self, job: Job) -> None:
-        task = asyncio.create_task(self._run_job(job), name=f"{self.queue}:{job.msg_id}")
-        self._inflight[job.msg_id] = task
-        task.add_done_callback(lambda _t: self._done(job.msg_id))
+    async def _heartbeat(self) -> None:
+        """Renew every running job's lease each third of VISIBILITY_TIMEOUT. A lease the renewal
+        does not find is gone; one that could not be renewed before its end is given up. Either
+        way the job is cancelled before it commits anything."""
+        interval = self.heartbeat_interval
+        delay, backoff = interval, 0.5
+        while True:
+            await asyncio.sleep(delay)
+            delay = interval
+            leases = [lease for lease in self._inflight.values() if lease.renewable]
+            if not leases:
+                continue
+            try:
+                async with self._renewing:
+                    sent = time.monotonic()
+                    held = await asyncio.wait_for(self._renew(leases), max(interval, 1.0))
+            except Exception as exc:  # a dead heartbeat would lose every job
+                now = time.monotonic()
+                for lease in leases:
+                    if lease.renewable and now >= lease.until:
+                        self._abandon(lease, "its heartbeat kept failing past the lease's end")
+                left = [lease.until - now for lease in leases if lease.renewable]
+                delay = max(0.05, min([backoff, *left]))
+                log.warning("[%s] heartbeat failed for %d job(s) (%s); retrying in %.1fs",
+                            self.component, len(leases), describe_error(exc), delay)
+                backoff = min(backoff * 2, interval)
+                continue
+            backoff = 0.5
+            for lease in leases:
+                if not lease.renewable:
+                    continue
+                if lease.job.msg_id in held:
+                    lease.until = sent + self.vt
+                else:
+                    self._abandon(lease, "its message was read again by another worker, or is "
+                                         "gone")
 
-    def _done(self, msg_id: int) -> None:
-        self._inflight.pop(msg_id, None)
-        self._wakeup.set()
+    async def _renew(self, leases: list[Lease]) -> set[int]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self.sql.renew, [lease.job.msg_id for lease in leases],
+                                    [lease.job.read_ct for lease in leases], float(self.vt))
+        return {r["msg_id"] for r in rows}
+
+    def _abandon(self, lease: Lease, reason: str) -> None:
+        lease.lost = reason
+        if lease.work is not None:
+            lease.work.cancel()
+
+    def _lease_lost(self, job: Job, reason: str) -> LeaseLost:
+        lease = self._inflight.get((job.msg_id, job.read_ct))
+        if lease is not None and lease.job is job and lease.lost is None:
+            lease.lost = reason
+        return LeaseLost(f"job {job.msg_id}: {reason}")
+
+    async def hold(self, conn: asyncpg.Connection, job: Job) -> None:
+        """Inside a transaction: lock the job's message while its lease is ours, or raise
+        `LeaseLost`."""
+        if await conn.fetchval(self.sql.hold, job.msg_id, job.read_ct) is None:
+            raise self._lease_lost(job, f"its message is no longer held at read_ct "
+                                        f"{job.read_ct}")
 
     async def finish(self, conn: asyncpg.Connection, job: Job) -> None:
-        """Inside the job's transaction: remove its message (unless TESTING_MODE)."""
-        if not self.settings.testing_mode:
-            await conn.execute("SELECT pgmq.delete($1, $2::bigint)", self.queue, job.msg_id)
+        """Inside the job's transaction: remove its message (TESTING_MODE: keep it, and give
+        the attempt back), only while the lease is ours; `LeaseLost` otherwise, which rolls the
+        transaction back: a job that lost its message to another worker commits nothing."""
+        lease = self._inflight.get((job.msg_id, job.read_ct))
+        if lease is not None and lease.job is job:
+            lease.finishing = True
+        statement = self.sql.keep if self.settings.testing_mode else self.sql.delete
+        if await conn.fetchval(statement, job.msg_id, job.read_ct) is None:
+            raise self._lease_lost(job, f"at commit its message was no longer held at read_ct "
+                                        f"{job.read_ct}")
 
-    async def _run_job(self, job: Job) -> None:
+    # --- running a job ---------------------------------------------------------------------
+
+    def _start(self, job: Job, read_at: float) -> None:
+        lease = Lease(job, until=read_at + self.vt)
+        key = (job.msg_id, job.read_ct)
+        self._inflight[key] = lease
+        lease.task = asyncio.create_task(self._run_job(lease), name=f"{self.queue}:{job.msg_id}")
+        lease.task.add_done_callback(lambda _t: self._done(key))
+
+    def _done(self, key: tuple[int, int]) -> None:
+        self._inflight.pop(key, None)
+        self._wakeup.set()
+
+    async def _work(self, job: Job, ctx: JobContext) -> str | None:
+        note = await self.processor.process(job, ctx)
+        if not ctx.committed:
+            async with ctx.transaction():
+                pass
+        return note
+
+    async def _run_job(self, lease: Lease) -> None:
+        job = lease.job
+        if job.read_ct > self.crash_limit:
+            await self._bury(job)
+            return
         started = time.perf_counter()
-        heartbeat = asyncio.create_task(self._heartbeat(job))
-        ctx = JobContext(self, job)
+        lease.work = asyncio.create_task(self._work(job, JobContext(self, job)),
+                                         name=f"{self.queue}:{job.msg_id}:work")
         try:
-            note = await self.processor.process(job, ctx)
-            if not ctx.committed:
-                async with ctx.transaction():
-                    pass
+            note = await lease.work
         except asyncio.CancelledError:
-            heartbeat.cancel()
-            await self._release(job)
+            task = asyncio.current_task()
+            if lease.lost is not None and not (task is not None and task.cancelling()):
+                self._log_lost(job, lease.lost)  # the heartbeat gave the job up
+                return
+            await self._release(job)  # shutdown
             raise
+        except Fatal as exc:
+            self._on_fatal(job, exc)
+            await self._release(job)
+            return
         except Exception as exc:  # every failure becomes a retry or a dead letter
-            heartbeat.cancel()
+            if lease.lost is not None:
+                self._log_lost(job, lease.lost)
+                return
             await self._fail(job, exc, started)
             return
-        finally:
-            heartbeat.cancel()
         elapsed = (time.perf_counter() - started) * 1000
-        self.stats.processed += 1
-        self.stats.durations_ms.append(elapsed)
+        self.stats.record(elapsed)
+        metrics.job_outcome(self.queue, "done", elapsed / 1000)
         log.info("[%s] job %d done in %.0fms attempt=%d%s", self.component, job.msg_id,
                  elapsed, job.read_ct, f" {note}" if note else "")
 
-    async def _heartbeat(self, job: Job) -> None:
-        interval = max(self.vt / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.pool.execute("SELECT 1 FROM pgmq.set_vt($1, $2::bigint, $3::integer)",
-                                        self.queue, job.msg_id, self.vt)
-            except CONNECTION_ERRORS as exc:
-                log.warning("[%s] heartbeat of job %d failed: %s", self.component, job.msg_id,
-                            exc)
+    def _log_lost(self, job: Job, reason: str) -> None:
+        self.stats.lost += 1
+        metrics.job_outcome(self.queue, "lost")
+        log.warning("[%s] job %d lease lost attempt=%d: %s; nothing committed, no attempt "
+                    "counted", self.component, job.msg_id, job.read_ct, reason)
+
+    def _on_fatal(self, job: Job, exc: Fatal) -> None:
+        if self.fatal is not None:
+            return
+        self.fatal = exc
+        log.error("[%s] fatal: %s; stopping (job %d is given back)", self.component, exc,
+                  job.msg_id)
+        self.stop()
 
     async def _fail(self, job: Job, error: BaseException, started: float) -> None:
         decision = self.policy.decide(job.read_ct, error)
         elapsed = (time.perf_counter() - started) * 1000
-        reason = f"{type(error).__name__}: {error}"
+        reason = describe_error(error)
+        async with self._renewing:  # a renewal under way must not push the retry's time back
+            pass
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await self.processor.record_failure(conn, job, error, final=not decision.retry)
                 if decision.retry:
-                    await conn.execute(
-                        "SELECT 1 FROM pgmq.set_vt($1, $2::bigint,"
-                        " clock_timestamp() + make_interval(secs => $3::float8))",
-                        self.queue, job.msg_id, max(0.0, decision.delay))
+                    if await conn.fetchval(self.sql.retry, job.msg_id, job.read_ct,
+                                           max(0.0, decision.delay)) is None:
+                        raise self._lease_lost(job, "by the time it failed, its message was "
+                                                    "held by another worker")
                 else:
-                    await conn.execute("SELECT pgmq.archive($1, $2::bigint)", self.queue,
-                                       job.msg_id)
-        except Exception as exc:
-            # The message stays invisible until its timeout, then comes back: nothing lost.
-            log.warning("[%s] job %d failed (%s) and its outcome could not be recorded: %s",
-                        self.component, job.msg_id, reason, exc)
+                    await self.hold(conn, job)
+                await self.processor.record_failure(conn, job, error, final=not decision.retry)
+                if not decision.retry:
+                    await conn.execute(self.sql.archive, self.queue, job.msg_id)
+        except LeaseLost as exc:
+            self._log_lost(job, f"{exc} (it failed: {reason})")
             return
+        except Exception as exc:
+            # The message comes back when its lease runs out: nothing lost.
+            log.warning("[%s] job %d failed (%s) and its outcome could not be recorded: %s",
+                        self.component, job.msg_id, reason, describe_error(exc))
+            return
+        metrics.job_outcome(self.queue, "retried" if decision.retry else "dead_lettered",
+                            elapsed / 1000)
         if decision.retry:
             self.stats.retried += 1
             log.warning("[%s] job %d failed in %.0fms attempt=%d/%d, retry in %.0fs: %s",
@@ -389,20 +649,60 @@ class Worker:
                       self.component, job.msg_id, elapsed, job.read_ct,
                       self.policy.max_attempts, reason)
 
-    async def _release(self, job: Job) -> None:
-        """Make a cancelled job's message visible again now, for another worker."""
+    async def _bury(self, job: Job) -> None:
+        """A message read past max attempts + the crash margin: its job never got as far as an
+        outcome. Archive it unrun, and mark the row it concerns failed, in one transaction."""
+        error = Crashed(f"the job never finished in {job.read_ct - 1} attempts: its process "
+                        f"died each time (limit {self.policy.max_attempts} attempts + "
+                        f"{self.processor.crash_margin} for crashes)")
+        unrecorded: BaseException | None = None
         try:
-            await asyncio.shield(self.pool.execute(
-                "SELECT 1 FROM pgmq.set_vt($1, $2::bigint, 0)", self.queue, job.msg_id))
-            self.stats.released += 1
-            log.info("[%s] job %d released", self.component, job.msg_id)
-        except Exception as exc:  # its visibility timeout will release it anyway
-            log.warning("[%s] could not release job %d: %s", self.component, job.msg_id, exc)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self.hold(conn, job)
+                try:
+                    async with conn.transaction():  # a savepoint: the archive goes ahead
+                        await self.processor.record_failure(conn, job, error, final=True)
+                except Exception as exc:
+                    unrecorded = exc
+                await conn.execute(self.sql.archive, self.queue, job.msg_id)
+        except LeaseLost as exc:
+            self._log_lost(job, str(exc))
+            return
+        except Exception as exc:
+            log.warning("[%s] job %d: could not archive it after %d attempts (%s); it comes "
+                        "back when its lease runs out", self.component, job.msg_id,
+                        job.read_ct - 1, describe_error(exc))
+            return
+        self.stats.archived += 1
+        self.stats.crashed += 1
+        metrics.job_outcome(self.queue, "dead_lettered")
+        log.error("[%s] job %d archived unrun attempt=%d: %s%s", self.component, job.msg_id,
+                  job.read_ct, error, f" (its row could not be marked failed: "
+                  f"{describe_error(unrecorded)})" if unrecorded else "")
+
+    async def _release(self, job: Job) -> None:
+        """Make a job's message visible again now, for another worker, undoing its read: a
+        job given back (shutdown, Fatal) costs no attempt."""
+        try:
+            held = await asyncio.shield(asyncio.wait_for(
+                self.pool.fetchval(self.sql.release, job.msg_id, job.read_ct), 5))
+        except Exception as exc:  # its lease runs out soon anyway
+            log.warning("[%s] could not release job %d (%s); it comes back when its lease runs "
+                        "out", self.component, job.msg_id, describe_error(exc))
+            return
+        if held is None:
+            log.info("[%s] job %d not released: its lease was already lost", self.component,
+                     job.msg_id)
+            return
+        self.stats.released += 1
+        metrics.job_outcome(self.queue, "released")
+        log.info("[%s] job %d released attempt=%d (not counted)", self.component, job.msg_id,
+                 job.read_ct)
 
     async def _drain(self) -> None:
-        if not self._inflight:
+        tasks = [lease.task for lease in self._inflight.values() if lease.task is not None]
+        if not tasks:
             return
-        tasks = list(self._inflight.values())
         log.info("[%s] waiting up to %.0fs for %d job(s)", self.component, self.grace,
                  len(tasks))
         _done, pending = await asyncio.wait(tasks, timeout=self.grace)
@@ -444,17 +744,33 @@ def install_signal_handlers(parts: Sequence[Runnable]) -> None:
         loop.add_signal_handler(s, first, s)
 
 
-async def run_parts(parts: Sequence[Runnable]) -> None:
+EXIT_FATAL = 2
+
+
+async def run_parts(parts: Sequence[Runnable]) -> int:
     """Run the parts of a process side by side until a signal stops them. When one part ends
-    on its own (it failed), the others are stopped too, so the process never limps on."""
+    on its own (it failed), the others are stopped too, so the process never limps on.
+
+    Returns the process's exit status: 0, or EXIT_FATAL (2) when a part stopped on `Fatal`
+    (the part logged why). Any other error of a part is raised once every part has stopped."""
     install_signal_handlers(parts)
     tasks = [asyncio.create_task(p.run(), name=type(p).__name__) for p in parts]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for part in parts:
             part.stop()
-        await asyncio.gather(*tasks)
+        await asyncio.wait(tasks)
     except asyncio.CancelledError:  # a second signal
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks)
+    status = 0
+    for task in tasks:
+        if task.cancelled():
+            continue
+        error = task.exception()
+        if isinstance(error, Fatal):
+            status = EXIT_FATAL
+        elif error is not None:
+            raise error
+    return status

@@ -1,10 +1,16 @@
-"""`python -m nova` (or `nova run`): every processor and the webhook receiver in one process.
+"""`python -m nova` (or `nova run`): every processor (attachments to NOVA_ATTACHMENT_PATH
+included) and the webhook receiver in one process.
 
 Start-up brings the database to the current schema first. With no NYLAS_API_KEY, Nova runs
 against its Nylas sandbox instead of the real API: the sandbox serves a generated mailbox on
 loopback, its grants become inboxes, the first inbox gets a backfill, and every
 NOVA_SANDBOX_EVENT_SECONDS the sandbox receives a new message and delivers the signed webhook
 to the receiver, so every path of Nova runs on a fresh machine with nothing configured.
+
+On a terminal (stderr a TTY, text logs) the backfills show as live progress bars
+(nova.progress_view): the demo backfill's and any other that runs meanwhile, the log lines
+scrolling above them. Piped, or with NOVA_LOG_FORMAT=json, the log lines alone. With
+NOVA_METRICS_PORT set the process serves /metrics and /healthz (nova.metrics).
 
 SIGTERM or SIGINT stops everything in order (see nova.runtime); a second signal cancels.
 """
@@ -16,41 +22,24 @@ import contextlib
 import logging
 import random
 import socket
+import sys
+import uuid
 from typing import Any
 
-import uvicorn
+import psycopg
 from pydantic import SecretStr
+from rich.console import Console
 
-from nova import db
+from nova import db, metrics
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
 from nova.migrate import migrate
+from nova.progress_view import ProgressView, console_logging
 
 log = logging.getLogger("nova.service")
 
 SANDBOX_API_KEY = "sandbox-api-key"
 SANDBOX_SECRET = "sandbox-webhook-secret"
-
-
-class ReceiverServer:
-    """The receiver as a Runnable (uvicorn in this event loop)."""
-
-    def __init__(self, settings: Settings, database_url: str) -> None:
-        from nova.receiver import create_app
-
-        config = uvicorn.Config(create_app(settings, database_url=database_url),
-                                host=settings.receiver_host, port=settings.receiver_port,
-                                log_level="warning", access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        # uvicorn would take over SIGTERM/SIGINT and raise them again when it stops; the
-        # service's own handlers stop every part in order instead.
-        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-
-    async def run(self) -> None:
-        await self.server.serve()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
 
 
 class SandboxTicker:
@@ -86,8 +75,9 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-async def _register_sandbox_inboxes(url: str, sandbox: Any) -> None:
-    """The sandbox's grants as inboxes; a first backfill for the first one."""
+async def _register_sandbox_inboxes(url: str, sandbox: Any) -> uuid.UUID | None:
+    """The sandbox's grants as inboxes; a first backfill for the first one. Returns the
+    configuration of the first one (its backfill, new or from an earlier run)."""
     pool = await db.create_pool(url, min_size=1, max_size=1)
     try:
         for grant in sandbox.mailbox.grants.values():
@@ -103,11 +93,17 @@ async def _register_sandbox_inboxes(url: str, sandbox: Any) -> None:
             config_id = await pool.fetchval("SELECT queue_inbox_backfill($1)", inbox_id)
             log.info("[Service] sandbox backfill queued inbox=%s config=%s", inbox_id,
                      config_id)
+        return await pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT id FROM flux_inbox_configurations WHERE inbox_id = $1"
+            " AND deleted_at IS NULL", inbox_id)
     finally:
         await pool.close()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, console: Console | None = None) -> int:
+    """Every part of Nova in this process; with `console` (a terminal), the live progress
+    view of the backfills above the log."""
+    from nova.attachments import AttachmentJanitor, AttachmentProcessor
     from nova.backfill import BackfillProcessor
     from nova.completion import CompletionMonitor
     from nova.runtime import Runnable, Worker, run_parts
@@ -122,8 +118,9 @@ async def serve(settings: Settings) -> None:
     receiving = settings.nylas_api_key is None or settings.nylas_webhook_secret is not None
     if receiving and not _port_free(settings.receiver_host, settings.receiver_port):
         raise SystemExit(f"NOVA_RECEIVER_PORT {settings.receiver_port} is already in use")
-    runnables: list[Runnable] = []
+    runnables: list[Runnable] = [*metrics.server_parts(settings, "Service", database_url=url)]
     sandbox: Any = None
+    pinned: list[uuid.UUID] = []
     if settings.nylas_api_key is None:
         from nova.sandbox.nylas import SandboxNylas
 
@@ -139,30 +136,57 @@ async def serve(settings: Settings) -> None:
         settings = settings.model_copy(update={
             "nylas_api_key": SecretStr(SANDBOX_API_KEY), "nylas_api_uri": sandbox.base_url,
             "nylas_webhook_secret": SecretStr(secret)})
-        await _register_sandbox_inboxes(url, sandbox)
+        demo = await _register_sandbox_inboxes(url, sandbox)
+        pinned += [demo] if demo is not None else []
         if settings.sandbox_event_seconds > 0:
             runnables.append(SandboxTicker(sandbox, sandbox.grant_ids[0],
                                            settings.sandbox_event_seconds))
 
     if receiving:
+        from nova.receiver import ReceiverServer
+
         runnables.append(ReceiverServer(settings, url))
     else:
         log.warning("[Service] NYLAS_WEBHOOK_SECRET is not set: the receiver is not started")
 
     workers = [Worker(WebhookProcessor(settings), settings, database_url=url),
                Worker(BackfillProcessor(settings), settings, database_url=url),
-               Worker(ThreadSyncProcessor(settings), settings, database_url=url)]
-    runnables += [*workers, CompletionMonitor(settings, database_url=url)]
+               Worker(ThreadSyncProcessor(settings), settings, database_url=url),
+               Worker(AttachmentProcessor(settings), settings, database_url=url)]
+    runnables += [*workers, CompletionMonitor(settings, database_url=url),
+                  AttachmentJanitor(settings, database_url=url)]
+    if console is not None:
+        runnables.append(ProgressView(console, url, settings.provider_rate_limit,
+                                      pinned=pinned))
     try:
-        await run_parts(runnables)
+        return await run_parts(runnables)  # 2 when a processor stopped on runtime.Fatal
     finally:
         if sandbox is not None:
             await asyncio.to_thread(sandbox.stop)
 
 
+def terminal_console(settings: Settings) -> Console | None:
+    """A rich console on stderr when it is a terminal and logs are text: the live view goes
+    there, with the log lines printed through it. Piped (or NOVA_LOG_FORMAT=json): None, and
+    plain log lines."""
+    if settings.log_format != "text" or not sys.stderr.isatty():
+        return None
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal or console.is_dumb_terminal:
+        return None
+    console_logging(console)
+    return console
+
+
 def main(settings: Settings | None = None) -> int:
     settings = settings or settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    with contextlib.suppress(asyncio.CancelledError):
-        asyncio.run(serve(settings))
-    return 0
+    console = terminal_console(settings)
+    status = 0
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            status = asyncio.run(serve(settings, console))
+    except psycopg.OperationalError as exc:  # at start-up: migrating, registering the sandbox
+        log.error("[Service] the database did not answer: %s", " ".join(str(exc).split()))
+        return 1
+    return status

@@ -1,11 +1,34 @@
 """The SQL that writes mailbox rows: threads, messages, attachment metadata.
 
-Every write is an idempotent upsert keyed on the provider's id, and every write carries a
-*version*: the moment the provider state it holds was observed (a webhook's event `time`, or
-the instant before an API fetch). A row keeps the newest version it has seen; a write with an
-older version changes nothing, so a late webhook or a slow thread sync never rolls data back.
-Equal versions apply (replaying the same event is harmless). Soft deletes are versioned writes
-too: an older create cannot resurrect a newer delete.
+Versions. Every write carries a *version*, the moment the provider state it holds was
+observed. A row keeps the newest version it has seen; an older write changes nothing, so a
+late webhook or a slow thread sync never rolls data back. Equal versions apply (replaying an
+event is harmless, and see below). Soft deletes are versioned writes too: an older create
+cannot resurrect a newer delete.
+
+One clock. Webhooks are versioned with Nylas's event `time`, whole seconds. A thread sync is
+versioned with `sync_version()`: the moment before its fetch, rounded down to the second, less
+VERSION_SKEW_SECONDS. A change that lands in the same second as the fetch (or a little before
+it, with clocks that disagree by up to the skew) then arrives by webhook with a version at
+least the sync's, and applies. The price is the other direction: within that window a webhook
+about an older state can overwrite what the sync read, until the next event or sync. Losing a
+newer change silently is worse than briefly showing an older one, so the margin goes that way.
+
+Partial payloads. A message whose `present` names its fields (a `.transformed`, `.metadata`,
+`.truncated` or `.cleaned` webhook) writes only those columns: an absent field never blanks a
+stored value. The statement is built from the column set (a fixed list of column names, never
+input), so a missing column is simply not in it.
+
+Threads are what their messages say. After messages are written (by sync or webhook) the
+thread row's message_count, first/last message time, snippet, unread, starred, participants,
+folders and has_attachments are derived from the stored messages (`nova_refresh_threads`), so a
+reply that arrives as `message.created` alone keeps its thread current without a provider
+request, and a message for a thread never seen leaves a real thread row.
+
+Bodies. HTML is rendered to text with lxml (libxml2: a C parser, linear time, forgiving with
+broken markup; the regex rendering it replaces was quadratic on unclosed tags) on at most
+TEXT_INPUT_LIMIT characters, in a worker thread (`prepare_messages`), before the job's
+transaction opens.
 
 The functions take an asyncpg connection so they join the caller's transaction: a job's rows
 and its queue delete commit together. The connection must come from `nova.db.create_pool`
@@ -14,121 +37,56 @@ and its queue delete commit together. The connection must come from `nova.db.cre
 
 from __future__ import annotations
 
-import html
+import asyncio
+import math
 import re
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
-from nova.providers.models import Attachment, Message, Participant, Thread
+from lxml import etree
+from lxml import html as lxml_html
 
-# Stub thread for a message whose thread has not been synced yet; its NULL version lets the
-# first real thread write through.
-_ENSURE_THREAD = """
-INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
-VALUES ($1, $2)
-ON CONFLICT (inbox_id, provider_thread_id) DO UPDATE SET inbox_id = EXCLUDED.inbox_id
-RETURNING id
-"""
+from nova.providers.models import MESSAGE_FIELDS, Message, Participant, Thread
 
-_UPSERT_THREAD = """
-INSERT INTO flux_email_threads AS t
-    (inbox_id, provider_thread_id, subject, snippet, participants, folders, unread, starred,
-     has_attachments, message_count, first_message_at, last_message_at, provider_updated_at,
-     raw, synced_at, deleted_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now(), NULL)
-ON CONFLICT (inbox_id, provider_thread_id) DO UPDATE
-SET subject = EXCLUDED.subject, snippet = EXCLUDED.snippet,
-    participants = EXCLUDED.participants, folders = EXCLUDED.folders,
-    unread = EXCLUDED.unread, starred = EXCLUDED.starred,
-    has_attachments = EXCLUDED.has_attachments, message_count = EXCLUDED.message_count,
-    first_message_at = EXCLUDED.first_message_at, last_message_at = EXCLUDED.last_message_at,
-    provider_updated_at = EXCLUDED.provider_updated_at, raw = EXCLUDED.raw,
-    synced_at = now(), deleted_at = NULL, updated_at = now()
-WHERE t.provider_updated_at IS NULL OR t.provider_updated_at <= EXCLUDED.provider_updated_at
-RETURNING id
-"""
+VERSION_SKEW_SECONDS = 2
+TEXT_INPUT_LIMIT = 2_000_000  # characters of HTML rendered to text; the HTML is kept whole
 
-_UPSERT_MESSAGE = """
-INSERT INTO flux_email_messages AS m
-    (inbox_id, thread_id, provider_message_id, provider_thread_id, subject, snippet,
-     from_addresses, to_addresses, cc_addresses, bcc_addresses, reply_to, body_html, body_text,
-     folders, unread, starred, has_attachments, sent_at, headers, provider_updated_at, raw,
-     deleted_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-        $20, $21, NULL)
-ON CONFLICT (inbox_id, provider_message_id) DO UPDATE
-SET thread_id = EXCLUDED.thread_id, provider_thread_id = EXCLUDED.provider_thread_id,
-    subject = EXCLUDED.subject, snippet = EXCLUDED.snippet,
-    from_addresses = EXCLUDED.from_addresses, to_addresses = EXCLUDED.to_addresses,
-    cc_addresses = EXCLUDED.cc_addresses, bcc_addresses = EXCLUDED.bcc_addresses,
-    reply_to = EXCLUDED.reply_to,
-    -- a truncated event carries no body: keep the one we have
-    body_html = coalesce(EXCLUDED.body_html, m.body_html),
-    body_text = coalesce(EXCLUDED.body_text, m.body_text),
-    folders = EXCLUDED.folders, unread = EXCLUDED.unread, starred = EXCLUDED.starred,
-    has_attachments = EXCLUDED.has_attachments, sent_at = EXCLUDED.sent_at,
-    headers = coalesce(EXCLUDED.headers, m.headers),
-    provider_updated_at = EXCLUDED.provider_updated_at, raw = EXCLUDED.raw,
-    deleted_at = NULL, updated_at = now()
-WHERE m.provider_updated_at IS NULL OR m.provider_updated_at <= EXCLUDED.provider_updated_at
-RETURNING id
-"""
 
-_UPSERT_ATTACHMENTS = """
-INSERT INTO flux_email_attachments AS a
-    (inbox_id, message_id, provider_attachment_id, provider_message_id, original_filename,
-     original_url, content_type, content_id, is_inline, size)
-SELECT $1, $2, x.id, $3, x.filename, x.url, x.content_type, x.content_id, x.is_inline, x.size
-FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::boolean[],
-            $10::bigint[]) AS x(id, filename, url, content_type, content_id, is_inline, size)
-ON CONFLICT (message_id, provider_attachment_id) DO UPDATE
-SET original_filename = EXCLUDED.original_filename, original_url = EXCLUDED.original_url,
-    content_type = EXCLUDED.content_type, content_id = EXCLUDED.content_id,
-    is_inline = EXCLUDED.is_inline,
-    -- the downloader's measured size wins over the provider's announced one
-    size = CASE WHEN a.status = 'completed' THEN a.size ELSE EXCLUDED.size END,
-    deleted_at = NULL, updated_at = now()
-RETURNING id
-"""
+def sync_version(now: datetime | None = None) -> datetime:
+    """The version of what a fetch starting now will read (see the module doc)."""
+    now = now or datetime.now(UTC)
+    second = math.floor(now.timestamp()) - VERSION_SKEW_SECONDS
+    return datetime.fromtimestamp(second, UTC)
 
-_DELETE_MESSAGE = """
-INSERT INTO flux_email_messages AS m (inbox_id, provider_message_id, provider_updated_at,
-                                      deleted_at)
-VALUES ($1, $2, $3, now())
-ON CONFLICT (inbox_id, provider_message_id) DO UPDATE
-SET deleted_at = coalesce(m.deleted_at, now()), provider_updated_at = EXCLUDED.provider_updated_at,
-    updated_at = now()
-WHERE m.provider_updated_at IS NULL OR m.provider_updated_at <= EXCLUDED.provider_updated_at
-RETURNING id
-"""
 
-_DELETE_THREAD = """
-UPDATE flux_email_threads
-SET deleted_at = coalesce(deleted_at, now()), provider_updated_at = $3, updated_at = now()
-WHERE inbox_id = $1 AND provider_thread_id = $2
-  AND (provider_updated_at IS NULL OR provider_updated_at <= $3)
-RETURNING id
-"""
-
-_TAG = re.compile(r"<[^>]+>")
-_BLOCK = re.compile(r"<\s*(br|/p|/div|/li|/tr|/h[1-6])\b[^>]*>", re.I)
-_DROP = re.compile(r"<\s*(script|style|head)\b.*?<\s*/\s*\1\s*>", re.I | re.S)
-_SPACES = re.compile(r"[ \t\r\f\v]+")
+# --------------------------------------------------------------------------- bodies
+_PARSER = lxml_html.HTMLParser(encoding="utf-8", remove_comments=True)
+_BLOCKS = ("br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote",
+           "pre", "table", "ul", "ol", "hr")
+_TAGS = re.compile(r"<[^<>]*>")  # stops at the next '<': linear even on unclosed tags
+_SPACES = re.compile(r"[ \t\r\f\v\xa0]+")
 
 
 def html_to_text(body: str) -> str:
     """A plain-text rendering of an HTML body, for search and previews."""
-    text = _DROP.sub(" ", body)
-    text = _BLOCK.sub("\n", text)
-    text = html.unescape(_TAG.sub(" ", text))
+    data = body[:TEXT_INPUT_LIMIT]
+    try:
+        root = lxml_html.document_fromstring(data.encode("utf-8", "replace"), parser=_PARSER)
+    except (etree.ParserError, ValueError):  # empty document, or nothing lxml can use
+        import html
+
+        text = html.unescape(_TAGS.sub(" ", data))
+    else:
+        etree.strip_elements(root, "script", "style", "head", "title", with_tail=False)
+        for el in root.iter(*_BLOCKS):
+            el.tail = "\n" + (el.tail or "")
+        text = root.text_content()
     lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
     return "\n".join(line for line in lines if line)
-
-
-def _people(participants: Iterable[Participant]) -> list[dict[str, str | None]]:
-    return [{"name": p.name, "email": p.email} for p in participants]
 
 
 def _bodies(body: str | None) -> tuple[str | None, str | None]:
@@ -139,68 +97,324 @@ def _bodies(body: str | None) -> tuple[str | None, str | None]:
     return None, body
 
 
-async def upsert_thread(conn: Any, inbox_id: uuid.UUID, thread: Thread,
-                        version: datetime) -> uuid.UUID | None:
-    """Write a thread; returns its row id, or None when a newer version is already stored."""
-    row_id = await conn.fetchval(
-        _UPSERT_THREAD, inbox_id, thread.id, thread.subject, thread.snippet,
-        _people(thread.participants), list(thread.folders), thread.unread, thread.starred,
-        thread.has_attachments, len(thread.message_ids), thread.earliest_message_date,
-        thread.latest_message_date, version, thread.raw or None,
-    )
-    return row_id  # type: ignore[no-any-return]
+# --------------------------------------------------------------------------- messages
+# (field of a partial payload, columns it writes, SQL type of each)
+_COLUMNS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("thread_id", (("provider_thread_id", "text"),)),
+    ("subject", (("subject", "text"),)),
+    ("snippet", (("snippet", "text"),)),
+    ("from", (("from_addresses", "jsonb"),)),
+    ("to", (("to_addresses", "jsonb"),)),
+    ("cc", (("cc_addresses", "jsonb"),)),
+    ("bcc", (("bcc_addresses", "jsonb"),)),
+    ("reply_to", (("reply_to", "jsonb"),)),
+    ("date", (("sent_at", "timestamptz"),)),
+    ("body", (("body_html", "text"), ("body_text", "text"))),
+    ("body_cleaned", (("body_cleaned", "text"),)),
+    ("folders", (("folders", "text[]"),)),
+    ("unread", (("unread", "boolean"),)),
+    ("starred", (("starred", "boolean"),)),
+    ("attachments", (("has_attachments", "boolean"),)),
+    ("headers", (("headers", "jsonb"),)),
+)
+assert {f for f, _ in _COLUMNS} == MESSAGE_FIELDS
 
 
-async def thread_row_id(conn: Any, inbox_id: uuid.UUID, provider_thread_id: str) -> uuid.UUID:
-    """The row id of a thread, creating a stub row if the thread is not stored yet."""
-    return await conn.fetchval(_ENSURE_THREAD, inbox_id, provider_thread_id)  # type: ignore[no-any-return]
+@dataclass(frozen=True)
+class PreparedMessage:
+    """A message as rows: what `upsert_messages` writes. Built off the event loop."""
+
+    fields: frozenset[str]
+    row: dict[str, Any]
+
+
+def _people(participants: Iterable[Participant]) -> list[dict[str, str | None]]:
+    return [{"name": p.name, "email": p.email} for p in participants]
+
+
+def _prepare(message: Message) -> PreparedMessage:
+    fields = set(message.present if message.present is not None else MESSAGE_FIELDS)
+    if message.present is None:  # a complete object: None here means "not sent", keep ours
+        for name, value in (("body", message.body), ("headers", message.headers),
+                            ("body_cleaned", message.body_cleaned)):
+            if value is None:
+                fields.discard(name)
+    body_html, body_text = _bodies(message.body)
+    row: dict[str, Any] = {
+        "provider_message_id": message.id, "provider_thread_id": message.thread_id,
+        "subject": message.subject, "snippet": message.snippet,
+        "from_addresses": _people(message.from_), "to_addresses": _people(message.to),
+        "cc_addresses": _people(message.cc), "bcc_addresses": _people(message.bcc),
+        "reply_to": _people(message.reply_to),
+        "sent_at": _iso(message.date),
+        "body_html": body_html, "body_text": body_text, "body_cleaned": message.body_cleaned,
+        "folders": list(message.folders), "unread": message.unread, "starred": message.starred,
+        "has_attachments": bool(message.attachments),
+        "headers": [{"name": k, "value": v} for k, v in message.headers]
+        if message.headers is not None else None,
+        "raw": message.raw or {},
+        "partial": message.present is not None,
+        "attachments": [{
+            "id": a.id, "filename": a.filename, "url": a.raw.get("url") if a.raw else None,
+            "content_type": a.content_type, "content_id": a.content_id,
+            "is_inline": a.is_inline, "size": a.size} for a in message.attachments]
+        if "attachments" in fields else [],
+    }
+    return PreparedMessage(frozenset(fields), row)
+
+
+async def prepare_messages(messages: Sequence[Message]) -> list[PreparedMessage]:
+    """Render bodies and build rows in a worker thread: CPU work stays off the event loop."""
+    if not messages:
+        return []
+    return await asyncio.to_thread(lambda: [_prepare(m) for m in messages])
+
+
+# Threads are created when missing (DO NOTHING: an existing row is neither rewritten nor
+# locked by it), then locked in id order before any message: every writer takes a thread
+# before its messages, so writers of one thread serialize and never deadlock.
+_ENSURE_THREADS = """
+INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
+SELECT DISTINCT $1::uuid, t FROM unnest($2::text[]) AS t
+ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING
+"""
+_LOCK_THREADS = """
+SELECT id FROM flux_email_threads
+WHERE inbox_id = $1 AND provider_thread_id = ANY ($2::text[])
+ORDER BY id FOR UPDATE
+"""
+
+_ATTACHMENTS = """
+, a AS (
+    INSERT INTO flux_email_attachments AS a
+        (inbox_id, message_id, provider_attachment_id, provider_message_id, original_filename,
+         original_url, content_type, content_id, is_inline, size)
+    SELECT $1, m.id, y.id, m.provider_message_id, y.filename, y.url, y.content_type,
+           y.content_id, coalesce(y.is_inline, false), y.size
+    FROM m JOIN x ON x.provider_message_id = m.provider_message_id
+    CROSS JOIN LATERAL jsonb_to_recordset(x.attachments) AS y(
+        id text, filename text, url text, content_type text, content_id text,
+        is_inline boolean, size bigint)
+    ON CONFLICT (message_id, provider_attachment_id) DO UPDATE
+    SET original_filename = EXCLUDED.original_filename, original_url = EXCLUDED.original_url,
+        content_type = EXCLUDED.content_type, content_id = EXCLUDED.content_id,
+        is_inline = EXCLUDED.is_inline,
+        -- the downloader's measured size wins over the provider's announced one
+        size = CASE WHEN a.status = 'completed' THEN a.size ELSE EXCLUDED.size END,
+        deleted_at = NULL, updated_at = now()
+    RETURNING a.id
+)"""
+
+
+@lru_cache(maxsize=64)
+def _upsert_sql(fields: frozenset[str], partial: bool) -> str:
+    """One statement writing a batch of messages with the same field set, and their
+    attachment rows. Only the columns of `fields` are written."""
+    cols = [(c, t) for f, cs in _COLUMNS if f in fields for c, t in cs]
+    record = ", ".join(f"{c} {t}" for c, t in cols)
+    names = [c for c, _ in cols]
+    insert_cols = ["inbox_id", "provider_message_id", "provider_updated_at", "raw",
+                   "deleted_at", *names]
+    values = ["$1", "x.provider_message_id", "$3", "x.raw", "NULL", *(f"x.{c}" for c in names)]
+    join = ""
+    updates = [f"{c} = EXCLUDED.{c}" for c in names]
+    if "thread_id" in fields:
+        insert_cols.append("thread_id")
+        values.append("t.id")
+        join = ("LEFT JOIN flux_email_threads t ON t.inbox_id = $1"
+                " AND t.provider_thread_id = x.provider_thread_id")
+        updates.append("thread_id = EXCLUDED.thread_id")
+    raw = "coalesce(m.raw, '{}'::jsonb) || EXCLUDED.raw" if partial else "EXCLUDED.raw"
+    sql = f"""
+WITH x AS (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+        provider_message_id text, raw jsonb, attachments jsonb{', ' + record if record else ''})
+), before AS (  -- the thread each message was under (the statement's snapshot: before it)
+    SELECT provider_message_id, thread_id FROM flux_email_messages
+    WHERE inbox_id = $1 AND provider_message_id IN (SELECT provider_message_id FROM x)
+), m AS (
+    INSERT INTO flux_email_messages AS m ({', '.join(insert_cols)})
+    SELECT {', '.join(values)} FROM x {join}
+    ON CONFLICT (inbox_id, provider_message_id) DO UPDATE
+    SET provider_updated_at = EXCLUDED.provider_updated_at, raw = {raw}, deleted_at = NULL,
+        updated_at = now(){''.join(', ' + u for u in updates)}
+    WHERE m.provider_updated_at IS NULL OR m.provider_updated_at <= EXCLUDED.provider_updated_at
+    RETURNING m.id, m.provider_message_id, m.thread_id
+){_ATTACHMENTS if 'attachments' in fields else ''}
+SELECT m.id, m.provider_message_id, m.thread_id, b.thread_id AS left_thread_id
+FROM m LEFT JOIN before b ON b.provider_message_id = m.provider_message_id
+"""
+    return sql
+
+
+REFRESH_THREADS = "SELECT nova_refresh_threads($1::uuid[])"
+
+
+async def upsert_messages(conn: Any, inbox_id: uuid.UUID,
+                          messages: Sequence[PreparedMessage],
+                          version: datetime) -> dict[str, uuid.UUID]:
+    """Write messages and their attachment rows, then re-derive their threads.
+
+    Returns the row id of each message written; one refused as older than the stored version
+    is not in it. One statement per distinct field set (a thread sync has one).
+    """
+    threads = sorted({p.row["provider_thread_id"] for p in messages
+                      if "thread_id" in p.fields and p.row["provider_thread_id"]})
+    if threads:
+        await conn.execute(_ENSURE_THREADS, inbox_id, threads)
+        await conn.execute(_LOCK_THREADS, inbox_id, threads)
+    groups: dict[tuple[frozenset[str], bool], list[dict[str, Any]]] = {}
+    for p in messages:
+        groups.setdefault((p.fields, p.row["partial"]), []).append(p.row)
+    written: dict[str, uuid.UUID] = {}
+    touched: set[uuid.UUID] = set()
+    for (fields, partial), rows in groups.items():
+        for r in await conn.fetch(_upsert_sql(fields, partial), inbox_id, rows, version):
+            written[r["provider_message_id"]] = r["id"]
+            # a message that moved leaves a thread to re-derive too
+            touched.update(t for t in (r["thread_id"], r["left_thread_id"]) if t is not None)
+    if touched:
+        await conn.execute(REFRESH_THREADS, sorted(touched))
+    return written
 
 
 async def upsert_message(conn: Any, inbox_id: uuid.UUID, message: Message,
                          version: datetime) -> uuid.UUID | None:
-    """Write a message and its attachment rows; None when a newer version is stored.
-
-    A message whose body is None (a truncated webhook) keeps the body already stored.
-    """
-    thread_id = (await thread_row_id(conn, inbox_id, message.thread_id)
-                 if message.thread_id else None)
-    body_html, body_text = _bodies(message.body)
-    headers = ([{"name": k, "value": v} for k, v in message.headers]
-               if message.headers is not None else None)
-    row_id: uuid.UUID | None = await conn.fetchval(
-        _UPSERT_MESSAGE, inbox_id, thread_id, message.id, message.thread_id, message.subject,
-        message.snippet, _people(message.from_), _people(message.to), _people(message.cc),
-        _people(message.bcc), _people(message.reply_to), body_html, body_text,
-        list(message.folders), message.unread, message.starred, bool(message.attachments),
-        message.date, headers, version, message.raw or None,
-    )
-    if row_id is not None and message.attachments:
-        await upsert_attachments(conn, inbox_id, row_id, message.id, message.attachments)
-    return row_id
+    """Write one message (see `upsert_messages`); None when a newer version is stored."""
+    written = await upsert_messages(conn, inbox_id, [_prepare(message)], version)
+    return written.get(message.id)
 
 
-async def upsert_attachments(conn: Any, inbox_id: uuid.UUID, message_row_id: uuid.UUID,
-                             provider_message_id: str,
-                             attachments: Sequence[Attachment]) -> list[uuid.UUID]:
-    """Attachment metadata rows (status pending until the downloader takes them)."""
-    rows = await conn.fetch(
-        _UPSERT_ATTACHMENTS, inbox_id, message_row_id, provider_message_id,
-        [a.id for a in attachments], [a.filename for a in attachments],
-        [a.raw.get("url") if a.raw else None for a in attachments],
-        [a.content_type for a in attachments], [a.content_id for a in attachments],
-        [a.is_inline for a in attachments], [a.size for a in attachments],
-    )
-    return [r["id"] for r in rows]
+# --------------------------------------------------------------------------- threads
+_UPSERT_THREADS = """
+INSERT INTO flux_email_threads AS t
+    (inbox_id, provider_thread_id, subject, snippet, participants, folders, unread, starred,
+     has_attachments, message_count, first_message_at, last_message_at, provider_updated_at,
+     raw, synced_at, deleted_at)
+SELECT $1, x.provider_thread_id, x.subject, x.snippet, x.participants, x.folders, x.unread,
+       x.starred, x.has_attachments, x.message_count, x.first_message_at, x.last_message_at, $3,
+       x.raw, now(), NULL
+FROM jsonb_to_recordset($2::jsonb) AS x(
+    provider_thread_id text, subject text, snippet text, participants jsonb, folders text[],
+    unread boolean, starred boolean, has_attachments boolean, message_count integer,
+    first_message_at timestamptz, last_message_at timestamptz, raw jsonb)
+ON CONFLICT (inbox_id, provider_thread_id) DO UPDATE
+SET subject = EXCLUDED.subject, snippet = EXCLUDED.snippet,
+    participants = EXCLUDED.participants, folders = EXCLUDED.folders,
+    unread = EXCLUDED.unread, starred = EXCLUDED.starred,
+    has_attachments = EXCLUDED.has_attachments, message_count = EXCLUDED.message_count,
+    first_message_at = EXCLUDED.first_message_at, last_message_at = EXCLUDED.last_message_at,
+    provider_updated_at = EXCLUDED.provider_updated_at, raw = EXCLUDED.raw,
+    synced_at = now(), deleted_at = NULL, updated_at = now()
+WHERE t.provider_updated_at IS NULL OR t.provider_updated_at <= EXCLUDED.provider_updated_at
+RETURNING id, provider_thread_id
+"""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+async def upsert_threads(conn: Any, inbox_id: uuid.UUID, threads: Sequence[Thread],
+                         version: datetime) -> dict[str, uuid.UUID]:
+    """Write threads as the provider describes them, in one statement (a page of discovery);
+    returns the row id of each written (not refused as older than the stored version). Writing
+    a thread's messages afterwards re-derives its summary columns from them."""
+    if not threads:
+        return {}
+    rows = [{"provider_thread_id": t.id, "subject": t.subject, "snippet": t.snippet,
+             "participants": _people(t.participants), "folders": list(t.folders),
+             "unread": t.unread, "starred": t.starred, "has_attachments": t.has_attachments,
+             "message_count": len(t.message_ids),
+             "first_message_at": _iso(t.earliest_message_date),
+             "last_message_at": _iso(t.latest_message_date), "raw": t.raw or None}
+            for t in {t.id: t for t in threads}.values()]
+    return {r["provider_thread_id"]: r["id"]
+            for r in await conn.fetch(_UPSERT_THREADS, inbox_id, rows, version)}
+
+
+async def upsert_thread(conn: Any, inbox_id: uuid.UUID, thread: Thread,
+                        version: datetime) -> uuid.UUID | None:
+    """One thread (see `upsert_threads`); None when a newer version is stored."""
+    return (await upsert_threads(conn, inbox_id, [thread], version)).get(thread.id)
+
+
+async def refresh_threads(conn: Any, thread_row_ids: Iterable[uuid.UUID]) -> None:
+    """Re-derive the summary of threads from their stored messages."""
+    ids = sorted(set(thread_row_ids))
+    if ids:
+        await conn.execute(REFRESH_THREADS, ids)
+
+
+# --------------------------------------------------------------------------- deletes
+_DELETE_MESSAGE = """
+INSERT INTO flux_email_messages AS m (inbox_id, provider_message_id, provider_updated_at,
+                                      deleted_at)
+VALUES ($1, $2, $3, now())
+ON CONFLICT (inbox_id, provider_message_id) DO UPDATE
+SET deleted_at = coalesce(m.deleted_at, now()), provider_updated_at = EXCLUDED.provider_updated_at,
+    updated_at = now()
+WHERE m.provider_updated_at IS NULL OR m.provider_updated_at <= EXCLUDED.provider_updated_at
+RETURNING id, thread_id
+"""
+
+_DELETE_THREAD = """
+UPDATE flux_email_threads
+SET deleted_at = coalesce(deleted_at, now()), provider_updated_at = $3, updated_at = now()
+WHERE inbox_id = $1 AND provider_thread_id = $2
+  AND (provider_updated_at IS NULL OR provider_updated_at <= $3)
+RETURNING id
+"""
+
+
+_LOCK_THREAD_OF_MESSAGE = """
+SELECT t.id FROM flux_email_threads t
+JOIN flux_email_messages m ON m.thread_id = t.id
+WHERE m.inbox_id = $1 AND m.provider_message_id = $2
+FOR UPDATE OF t
+"""
 
 
 async def soft_delete_message(conn: Any, inbox_id: uuid.UUID, provider_message_id: str,
                               version: datetime) -> bool:
-    """Mark a message deleted (a tombstone row if it was never stored). False when stale."""
-    return await conn.fetchval(_DELETE_MESSAGE, inbox_id, provider_message_id,
-                               version) is not None
+    """Mark a message deleted (a tombstone row if it was never stored) and re-derive its
+    thread. False when a newer version is stored."""
+    await conn.execute(_LOCK_THREAD_OF_MESSAGE, inbox_id, provider_message_id)
+    row = await conn.fetchrow(_DELETE_MESSAGE, inbox_id, provider_message_id, version)
+    if row is None:
+        return False
+    if row["thread_id"] is not None:
+        await refresh_threads(conn, [row["thread_id"]])
+    return True
+
+
+_DELETE_ABSENT = """
+UPDATE flux_email_messages m
+SET deleted_at = now(), provider_updated_at = $4, updated_at = now()
+FROM flux_email_threads t
+WHERE t.inbox_id = $1 AND t.provider_thread_id = $2 AND m.thread_id = t.id
+  AND m.deleted_at IS NULL AND m.provider_message_id <> ALL ($3::text[])
+  AND (m.provider_updated_at IS NULL OR m.provider_updated_at < $4)
+RETURNING m.thread_id
+"""
+
+
+async def delete_absent_messages(conn: Any, inbox_id: uuid.UUID, provider_thread_id: str,
+                                 present: Sequence[str], version: datetime) -> int:
+    """After a sync of a thread: its stored messages the provider no longer lists were
+    deleted there (Nylas announces deletes by webhook, but a webhook can be lost). Only those
+    older than the sync's version: one written since (a webhook about mail newer than the
+    fetch) is kept. Re-derives the thread; returns how many were deleted."""
+    rows = await conn.fetch(_DELETE_ABSENT, inbox_id, provider_thread_id, list(present),
+                            version)
+    await refresh_threads(conn, [r["thread_id"] for r in rows])
+    return len(rows)
 
 
 async def soft_delete_thread(conn: Any, inbox_id: uuid.UUID, provider_thread_id: str,
                              version: datetime) -> bool:
+    """A thread gone at the provider: the thread and its messages (older than `version`)."""
+    await delete_absent_messages(conn, inbox_id, provider_thread_id, [], version)
     return await conn.fetchval(_DELETE_THREAD, inbox_id, provider_thread_id,
                                version) is not None
+

@@ -6,11 +6,20 @@ Run any number of copies. For each job:
 2. an inbox that is not active makes no API call: `auth_expired` / `disabled` park the thread
    (`queued`, no queue message, error_message says why) and the completion monitor re-queues it
    once the inbox is active again; `revoked` fails it;
-3. mark it `processing` (attempts + 1, started_at), then fetch the thread and all its messages;
-4. ONE transaction: upsert the thread and every message (attachment rows come with them), all
-   versioned with the moment just before the fetch began, set the queued thread `completed`
-   with its message_count and processed_at (triggers keep inbox_sync_stats), and delete the
-   queue message.
+3. mark it `processing` (attempts + 1, started_at) -- only if the row still names this job
+   (`queue_msg_id`): a thread re-queued under a running sync belongs to the newer job --, then
+   fetch its messages with ONE request per 200 (the messages list filtered by thread: the
+   thread object itself came with discovery's listing, and threads whose one message came
+   whole with it never get a job); bodies are rendered to text off the event loop;
+4. ONE transaction: set the queued thread `completed` (again only for this job; otherwise
+   nothing is written), upsert its messages (one statement for all messages and their
+   attachment rows), soft-delete the stored ones the provider no longer lists, derive the
+   thread row from the messages, all versioned with `store.sync_version()`, and delete the
+   queue message. The log line counts the requests the thread took.
+
+A 401 is confirmed with the grant itself (nova.ratelimit): an expired grant marks the inbox
+`auth_expired` and parks the thread, a deleted one marks it `revoked` and fails its threads, a
+valid one makes the 401 a transient error, and a refused API key stops the processor.
 
 Provider calls are paced by the per-grant budget shared through Postgres (nova.ratelimit); a 429
 holds the grant for every worker and the call is tried again after the hold. Max 5 attempts;
@@ -23,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any, ClassVar
 
 import asyncpg
@@ -35,8 +44,8 @@ from nova.providers import (
     NotFound,
     Permanent,
 )
-from nova.providers.models import Message, Thread
-from nova.ratelimit import ProviderProcessor
+from nova.providers.models import Message
+from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
     GiveUp,
     Job,
@@ -45,40 +54,43 @@ from nova.runtime import (
 
 log = logging.getLogger("nova.threads")
 
+PAGE_LIMIT = 200  # the messages list's maximum page size
+
 
 LOAD = """
 SELECT q.id, q.config_id, q.inbox_id, q.provider_thread_id, q.status, q.queue_msg_id,
-       coalesce(q.grant_id, i.grant_id) AS grant_id, i.status AS inbox_status
+       coalesce(q.grant_id, i.grant_id) AS grant_id, i.status AS inbox_status,
+       i.provider
 FROM queued_threads q JOIN flux_inboxes i ON i.id = q.inbox_id
 WHERE q.id = $1
 """
 FIND = "SELECT id FROM queued_threads WHERE config_id = $1 AND provider_thread_id = $2"
+# START and COMPLETE act only for the job the row names (queue_msg_id): a thread re-queued
+# under a running sync (recovery, a round of changed threads) belongs to its newer job, and
+# the older one commits nothing. One sync of a thread at a time.
 START = """
 UPDATE queued_threads
 SET status = 'processing', attempts = attempts + 1, started_at = now(),
-    grant_id = coalesce(grant_id, $2)
-WHERE id = $1
+    grant_id = coalesce(grant_id, $3)
+WHERE id = $1 AND queue_msg_id = $2 AND status IN ('queued', 'processing')
+RETURNING id
 """
 COMPLETE = """
 UPDATE queued_threads
-SET status = 'completed', message_count = $2, processed_at = now(), error_message = $3
-WHERE id = $1
+SET status = 'completed', message_count = $3, processed_at = now(), error_message = $4
+WHERE id = $1 AND queue_msg_id = $2 AND status = 'processing'
+RETURNING id
 """
 PARK = """
 UPDATE queued_threads
-SET status = 'queued', queue_msg_id = NULL, error_message = $2
-WHERE id = $1
+SET status = 'queued', queue_msg_id = NULL, error_message = $3
+WHERE id = $1 AND queue_msg_id = $2
 """
 FAIL = """
 UPDATE queued_threads
-SET status = CASE WHEN $3 THEN 'failed' ELSE 'queued' END, error_message = $2,
-    processed_at = CASE WHEN $3 THEN now() ELSE processed_at END
-WHERE id = $1 AND status <> 'completed'
-"""
-EXPIRE_INBOX = """
-UPDATE flux_inboxes SET status = 'auth_expired', auth_expired_at = coalesce(auth_expired_at, now()),
-       updated_at = now()
-WHERE id = $1 AND status = 'active'
+SET status = CASE WHEN $4 THEN 'failed' ELSE 'queued' END, error_message = $3,
+    processed_at = CASE WHEN $4 THEN now() ELSE processed_at END
+WHERE id = $1 AND queue_msg_id = $2 AND status <> 'completed'
 """
 
 
@@ -94,64 +106,89 @@ class ThreadSyncProcessor(ProviderProcessor):
         thread_id = row["provider_thread_id"]
         if row["status"] == "completed":
             return f"thread={thread_id} already completed"
-        if row["queue_msg_id"] is not None and row["queue_msg_id"] != job.msg_id:
+        if row["queue_msg_id"] != job.msg_id:
             return f"thread={thread_id} superseded by job {row['queue_msg_id']}"
         if not row["grant_id"]:
             raise GiveUp("inbox has no grant")
         if row["inbox_status"] != "active":
-            return await self._inactive(ctx, row)
+            return await self._inactive(ctx, row, job)
 
-        await ctx.pool.execute(START, row["id"], row["grant_id"])
-        version = datetime.now(UTC)  # what we store is provider state as of (at least) now
+        if await ctx.pool.fetchval(START, row["id"], job.msg_id, row["grant_id"]) is None:
+            return f"thread={thread_id} superseded while starting"
+        version = store.sync_version()  # what we store is provider state as of (at least) this
         try:
-            fetched = await self._fetch(row["grant_id"], thread_id)
+            messages, requests = await self._fetch(row["provider"], row["grant_id"],
+                                                   thread_id)
         except AuthExpired:
-            async with ctx.transaction() as conn:
-                await conn.execute(EXPIRE_INBOX, row["inbox_id"])
-                await conn.execute(PARK, row["id"], "paused: the grant expired during sync")
-            return f"thread={thread_id} parked: grant expired"
+            return await self._grant_lost(ctx, row, job, "auth_expired")
+        except GrantNotFound:
+            return await self._grant_lost(ctx, row, job, "revoked")
+        prepared = await store.prepare_messages(messages)
 
         async with ctx.transaction() as conn:
-            if fetched is None:  # deleted at the provider since discovery
+            note = None if messages else "thread no longer exists at provider"
+            if await conn.fetchval(COMPLETE, row["id"], job.msg_id, len(messages), note) is None:
+                return f"thread={thread_id} superseded during sync: nothing written"
+            if not messages:  # deleted at the provider since it was listed
                 await store.soft_delete_thread(conn, row["inbox_id"], thread_id, version)
-                await conn.execute(COMPLETE, row["id"], 0, "thread no longer exists at provider")
-                return f"thread={thread_id} gone at the provider"
-            thread, messages = fetched
-            await store.upsert_thread(conn, row["inbox_id"], thread, version)
-            for message in messages:
-                await store.upsert_message(conn, row["inbox_id"], message, version)
-            await conn.execute(COMPLETE, row["id"], len(messages), None)
+                return f"thread={thread_id} gone at the provider requests={requests}"
+            # The thread row is derived from its messages (discovery wrote the provider's thread
+            # object already): one request per thread of up to 200 messages.
+            await store.upsert_messages(conn, row["inbox_id"], prepared, version)
+            await store.delete_absent_messages(conn, row["inbox_id"], thread_id,
+                                               [m.id for m in messages], version)
         if self.settings.thread_delay_ms:
             await asyncio.sleep(self.settings.thread_delay_ms / 1000)
-        return f"thread={thread_id} messages={len(messages)}"
+        return f"thread={thread_id} messages={len(messages)} requests={requests}"
 
-    async def _inactive(self, ctx: JobContext, row: asyncpg.Record) -> str:
+    async def _inactive(self, ctx: JobContext, row: asyncpg.Record, job: Job) -> str:
         status = row["inbox_status"]
         async with ctx.transaction() as conn:
             if status == "revoked":
-                await conn.execute(FAIL, row["id"], "inbox revoked: thread not synced", True)
+                await conn.execute(FAIL, row["id"], job.msg_id,
+                                   "inbox revoked: thread not synced", True)
                 return f"thread={row['provider_thread_id']} failed: inbox revoked"
-            await conn.execute(PARK, row["id"],
+            await conn.execute(PARK, row["id"], job.msg_id,
                                f"paused: inbox is {status}; re-queued when it is active again")
         return f"thread={row['provider_thread_id']} parked: inbox {status}"
 
-    async def _fetch(self, grant_id: str,
-                     thread_id: str) -> tuple[Thread, list[Message]] | None:
-        async def fetch() -> tuple[Thread, list[Message]]:
-            thread = await self.api.get_thread(grant_id, thread_id)
-            messages: list[Message] = []
-            async for message in self.api.list_thread_messages(grant_id, thread_id):
-                messages.append(message)
+    async def _grant_lost(self, ctx: JobContext, row: asyncpg.Record, job: Job,
+                          status: str) -> str:
+        """The grant itself confirmed the refusal: the inbox stops, this thread waits (or, for
+        a deleted grant, fails with every other thread of the inbox)."""
+        async with ctx.transaction() as conn:
+            await refuse_inbox(conn, row["inbox_id"], status)
+            if status == "revoked":
+                await conn.execute(FAIL, row["id"], job.msg_id, "grant deleted at the provider",
+                                   True)
+            else:
+                await conn.execute(PARK, row["id"], job.msg_id,
+                                   "paused: the grant expired during sync")
+        return f"thread={row['provider_thread_id']} {status}: grant refused"
+
+    async def _fetch(self, kind: str, grant_id: str,
+                     thread_id: str) -> tuple[list[Message], int]:
+        """Every message of the thread, through the messages list filtered by thread (200 per
+        page), and the number of requests it took. No message: the thread is gone."""
+        messages: list[Message] = []
+        requests = 0
+        token: str | None = None
+        try:
+            while True:
+                page = await self.call(partial(
+                    self.provider_for(kind).list_messages_page, grant_id,
+                    thread_id=thread_id, page_token=token, limit=PAGE_LIMIT), grant_id, kind)
+                requests += 1
+                messages.extend(m for m in page.items if m.thread_id in (None, thread_id))
                 if self.settings.message_delay_ms:
                     await asyncio.sleep(self.settings.message_delay_ms / 1000)
-            return thread, messages
-
-        try:
-            return await self.call(fetch)
-        except GrantNotFound as exc:
-            raise GiveUp(f"grant not found: {exc}") from exc
+                if page.next_page_token is None:
+                    return messages, requests
+                token = page.next_page_token
+        except (AuthExpired, GrantNotFound):
+            raise
         except NotFound:
-            return None
+            return [], requests
         except Permanent as exc:
             raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
 
@@ -159,7 +196,8 @@ class ThreadSyncProcessor(ProviderProcessor):
                              final: bool) -> None:
         row_id = await _row_id(conn, job)
         if row_id is not None:
-            await conn.execute(FAIL, row_id, f"{type(error).__name__}: {error}"[:2000], final)
+            await conn.execute(FAIL, row_id, job.msg_id, f"{type(error).__name__}: {error}"[:2000],
+                               final)
 
 
 async def _row_id(conn: Any, job: Job) -> int | None:

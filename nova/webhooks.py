@@ -1,25 +1,41 @@
 """`python -m nova.webhooks`: apply provider notifications from `nylas_webhook_notifications`.
 
 Each queue message points at a stored `flux_webhook_notifications` row. Its type is routed by
-its base trigger (suffixes such as `.truncated`, `.transformed`, `.cleaned` are stripped):
+its base trigger; the suffixes say what the payload lacks (https://developer.nylas.com/docs/
+reference/notifications/messages/):
 
 | trigger                            | effect                                                    |
 | ---------------------------------- | --------------------------------------------------------- |
-| message.created, message.updated   | upsert the message from the payload; a truncated payload  |
-|                                    | (no body) is replaced by the full message from the API    |
+| message.created, message.updated   | upsert the message from the payload, only the fields it   |
+|                                    | has (`.transformed`, `.metadata`); `.truncated` (no body) |
+|                                    | fetches the message; a `.cleaned` body is kept apart as   |
+|                                    | body_cleaned (markdown), never as the HTML body           |
 | message.deleted                    | soft delete                                               |
-| thread.replied                     | fetch the thread and upsert its metadata                  |
+| thread.replied                     | a message-tracking event (sends with reply tracking only):|
+|                                    | re-derives the thread; the reply itself arrives as        |
+|                                    | message.created                                           |
 | grant.expired                      | inbox -> auth_expired (queued work stops calling the API) |
 | grant.deleted                      | inbox -> revoked                                          |
-| grant.updated                      | an expired inbox is active again, and a catch-up backfill |
-|                                    | is queued from its last event minus the overlap window    |
+| grant.updated                      | a re-authentication (`reauthentication_flag`) makes an    |
+|                                    | expired inbox active and queues a catch-up backfill from  |
+|                                    | its last event minus the overlap; other updates change    |
+|                                    | nothing                                                   |
 | anything else                      | stored and marked skipped                                 |
 
-Nylas delivers at least once and out of order. Every write is versioned by the event's `time`
-(see nova.store), so an earlier event never overwrites a later one, whatever the arrival
-order, and a redelivered event changes nothing. The notification row gets status, attempts,
-error_message, processed_at and processing_duration_ms; the outcome commits with the queue
-delete. Max 3 attempts, then the message is archived and the row says `error`.
+Every message write re-derives its thread from the stored messages (nova.store), so ordinary
+replies, which Nylas announces with message.created alone, keep threads current without a
+provider request. While the inbox's backfill runs, a message for a thread the backfill has not
+listed queues that thread for sync: discovery may miss a thread that moves under it.
+
+Nothing is dropped for its inbox: a notification whose inbox does not exist waits (`waiting`),
+and so does one that needs the API while the inbox is not active; the inbox's activation queues
+them again (sql/020_webhooks.sql). The rest apply at once.
+
+Grant events carry `time`: one older than the event that set the inbox's status changes
+nothing. Nylas delivers at least once and out of order; every mailbox write is versioned by the
+event's `time` (see nova.store), so an earlier event never overwrites a later one. The row gets
+status, attempts, error_message, processed_at and processing_duration_ms; the outcome commits
+with the queue delete. Max 3 attempts, then the message is archived and the row says `error`.
 """
 
 from __future__ import annotations
@@ -27,17 +43,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import asyncpg
 
-from nova import store
-from nova.providers import AuthExpired, NotFound, Permanent, RateLimited
+from nova import metrics, store
+from nova.providers import AuthExpired, GrantNotFound, Message, NotFound, Permanent
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
-from nova.ratelimit import ProviderProcessor
-from nova.runtime import GiveUp, Job, JobContext, RetryLater
+from nova.ratelimit import ProviderProcessor, refuse_inbox
+from nova.runtime import GiveUp, Job, JobContext
 
 log = logging.getLogger("nova.webhooks")
 
@@ -55,24 +71,27 @@ INBOX_SEEN = """
 UPDATE flux_inboxes SET last_event_at = greatest(last_event_at, $2), updated_at = now()
 WHERE id = $1
 """
-INBOX_STATUS = """
-UPDATE flux_inboxes
-SET status = $2,
-    auth_expired_at = CASE WHEN $2 = 'auth_expired' THEN coalesce(auth_expired_at, $3)
-                           WHEN $2 = 'active' THEN NULL ELSE auth_expired_at END,
-    updated_at = now()
-WHERE id = $1 AND status IS DISTINCT FROM $2
-  AND ($2 <> 'active' OR status = 'auth_expired')
-RETURNING status
+# Grant events and the grant checks of workers change an inbox's status through one function
+# (sql/020_webhooks.sql): ordered by time, revoked final, a catch-up when it comes back.
+SET_STATUS = """
+SELECT * FROM nova_set_inbox_status($1, $2, $3, make_interval(secs => $4),
+                                    make_interval(secs => $5))
 """
-LOCK_OBJECT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
-# Read before the inbox turns active (that clears auth_expired_at). Nylas replays only 72 hours
-# of missed notifications, so a returning grant gets its gap re-listed by a catch-up backfill.
-CATCHUP_SINCE = """
-SELECT coalesce(last_event_at, auth_expired_at, now()) - make_interval(secs => $2)
-FROM flux_inboxes WHERE id = $1 FOR UPDATE
+# A thread named by a message while the inbox's backfill runs, and not yet listed by it.
+FOLLOW_BACKFILL = """
+SELECT queue_thread_sync(c.id, $2)
+FROM flux_inbox_configurations c
+WHERE c.inbox_id = $1 AND c.deleted_at IS NULL
+  AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')
+  AND NOT EXISTS (SELECT 1 FROM queued_threads q
+                  WHERE q.config_id = c.id AND q.provider_thread_id = $2)
 """
-QUEUE_CATCHUP = "SELECT queue_catchup_backfill($1, $2)"
+THREAD_OF = """
+SELECT id FROM flux_email_threads WHERE inbox_id = $1 AND provider_thread_id = $2
+"""
+MESSAGE_TRIGGERS = ("message.created", "message.updated")
+HANDLED = (*MESSAGE_TRIGGERS, "message.deleted", "thread.replied", "grant.expired",
+           "grant.deleted", "grant.updated")
 
 
 class Outcome:
@@ -100,82 +119,97 @@ class WebhookProcessor(ProviderProcessor):
             return f"{row['notification_type']} already {row['status']}"
         await ctx.pool.execute(ACK, notification_id, "processing", None, None)
 
-        trigger, truncated = split_type(row["notification_type"])
-        obj = (row["payload"].get("data") or {}).get("object") or {}
-        # Work that needs the API happens before the transaction opens.
-        fetched = await self._fetch(trigger, truncated, row, obj)
+        trigger, suffixes = split_type(row["notification_type"])
+        data = row["payload"].get("data") if isinstance(row["payload"], dict) else None
+        obj = (data or {}).get("object") if isinstance(data, dict) else None
+        obj = obj if isinstance(obj, dict) else {}
+        # Work that needs the API, and CPU work, happens before the transaction opens.
+        outcome, prepared = await self._prepare(ctx.pool, trigger, suffixes, row, obj)
 
         async with ctx.transaction() as conn:
-            outcome = await self._apply(conn, trigger, row, obj, fetched)
+            if outcome is None:
+                outcome = await self._apply(conn, trigger, row, obj, prepared)
             elapsed = round((time.perf_counter() - started) * 1000)
             await conn.execute(ACK, notification_id, outcome.status,
-                               outcome.note if outcome.status == "skipped" else None, elapsed)
+                               outcome.note if outcome.status in ("skipped", "waiting")
+                               else None, elapsed)
             if row["inbox_id"] is not None and outcome.status == "processed":
                 await conn.execute(INBOX_SEEN, row["inbox_id"], row["version"])
+        if outcome.status == "processed":  # committed: the provider's event is in the rows
+            metrics.webhook_lag((datetime.now(UTC) - row["version"]).total_seconds())
         return f"{row['notification_type']} {outcome.status} {outcome.note}".rstrip()
 
-    async def _fetch(self, trigger: str, truncated: bool, row: asyncpg.Record,
-                     obj: dict[str, Any]) -> Any:
-        if row["inbox_id"] is None or row["inbox_status"] != "active":
-            return None
+    async def _prepare(self, pool: asyncpg.Pool, trigger: str, suffixes: frozenset[str],
+                       row: asyncpg.Record, obj: dict[str, Any],
+                       ) -> tuple[Outcome | None, list[store.PreparedMessage]]:
+        """Decide what waits or is skipped; fetch and render what a message event writes."""
+        if trigger not in HANDLED:
+            return Outcome("skipped", f"unhandled type {row['notification_type']}"), []
+        if row["inbox_id"] is None:
+            return Outcome("waiting", f"no inbox for grant {row['grant_id']} yet"), []
+        if trigger not in MESSAGE_TRIGGERS:
+            return None, []
+        if not obj.get("id"):
+            raise GiveUp("message payload without an id")
+        if "truncated" not in suffixes:
+            message = parse_message(obj, row["grant_id"], partial=True,
+                                    cleaned="cleaned" in suffixes)
+            return None, await store.prepare_messages([message])
+        # No body: the message is fetched whole, which needs an active inbox.
+        if row["inbox_status"] != "active":
+            return Outcome("waiting", f"inbox is {row['inbox_status']}"), []
         try:
-            if trigger in ("message.created", "message.updated") and truncated:
-                return await self.api.get_message(row["grant_id"], str(obj["id"]))
-            if trigger == "thread.replied":
-                return await self.api.get_thread(row["grant_id"], str(obj["thread_id"]))
-        except RateLimited as exc:
-            raise RetryLater(str(exc), delay=exc.retry_after) from exc
+            fetched: Message = await self.call(
+                lambda: self.api.get_message(row["grant_id"], str(obj["id"])), row["grant_id"])
         except NotFound:
-            return NotFound  # gone since the event: nothing to fetch, nothing to write
-        except (AuthExpired, Permanent) as exc:
+            return Outcome("skipped", "message no longer exists at the provider"), []
+        except (AuthExpired, GrantNotFound) as exc:
+            status = "revoked" if isinstance(exc, GrantNotFound) else "auth_expired"
+            await refuse_inbox(pool, row["inbox_id"], status)
+            return Outcome("waiting", f"inbox is {status}"), []
+        except Permanent as exc:
             raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
-        except KeyError as exc:
-            raise GiveUp(f"payload lacks {exc}") from exc
-        return None
+        return None, await store.prepare_messages([fetched])
 
     async def _apply(self, conn: asyncpg.Connection, trigger: str, row: asyncpg.Record,
-                     obj: dict[str, Any], fetched: Any) -> Outcome:
-        inbox_id: uuid.UUID | None = row["inbox_id"]
+                     obj: dict[str, Any], prepared: list[store.PreparedMessage]) -> Outcome:
+        inbox_id: uuid.UUID = row["inbox_id"]
         version: datetime = row["version"]
         if trigger.startswith("grant."):
-            return await self._grant_event(conn, trigger, inbox_id, version)
-        if trigger not in ("message.created", "message.updated", "message.deleted",
-                           "thread.replied"):
-            return Outcome("skipped", f"unhandled type {row['notification_type']}")
-        if inbox_id is None:
-            return Outcome("skipped", f"no inbox for grant {row['grant_id']}")
-        if row["inbox_status"] != "active":
-            return Outcome("skipped", f"inbox is {row['inbox_status']}")
-        if fetched is NotFound:
-            return Outcome("skipped", "object no longer exists at the provider")
-
-        # Events about one object apply one at a time; the versions decide the result.
-        object_key = str(obj.get("thread_id") if trigger == "thread.replied" else obj.get("id"))
-        await conn.execute(LOCK_OBJECT, f"{inbox_id}:{object_key}")
+            return await self._grant_event(conn, trigger, inbox_id, obj, version)
         if trigger == "message.deleted":
-            await store.soft_delete_message(conn, inbox_id, str(obj["id"]), version)
-            return Outcome(note=f"message={obj['id']}")
+            if not obj.get("id"):
+                raise GiveUp("message.deleted without an id")
+            applied = await store.soft_delete_message(conn, inbox_id, str(obj["id"]), version)
+            return Outcome(note=f"message={obj['id']}{'' if applied else ' (older, ignored)'}")
         if trigger == "thread.replied":
-            await store.upsert_thread(conn, inbox_id, fetched, version)
-            return Outcome(note=f"thread={obj['thread_id']}")
-        message = fetched if fetched is not None else parse_message(obj, row["grant_id"])
-        written = await store.upsert_message(conn, inbox_id, message, version)
-        return Outcome(note=f"message={message.id}{'' if written else ' (older, ignored)'}")
+            thread_id = obj.get("thread_id")
+            row_id = await conn.fetchval(THREAD_OF, inbox_id, str(thread_id)) if thread_id \
+                else None
+            if row_id is not None:
+                await store.refresh_threads(conn, [row_id])
+            return Outcome(note=f"thread={thread_id} (tracking)")
+        written = await store.upsert_messages(conn, inbox_id, prepared, version)
+        message = prepared[0].row
+        thread_id = message["provider_thread_id"]
+        if thread_id and "thread_id" in prepared[0].fields:
+            await conn.fetch(FOLLOW_BACKFILL, inbox_id, thread_id)
+        mid = message["provider_message_id"]
+        return Outcome(note=f"message={mid}{'' if mid in written else ' (older, ignored)'}")
 
-    async def _grant_event(self, conn: asyncpg.Connection, trigger: str,
-                           inbox_id: uuid.UUID | None, version: datetime) -> Outcome:
+    async def _grant_event(self, conn: asyncpg.Connection, trigger: str, inbox_id: uuid.UUID,
+                           obj: dict[str, Any], version: datetime) -> Outcome:
+        if trigger == "grant.updated" and obj.get("reauthentication_flag") is not True:
+            return Outcome(note="grant updated: no status change")
         target = {"grant.expired": "auth_expired", "grant.deleted": "revoked",
-                  "grant.updated": "active"}.get(trigger)
-        if target is None:
-            return Outcome("skipped", f"unhandled type {trigger}")
-        if inbox_id is None:
-            return Outcome("skipped", "no inbox for this grant")
-        since = (await conn.fetchval(CATCHUP_SINCE, inbox_id, self.catchup_overlap)
-                 if target == "active" else None)
-        changed = await conn.fetchval(INBOX_STATUS, inbox_id, target, version)
-        note = f"inbox {'-> ' + target if changed else 'unchanged'}"
-        if changed and target == "active":
-            config_id = await conn.fetchval(QUEUE_CATCHUP, inbox_id, since)
+                  "grant.updated": "active"}[trigger]
+        result = await conn.fetchrow(SET_STATUS, inbox_id, target, version,
+                                     self.catchup_overlap, float(store.VERSION_SKEW_SECONDS))
+        if result["was"] == result["status"]:
+            return Outcome(note=f"inbox unchanged ({result['status']})")
+        note = f"inbox {result['was']} -> {result['status']}"
+        if result["status"] == "active":
+            config_id = result["catchup_config_id"]
             note += f" catch-up={config_id}" if config_id else " (backfill already running)"
         return Outcome(note=note)
 

@@ -64,17 +64,21 @@ BEGIN
 END;
 $$;
 
+-- The queue message of a stored notification.
+CREATE OR REPLACE FUNCTION nova_webhook_job(n flux_webhook_notifications)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('notification_id', n.id, 'webhook_id', n.webhook_id,
+                              'type', n.notification_type, 'grant_id', n.grant_id);
+$$;
+
 -- Every stored notification is queued by the same transaction that stored it. AFTER INSERT
 -- fires only for rows really inserted, so ON CONFLICT DO NOTHING never queues a duplicate.
 CREATE OR REPLACE FUNCTION flux_webhook_notifications_enqueue()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pgmq.send('nylas_webhook_notifications',
-                      jsonb_build_object('notification_id', NEW.id,
-                                         'webhook_id', NEW.webhook_id,
-                                         'type', NEW.notification_type,
-                                         'grant_id', NEW.grant_id));
+    PERFORM pgmq.send('nylas_webhook_notifications', nova_webhook_job(NEW));
     RETURN NULL;
 END;
 $$;
@@ -82,6 +86,60 @@ $$;
 CREATE OR REPLACE TRIGGER flux_webhook_notifications_enqueue
     AFTER INSERT ON flux_webhook_notifications
     FOR EACH ROW EXECUTE FUNCTION flux_webhook_notifications_enqueue();
+
+-- Notifications that waited for their inbox (it did not exist, or was not active) go back to
+-- the queue, oldest first, in the transaction that makes the inbox usable. Returns how many.
+CREATE OR REPLACE FUNCTION nova_release_waiting_notifications(p_inbox_id uuid)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_jobs jsonb[];
+BEGIN
+    WITH released AS (
+        UPDATE flux_webhook_notifications n
+        SET status = 'pending', inbox_id = i.id, error_message = NULL
+        FROM flux_inboxes i
+        WHERE i.id = p_inbox_id AND n.status = 'waiting' AND n.grant_id = i.grant_id
+          AND n.provider = i.provider
+        RETURNING n.*
+    )
+    SELECT array_agg(nova_webhook_job(r::flux_webhook_notifications) ORDER BY r.received_at, r.id)
+    INTO v_jobs FROM released r;
+    IF v_jobs IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM pgmq.send_batch('nylas_webhook_notifications', v_jobs, 0);
+    RETURN cardinality(v_jobs);
+END;
+$$;
+
+-- An inbox that becomes usable (added active, re-activated, its grant set) takes its waiting
+-- notifications; one that is revoked fails the threads its running backfills still wait on
+-- (nothing would ever sync them), so those backfills can complete.
+CREATE OR REPLACE FUNCTION flux_inboxes_status_effects()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.deleted_at IS NULL AND NEW.status = 'active' AND NEW.grant_id IS NOT NULL
+       AND (TG_OP = 'INSERT' OR OLD.status <> 'active' OR OLD.deleted_at IS NOT NULL
+            OR OLD.grant_id IS DISTINCT FROM NEW.grant_id) THEN
+        PERFORM nova_release_waiting_notifications(NEW.id);
+    END IF;
+    IF NEW.status = 'revoked' AND (TG_OP = 'INSERT' OR OLD.status <> 'revoked') THEN
+        UPDATE queued_threads q
+        SET status = 'failed', error_message = 'inbox revoked: thread not synced',
+            processed_at = now(), queue_msg_id = NULL
+        FROM flux_inbox_configurations c
+        WHERE c.id = q.config_id AND q.inbox_id = NEW.id AND q.status IN ('queued', 'processing')
+          AND c.backfill_status IN ('queued', 'discovering', 'thread_sync');
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER flux_inboxes_status_effects
+    AFTER INSERT OR UPDATE OF status, grant_id, deleted_at ON flux_inboxes
+    FOR EACH ROW EXECUTE FUNCTION flux_inboxes_status_effects();
 
 -- Records the outcome of processing a notification. 'processing' counts an attempt; the final
 -- states (processed, skipped, error) stamp processed_at and the duration.
@@ -94,10 +152,10 @@ CREATE OR REPLACE FUNCTION acknowledge_webhook_notification(
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_status IS NULL OR p_status NOT IN ('pending', 'processing', 'processed', 'skipped', 'error') THEN
+    IF p_status IS NULL OR p_status NOT IN ('pending', 'processing', 'processed', 'skipped', 'error', 'waiting') THEN
         RAISE EXCEPTION 'acknowledge_webhook_notification: unknown status %', coalesce(p_status, 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'one of pending, processing, processed, skipped, error';
+                  HINT = 'one of pending, processing, processed, skipped, error, waiting';
     END IF;
     IF p_duration_ms IS NOT NULL AND p_duration_ms < 0 THEN
         RAISE EXCEPTION 'acknowledge_webhook_notification: duration must be >= 0, got %', p_duration_ms
@@ -142,5 +200,59 @@ BEGIN
         WHERE n.received_at > now() - p_time_window
         GROUP BY n.notification_type, n.status
         ORDER BY n.notification_type, n.status;
+END;
+$$;
+
+-- The one way an inbox's status changes: a grant event (p_at = its provider time) or a check
+-- of the grant by a worker (p_at = now()). A change older than the one that set the status
+-- last (status_changed_at; an inbox counts as set when it was created, less the clock skew)
+-- changes nothing, and even an unchanged status records the newer time, so a late older
+-- event can never undo a newer one. revoked is final; only auth_expired becomes active again,
+-- and then a catch-up backfill re-lists the gap (Nylas replays only 72 hours of missed
+-- notifications), from the last event seen (or the expiry) less p_overlap.
+-- Returns the status before and after, and the catch-up's configuration id (NULL when none:
+-- no change to active, or a backfill already running covers it).
+CREATE OR REPLACE FUNCTION nova_set_inbox_status(
+    p_inbox_id uuid,
+    p_status   text,
+    p_at       timestamptz DEFAULT now(),
+    p_overlap  interval DEFAULT interval '10 minutes',
+    p_skew     interval DEFAULT interval '2 seconds'
+)
+RETURNS TABLE (was text, status text, catchup_config_id uuid)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_inbox flux_inboxes;
+    v_since timestamptz;
+    v_new   text;
+    v_cfg   uuid;
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('active', 'auth_expired', 'revoked', 'disabled')
+       OR p_at IS NULL THEN
+        RAISE EXCEPTION 'nova_set_inbox_status: status must be active, auth_expired, revoked or disabled, and a time is required'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_inbox FROM flux_inboxes WHERE id = p_inbox_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'nova_set_inbox_status: no inbox %', p_inbox_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF coalesce(v_inbox.status_changed_at, v_inbox.created_at - p_skew) > p_at THEN
+        RETURN QUERY SELECT v_inbox.status, v_inbox.status, NULL::uuid;  -- a newer change won
+        RETURN;
+    END IF;
+    v_new := CASE WHEN v_inbox.status = 'revoked' THEN 'revoked'
+                  WHEN p_status = 'active' AND v_inbox.status <> 'auth_expired' THEN v_inbox.status
+                  ELSE p_status END;
+    v_since := coalesce(v_inbox.last_event_at, v_inbox.auth_expired_at, now()) - p_overlap;
+    UPDATE flux_inboxes
+    SET status = v_new, status_changed_at = p_at, updated_at = now(),
+        auth_expired_at = CASE WHEN v_new = 'auth_expired' THEN coalesce(auth_expired_at, p_at)
+                               WHEN v_new = 'active' THEN NULL ELSE auth_expired_at END
+    WHERE id = p_inbox_id;
+    IF v_new = 'active' AND v_inbox.status = 'auth_expired' THEN
+        v_cfg := queue_catchup_backfill(p_inbox_id, v_since);
+    END IF;
+    RETURN QUERY SELECT v_inbox.status, v_new, v_cfg;
 END;
 $$;

@@ -86,8 +86,15 @@ BEGIN
         backfill_kind = p_kind, backfill_started_at = NULL, discovery_completed_at = NULL,
         backfill_completed_at = NULL, backfill_progress = '{}'::jsonb,
         checkpoint_page_token = NULL, checkpoint_pages_done = 0, checkpoint_threads_found = 0,
+        discovery_cutoff = now(), changes_since = NULL, changes_rounds = 0,
+        changes_round_started_at = NULL, auto_resumes = 0,
         backfill_attempts = 0, last_error = NULL, updated_at = now()
     WHERE id = v_config.id;
+
+    -- Each backfill has a work list of its own: the threads of an earlier one (done, failed
+    -- or abandoned) are dropped, so this one syncs every thread it lists again and its
+    -- counters count only its own. A leftover sync job finds its row gone and ends.
+    DELETE FROM queued_threads WHERE config_id = v_config.id;
 
     PERFORM initialize_sync_stats(v_config.id);
     UPDATE inbox_sync_stats SET sync_started_at = now(), sync_completed_at = NULL
@@ -214,16 +221,21 @@ END;
 $$;
 
 -- One page of discovery: adds the threads not yet known and queues exactly those, in the
--- caller's transaction, recording each one's message id. With p_requeue_known (a catch-up),
--- threads of this configuration already completed or failed are queued again too: they were
--- seen changing since, so they must be synced again. Returns the threads it queued (none when
+-- caller's transaction, recording each one's message id. With p_requeue_known (discovery's
+-- rounds of changed threads), threads of this configuration already completed, failed or
+-- being synced are queued again too: they changed since, so they must be synced again (a
+-- sync already running then finds its job superseded and commits nothing). Threads in
+-- p_done_thread_ids came whole with the listing and were written by the caller: they are
+-- recorded completed (one message) and get no job. Returns the threads it queued (none when
 -- the whole page was known already).
--- Dropped first: adding a defaulted parameter must not leave an ambiguous 2-argument overload.
+-- Dropped first: adding a defaulted parameter must not leave an ambiguous overload.
 DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[]);
+DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[], boolean);
 CREATE OR REPLACE FUNCTION queue_discovered_threads(
     p_config_id           uuid,
     p_provider_thread_ids text[],
-    p_requeue_known       boolean DEFAULT false
+    p_requeue_known       boolean DEFAULT false,
+    p_done_thread_ids     text[] DEFAULT '{}'
 )
 RETURNS TABLE (queued_thread_id bigint, provider_thread_id text, msg_id bigint)
 LANGUAGE plpgsql AS $$
@@ -241,8 +253,26 @@ BEGIN
         RAISE EXCEPTION 'queue_discovered_threads: thread ids must be non-empty strings'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF p_done_thread_ids IS NULL OR array_position(p_done_thread_ids, NULL) IS NOT NULL
+       OR array_position(p_done_thread_ids, '') IS NOT NULL THEN
+        RAISE EXCEPTION 'queue_discovered_threads: done thread ids must be non-empty strings'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     v_config := nova_require_config(p_config_id);
     SELECT i.grant_id INTO v_grant FROM flux_inboxes i WHERE i.id = v_config.inbox_id;
+    IF cardinality(p_done_thread_ids) > 0 THEN
+        -- A job of such a thread already running (a webhook queued it) is superseded: its row
+        -- names no job any more.
+        INSERT INTO queued_threads AS q (config_id, inbox_id, grant_id, provider_thread_id,
+                                         status, message_count, started_at, processed_at)
+        SELECT p_config_id, v_config.inbox_id, v_grant, t, 'completed', 1, now(), now()
+        FROM (SELECT DISTINCT unnest(p_done_thread_ids) AS t) ids
+        ORDER BY t
+        ON CONFLICT (config_id, provider_thread_id) DO UPDATE
+        SET status = 'completed', message_count = 1, processed_at = now(), queue_msg_id = NULL,
+            error_message = NULL
+        WHERE q.status <> 'completed' OR p_requeue_known;
+    END IF;
     WITH added AS (
         INSERT INTO queued_threads (config_id, inbox_id, grant_id, provider_thread_id)
         SELECT p_config_id, v_config.inbox_id, v_grant, t
@@ -257,7 +287,7 @@ BEGIN
             processed_at = NULL
         WHERE p_requeue_known AND q.config_id = p_config_id
           AND q.provider_thread_id = ANY (p_provider_thread_ids)
-          AND q.status IN ('completed', 'failed')
+          AND q.status IN ('completed', 'failed', 'processing')
         RETURNING q.*
     ), work AS (
         SELECT * FROM added UNION ALL SELECT * FROM requeued

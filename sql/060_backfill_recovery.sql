@@ -210,3 +210,32 @@ BEGIN
     END LOOP;
 END;
 $$;
+
+-- Failed backfills of active inboxes that failed at least p_after ago are resumed from their
+-- checkpoint, at most p_max times since they were queued: a failure that outlived its
+-- attempts (crashes, an outage, a provider failing for a while) heals by itself, one that
+-- keeps failing stops being retried. A backfill an operator cancelled is left alone.
+CREATE OR REPLACE FUNCTION resume_failed_backfills(p_after interval, p_max integer)
+RETURNS TABLE (config_id uuid, resumes integer, last_error text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_config flux_inbox_configurations;
+BEGIN
+    FOR v_config IN
+        SELECT c.* FROM flux_inbox_configurations c
+        JOIN flux_inboxes i ON i.id = c.inbox_id
+        WHERE c.backfill_status = 'failed' AND c.deleted_at IS NULL AND i.status = 'active'
+          AND i.deleted_at IS NULL AND c.updated_at < now() - p_after
+          AND c.auto_resumes < p_max
+          AND c.last_error IS DISTINCT FROM 'cancelled by an operator'
+        ORDER BY c.updated_at
+        FOR UPDATE OF c SKIP LOCKED
+    LOOP
+        UPDATE flux_inbox_configurations SET auto_resumes = auto_resumes + 1
+        WHERE id = v_config.id;
+        PERFORM resume_inbox_backfill(v_config.id);
+        RETURN QUERY SELECT v_config.id, v_config.auto_resumes + 1, v_config.last_error;
+    END LOOP;
+END;
+$$;

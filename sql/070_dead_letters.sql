@@ -22,13 +22,16 @@ END;
 $$;
 
 -- Sends an archived message back to its queue as a new message (attempts start again), removes
--- it from the archive, and sets the row it concerns back to waiting. Returns the new msg_id.
+-- it from the archive, and sets the row it concerns back to waiting. Returns the new msg_id,
+-- or NULL when the row needs no new job: a thread already completed, or one that still has a
+-- live job (queued or mid-sync) never gets a second one.
 CREATE OR REPLACE FUNCTION nova_replay_dead_letter(p_queue_name text, p_msg_id bigint)
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_message jsonb;
     v_new_id  bigint;
+    v_thread  queued_threads;
 BEGIN
     PERFORM nova_require_queue(p_queue_name);
     EXECUTE format('DELETE FROM pgmq.%I WHERE msg_id = $1 RETURNING message', 'a_' || p_queue_name)
@@ -42,9 +45,29 @@ BEGIN
         SET status = 'pending', error_message = NULL, processed_at = NULL
         WHERE id = (v_message ->> 'notification_id')::uuid AND status = 'error';
     ELSIF p_queue_name = 'thread_sync_jobs' THEN
-        UPDATE queued_threads
-        SET status = 'queued', error_message = NULL, attempts = 0, processed_at = NULL
-        WHERE id = (v_message ->> 'queued_thread_id')::bigint AND status = 'failed';
+        SELECT * INTO v_thread FROM queued_threads
+        WHERE id = (v_message ->> 'queued_thread_id')::bigint FOR UPDATE;
+        IF FOUND AND (v_thread.status = 'completed'
+                      OR (v_thread.status IN ('queued', 'processing')
+                          AND EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
+                                      WHERE m.msg_id = v_thread.queue_msg_id))) THEN
+            RETURN NULL;
+        END IF;
+        IF FOUND THEN
+            UPDATE queued_threads
+            SET status = 'queued', error_message = NULL, attempts = 0, processed_at = NULL
+            WHERE id = v_thread.id;
+        END IF;
+    ELSIF p_queue_name = 'inbox_backfill_jobs' THEN
+        -- The configuration failed with this job: set it running again, from its checkpoint,
+        -- as resume_inbox_backfill does, or the job would find it failed and do nothing.
+        UPDATE flux_inbox_configurations
+        SET backfill_status = CASE WHEN discovery_completed_at IS NOT NULL THEN 'thread_sync'
+                                   WHEN checkpoint_pages_done > 0 THEN 'discovering'
+                                   ELSE 'queued' END,
+            backfill_attempts = 0, last_error = NULL, backfill_completed_at = NULL,
+            updated_at = now()
+        WHERE id = (v_message ->> 'config_id')::uuid AND backfill_status = 'failed';
     END IF;
     SELECT * INTO v_new_id FROM pgmq.send(p_queue_name, v_message);
     IF p_queue_name = 'thread_sync_jobs' THEN

@@ -1,18 +1,30 @@
-"""Processors for runtime tests; also runnable as a script for the signal tests:
+"""Processors for runtime tests; also runnable as a script for the signal and crash tests:
 
-    python tests/runtime_procs.py DB_URL SLEEP_SECONDS
+    python tests/runtime_procs.py DB_URL
+
+(settings from the environment; exits with run_parts' status: 0, or 2 on Fatal).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nova.runtime import GiveUp, Job, JobContext, Processor, RetryPolicy, Worker  # noqa: E402
+from nova.runtime import (  # noqa: E402
+    Fatal,
+    GiveUp,
+    Job,
+    JobContext,
+    Processor,
+    RetryPolicy,
+    Worker,
+)
 
 TEST_QUEUE = "thread_sync_jobs"  # any migrated queue will do; tests own their database
 
@@ -27,10 +39,14 @@ CREATE TABLE IF NOT EXISTS runtime_failures (msg_id bigint, final boolean, error
 
 
 class Recorder(Processor):
-    """Logs every attempt (outside the job transaction) and writes a done row inside it.
+    """Logs every attempt (outside the job transaction, with the worker's pid as its note) and
+    writes a done row inside it.
 
-    The message's "fail" says how many first attempts raise; "sleep" how long each attempt
-    takes; "give_up" raises GiveUp.
+    The message says what each attempt does: "fail" how many first attempts raise; "sleep" how
+    long each attempt takes, "sleep_first" how long the first one takes (before its
+    transaction), "sleep_in_tx" how long it waits inside its transaction after writing;
+    "give_up" raises GiveUp; "fatal" raises Fatal; "die" kills the worker's process (SIGKILL,
+    as the OOM killer would).
     """
 
     queue: ClassVar[str] = TEST_QUEUE
@@ -41,15 +57,24 @@ class Recorder(Processor):
         return RetryPolicy(self.max_attempts, base_delay=0.2, max_delay=1)
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
-        await ctx.pool.execute("INSERT INTO runtime_log (msg_id, attempt) VALUES ($1, $2)",
-                               job.msg_id, job.read_ct)
-        await asyncio.sleep(float(job.message.get("sleep", 0)))
-        if job.message.get("give_up"):
+        message = job.message
+        await ctx.pool.execute(
+            "INSERT INTO runtime_log (msg_id, attempt, note) VALUES ($1, $2, $3)",
+            job.msg_id, job.read_ct, str(os.getpid()))
+        if message.get("die"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if message.get("fatal"):
+            raise Fatal(str(message["fatal"]))
+        await asyncio.sleep(float(message.get("sleep", 0)))
+        if job.read_ct == 1:
+            await asyncio.sleep(float(message.get("sleep_first", 0)))
+        if message.get("give_up"):
             raise GiveUp("bad payload")
-        if job.read_ct <= int(job.message.get("fail", 0)):
+        if job.read_ct <= int(message.get("fail", 0)):
             raise RuntimeError(f"boom {job.read_ct}")
         async with ctx.transaction() as conn:
             await conn.execute("INSERT INTO runtime_done (msg_id) VALUES ($1)", job.msg_id)
+            await asyncio.sleep(float(message.get("sleep_in_tx", 0)))
         return "ok"
 
     async def record_failure(self, conn: Any, job: Job, error: BaseException,
@@ -58,7 +83,7 @@ class Recorder(Processor):
                            final, str(error))
 
 
-async def _main(url: str) -> None:
+async def _main(url: str) -> int:
     from nova.config import load_settings
     from nova.logs import setup_logging
     from nova.runtime import run_parts
@@ -67,8 +92,8 @@ async def _main(url: str) -> None:
     setup_logging("info")
     worker = Worker(Recorder(), settings, database_url=url)
     print("READY", flush=True)
-    await run_parts([worker])
+    return await run_parts([worker])
 
 
 if __name__ == "__main__":
-    asyncio.run(_main(sys.argv[1]))
+    raise SystemExit(asyncio.run(_main(sys.argv[1])))

@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import psycopg
+import pytest
 
 
 def nova(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -132,3 +133,157 @@ def test_backfill_resume_restarts_a_failed_backfill_from_its_checkpoint(db_url: 
         jobs = c.execute("SELECT message->>'config_id' FROM pgmq.q_inbox_backfill_jobs"
                          ).fetchall()
         assert jobs == [(config,)]
+
+
+# --- inbox list, backfill cancel, queues ------------------------------------------------------
+
+def test_inbox_list_shows_every_inbox_with_its_backfill(db_url: str) -> None:
+    first = nova(db_url, "inbox", "add", "--grant-id", "g-l1", "--email", "one@x.com").stdout
+    nova(db_url, "inbox", "add", "--grant-id", "g-l2", "--email", "two@x.com")
+    config = nova(db_url, "backfill", "start", "--inbox", first.strip()).stdout.strip()
+    listed = nova(db_url, "inbox", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:4] == ["inbox", "email", "status", "backfill"]
+    row = next(line for line in lines if "one@x.com" in line)
+    assert row.split()[0] == first.strip() and "queued" in row and config in row
+    assert "two@x.com" in listed.stdout and "2 inbox(es)" in listed.stdout
+    rows = json.loads(nova(db_url, "inbox", "list", "--json").stdout)
+    assert [(r["email"], r["backfill_status"], r["config_id"]) for r in rows] == [
+        ("one@x.com", "queued", config), ("two@x.com", None, None)]
+
+
+def _backfill_with_thread_jobs(db_url: str, grant: str, threads: int) -> str:
+    with psycopg.connect(db_url, autocommit=True) as c:
+        inbox = c.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES (%s, %s)"
+                          " RETURNING id", (grant, f"{grant}@x.com")).fetchone()[0]
+        config = c.execute("SELECT queue_inbox_backfill(%s)", (inbox,)).fetchone()[0]
+        c.execute("SELECT count(*) FROM queue_discovered_threads(%s, %s)",
+                  (config, [f"{grant}-t{n}" for n in range(threads)]))
+        c.execute("SELECT update_backfill_orchestration_progress(%s, 'next', 1, %s)",
+                  (config, threads))
+    return str(config)
+
+
+def test_backfill_cancel_stops_a_running_backfill_and_resume_continues_it(db_url: str) -> None:
+    config = _backfill_with_thread_jobs(db_url, "g-cancel", 3)
+    other = _backfill_with_thread_jobs(db_url, "g-other", 2)
+    cancelled = nova(db_url, "backfill", "cancel", config)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith(
+        f"cancelled {config}: 1 backfill job(s) and 3 thread job(s) removed, 3 thread(s) left "
+        "waiting")
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT backfill_status, last_error, checkpoint_pages_done FROM"
+                         " flux_inbox_configurations WHERE id = %s", (config,)).fetchone() == (
+            "failed", "cancelled by an operator", 1)
+        # only the cancelled backfill's jobs are gone
+        jobs = c.execute("SELECT message->>'config_id', count(*) FROM pgmq.q_thread_sync_jobs"
+                         " GROUP BY 1").fetchall()
+        assert jobs == [(other, 2)]
+        assert c.execute("SELECT message->>'config_id' FROM pgmq.q_inbox_backfill_jobs"
+                         ).fetchall() == [(other,)]
+        assert c.execute("SELECT backfill_status FROM inbox_sync_stats WHERE config_id = %s",
+                         (config,)).fetchone() == ("failed",)
+    again = nova(db_url, "backfill", "cancel", config)
+    assert again.returncode == 1
+    assert again.stderr.strip() == (f"nova: nova_cancel_backfill: configuration {config} is "
+                                    "failed, not running")
+    resumed = nova(db_url, "backfill", "resume", config)
+    assert resumed.returncode == 0 and f"resumed {config} (job " in resumed.stdout
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT backfill_status, checkpoint_page_token FROM"
+                         " flux_inbox_configurations WHERE id = %s", (config,)).fetchone() == (
+            "discovering", "next")
+
+
+def test_queues_shows_depth_oldest_age_and_dead_letters(db_url: str) -> None:
+    _archive_a_thread_job(db_url)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("SELECT pgmq.send('attachment_downloads', '{}'::jsonb) FROM generate_series(1,"
+                  " 2)")
+        c.execute("UPDATE pgmq.q_attachment_downloads SET enqueued_at = now() - interval '5 min'")
+    out = nova(db_url, "queues")
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+    assert out.stdout.splitlines()[0].split() == ["queue", "depth", "oldest", "dead", "letters",
+                                                  "ever", "sent"]
+    name, depth, oldest, dead, _sent = lines["attachment_downloads"]
+    assert (depth, dead) == ("2", "0") and oldest.startswith("5m")
+    assert lines["thread_sync_jobs"][1:4] == ["0", "-", "1"]  # the dead letter
+    rows = {r["queue_name"]: r for r in json.loads(nova(db_url, "queues", "--json").stdout)}
+    assert rows["thread_sync_jobs"]["dead_letters"] == 1
+    assert rows["attachment_downloads"]["queue_length"] == 2
+
+
+# --- one clear line and a documented exit code, never a traceback ----------------------------
+
+UNKNOWN = str(uuid.uuid4())
+COMMANDS = [
+    ["inbox", "list"], ["inbox", "add", "--grant-id", "g", "--email", "e@x.com"],
+    ["backfill", "start", "--inbox", UNKNOWN], ["backfill", "resume", UNKNOWN],
+    ["backfill", "cancel", UNKNOWN], ["progress", UNKNOWN], ["progress"], ["queues"],
+    ["failures"], ["replay", "thread_sync_jobs", "--all"], ["migrate"], ["verify", "x"],
+    ["run"],
+]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in out.stdout + out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_database_that_is_down_is_one_line_and_exit_1(command: list[str]) -> None:
+    down = f"postgresql://postgres@127.0.0.1:{_closed_port()}/nova"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOVA_", "NYLAS_"))}
+    env.update({"NOVA_DATABASE_URL": down, "NYLAS_API_KEY": "k"})
+    out = subprocess.run([sys.executable, "-m", "nova", *command], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    line = _one_line_error(out)
+    assert "refused" in line or "connect" in line.lower(), line
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c[0] != "run"],
+                         ids=lambda c: " ".join(c[:2]))
+def test_a_bad_setting_is_one_line_naming_it_and_exit_2(command: list[str]) -> None:
+    env = {**os.environ, "NOVA_DATABASE_URL": "postgresql://x/y", "BATCH_SIZE": "many"}
+    out = subprocess.run([sys.executable, "-m", "nova", *command], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert _one_line_error(out).startswith("nova: invalid settings: BATCH_SIZE:")
+
+
+@pytest.mark.parametrize("command", [
+    ["backfill", "resume", UNKNOWN], ["backfill", "cancel", UNKNOWN], ["progress", UNKNOWN],
+    ["backfill", "start", "--inbox", UNKNOWN], ["replay", "thread_sync_jobs", "999"],
+], ids=lambda c: " ".join(c[:2]))
+def test_an_unknown_id_is_one_line_and_exit_1(command: list[str], db_url: str) -> None:
+    out = nova(db_url, *command)
+    assert out.returncode == 1
+    line = _one_line_error(out)
+    assert UNKNOWN in line or "999" in line, line
+
+
+def test_bad_usage_and_a_missing_setting_are_one_line_and_exit_2(db_url: str) -> None:
+    usage = nova(db_url, "backfill", "cancel")
+    assert usage.returncode == 2
+    assert _one_line_error(usage) == ("nova backfill cancel: the following arguments are "
+                                      "required: config_id (see nova backfill cancel --help)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NYLAS_")}
+    env["NOVA_DATABASE_URL"] = db_url
+    missing = subprocess.run([sys.executable, "-m", "nova", "verify", "x"], capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert missing.returncode == 2
+    assert _one_line_error(missing) == "nova: NYLAS_API_KEY is not set"

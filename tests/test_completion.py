@@ -29,7 +29,7 @@ CONFIG = uuid.UUID("12345678-aaaa-bbbb-cccc-000000000000")
 
 @pytest.fixture
 def sandbox() -> Iterator[SandboxNylas]:
-    with make_sandbox(20) as sb:
+    with make_sandbox(20, thread_bodies=False) as sb:  # every thread gets a sync job
         yield sb
 
 
@@ -157,28 +157,31 @@ async def test_catchup_is_queued_on_grant_updated_after_grant_expired(
         pool: asyncpg.Pool, db_url: str, sandbox: SandboxNylas) -> None:
     inbox, config = await synced(pool, db_url, sandbox)
     grant = sandbox.grant_ids[0]
-    expired_at = int(time.time()) - 7200
+    expired_at = int(time.time()) + 1
 
-    async def deliver(kind: str, when: int) -> None:
+    async def deliver(kind: str, when: int, **obj: object) -> None:
         await pool.execute(
             "SELECT queue_nylas_webhook_notification($1, $2, $3)", str(uuid.uuid4()), kind,
-            {"type": kind, "time": when, "data": {"object": {"grant_id": grant}}})
+            {"type": kind, "time": when, "data": {"object": {"grant_id": grant, **obj}}})
         s = settings(sandbox)
         provider = NylasProvider("sync-test-key", sandbox.base_url)
         await Worker(WebhookProcessor(s, provider), s, pool=pool).run(burst=True)
 
     await deliver("grant.expired", expired_at)
     assert await pool.fetchval("SELECT status FROM flux_inboxes") == "auth_expired"
-    await deliver("grant.updated", int(time.time()))
+    await deliver("grant.updated", expired_at + 1)  # not a re-authentication: no change
+    assert await pool.fetchval("SELECT status FROM flux_inboxes") == "auth_expired"
+    await deliver("grant.updated", expired_at + 2, reauthentication_flag=True)
     row = await pool.fetchrow("SELECT * FROM flux_inbox_configurations WHERE id = $1", config)
     assert await pool.fetchval("SELECT status FROM flux_inboxes") == "active"
     assert (row["backfill_status"], row["backfill_kind"]) == ("queued", "catch_up")
-    assert row["backfill_since"] == datetime.fromtimestamp(expired_at - 600, UTC)
+    # From the last event Nova applied (the plain grant.updated), less the overlap.
+    assert row["backfill_since"] == datetime.fromtimestamp(expired_at + 1 - 600, UTC)
     jobs = await pool.fetch("SELECT message FROM pgmq.q_inbox_backfill_jobs")
     assert [j["message"]["kind"] for j in jobs] == ["catch_up"]
-    assert await pool.fetchval(
+    assert {r["status"] for r in await pool.fetch(
         "SELECT status FROM flux_webhook_notifications WHERE notification_type ="
-        " 'grant.updated'") == "processed"
+        " 'grant.updated'")} == {"processed"}
 
 
 async def test_catchup_resyncs_known_threads_that_changed(pool: asyncpg.Pool, db_url: str,
@@ -201,8 +204,9 @@ async def test_catchup_resyncs_known_threads_that_changed(pool: asyncpg.Pool, db
         "SELECT provider_message_id FROM flux_email_messages")}
     assert {reply["id"], new["id"]} <= stored
     # Only the two changed threads were fetched again.
-    assert sandbox.get_stats()["requests"]["get_thread"] == 2
-    assert await pool.fetchval("SELECT count(*) FROM queued_threads") == 21
+    assert sandbox.get_stats()["requests"]["list_messages"] == 2
+    # A backfill's work list is its own: the catch-up holds the two threads it listed.
+    assert await pool.fetchval("SELECT count(*) FROM queued_threads") == 2
 
 
 async def test_silent_inbox_gets_a_catchup(pool: asyncpg.Pool, db_url: str,

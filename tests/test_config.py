@@ -12,7 +12,6 @@ from nova.config import ConfigError, Settings, load_settings
 SEED_DEFAULTS = {
     "POLL_INTERVAL_MS": ("poll_interval_ms", 5000),
     "BATCH_SIZE": ("batch_size", 10),
-    "VISIBILITY_TIMEOUT": ("visibility_timeout", 300),
     "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", 5000),
     "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", True),
     "RECOVERY_CHECK_INTERVAL_MS": ("recovery_check_interval_ms", 60000),
@@ -20,7 +19,10 @@ SEED_DEFAULTS = {
     "LOG_LEVEL": ("log_level", "info"),
 }
 # The seed's pacing sleeps (3000/1000/200 ms) default to 0: the shared per-grant budget paces.
+# Its 300 s visibility timeout is 10 s: a heartbeat renews the lease of a running job, and a
+# killed worker's jobs come back in seconds.
 NOVA_DEFAULTS = {
+    "VISIBILITY_TIMEOUT": ("visibility_timeout", 10),
     "THREAD_DELAY_MS": ("thread_delay_ms", 0),
     "MESSAGE_DELAY_MS": ("message_delay_ms", 0),
     "API_DELAY_MS": ("api_delay_ms", 0),

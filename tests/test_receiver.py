@@ -113,9 +113,26 @@ def test_malformed_signed_body_is_400(receiver: str, db_url: str, body: bytes) -
     assert stored(db_url) == []
 
 
-def test_nul_character_that_jsonb_refuses_is_400_not_500(receiver: str, db_url: str) -> None:
-    note = notification(subject="a\u0000b")
-    assert post(receiver, note).status_code == 400
+def test_nul_and_lone_surrogates_cost_only_themselves(receiver: str, db_url: str) -> None:
+    note = notification(subject="a\u0000b\ud800c", **{"fro\u0000m": [{"name": "\u0000"}]})
+    assert post(receiver, note).status_code == 200
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT payload #> '{data,object}' FROM flux_webhook_notifications"
+                        ).fetchone()
+    assert row is not None
+    assert row[0]["subject"] == "ab\ufffdc" and row[0]["from"] == [{"name": ""}]
+
+
+def test_any_failure_before_the_commit_is_503_which_nylas_retries(receiver: str,
+                                                                   db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("ALTER TABLE flux_webhook_notifications RENAME TO gone")
+    try:
+        r = post(receiver, notification())
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            c.execute("ALTER TABLE gone RENAME TO flux_webhook_notifications")
     assert stored(db_url) == []
 
 

@@ -1,5 +1,6 @@
 """The processor runtime against a real queue: pickup, transactions, retries, dead letters,
-heartbeat, testing mode, shutdown and database outages."""
+leases and their heartbeat, jobs that kill their process, testing mode, shutdown, Fatal,
+database errors and bounded stats."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import asyncpg
 import pytest
 
 from nova.config import load_settings
-from nova.runtime import RetryLater, RetryPolicy, Worker
+from nova.runtime import RECENT_DURATIONS, RetryLater, RetryPolicy, Worker
 
 from runtime_procs import LOG_TABLE, TEST_QUEUE, Recorder
 
@@ -139,6 +140,8 @@ async def test_testing_mode_processes_without_deleting(rpool: asyncpg.Pool) -> N
     assert stats.processed == 1
     assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 1
     assert await queue_len(rpool) == 1
+    # the finished run cost no attempt: the message would not creep towards its dead letter
+    assert await rpool.fetchval(f"SELECT read_ct FROM pgmq.q_{TEST_QUEUE}") == 0
 
 
 async def test_idle_worker_picks_up_a_new_message_without_polling(rpool: asyncpg.Pool) -> None:
@@ -195,15 +198,15 @@ async def test_jobs_past_the_grace_period_are_released(rpool: asyncpg.Pool) -> N
     await task
     assert worker.stats.released == 1
     assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 0
-    # visible again now, not after the 30 s visibility timeout
-    row = await rpool.fetchrow(f"SELECT msg_id FROM pgmq.q_{TEST_QUEUE}"
+    # visible again now, not after the 30 s visibility timeout, and the attempt not counted
+    row = await rpool.fetchrow(f"SELECT msg_id, read_ct FROM pgmq.q_{TEST_QUEUE}"
                                " WHERE vt <= clock_timestamp() + interval '1 second'")
-    assert row is not None and row["msg_id"] == msg
+    assert row is not None and row["msg_id"] == msg and row["read_ct"] == 0
 
 
-def _spawn(db_url: str) -> subprocess.Popen[str]:
+def _spawn(db_url: str, **env: str) -> subprocess.Popen[str]:
     env = {**os.environ, "BATCH_SIZE": "4", "VISIBILITY_TIMEOUT": "2",
-           "NOVA_SHUTDOWN_GRACE_SECONDS": "10"}
+           "NOVA_SHUTDOWN_GRACE_SECONDS": "10", **env}
     proc = subprocess.Popen([sys.executable, str(HERE / "runtime_procs.py"), db_url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
@@ -234,24 +237,215 @@ async def test_signal_finishes_inflight_jobs_and_exits_zero(rpool: asyncpg.Pool,
     assert "stopped processed=2" in out
 
 
-async def test_sigkill_mid_job_is_redelivered_and_done_once(rpool: asyncpg.Pool,
-                                                            db_url: str) -> None:
-    msg = await send(rpool, sleep=1.5)
+async def test_sigkilled_workers_job_runs_again_in_another_worker(rpool: asyncpg.Pool,
+                                                                   db_url: str) -> None:
+    # A 2 s lease: the idle second worker wakes when it runs out (no POLL_INTERVAL wait, no
+    # 300 s visibility timeout) and the job runs there, once.
+    msg = await send(rpool, sleep_first=60)
     first = _spawn(db_url)
     await _wait_for(rpool, "SELECT count(*) FROM runtime_log", 1)
-    first.kill()
-    first.wait(timeout=10)
-    assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 0
     second = _spawn(db_url)
     try:
-        await _wait_for(rpool, "SELECT count(*) FROM runtime_done", 1)
+        first.kill()
+        first.wait(timeout=10)
+        assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 0
+        await _wait_for(rpool, "SELECT count(*) FROM runtime_done", 1, timeout=15)
     finally:
         second.send_signal(signal.SIGTERM)
         second.communicate(timeout=20)
-    assert [r["attempt"] for r in await rpool.fetch(
-        "SELECT attempt FROM runtime_log WHERE msg_id = $1 ORDER BY at", msg)] == [1, 2]
+    runs = await rpool.fetch("SELECT attempt, note FROM runtime_log WHERE msg_id = $1"
+                             " ORDER BY at", msg)
+    assert [r["attempt"] for r in runs] == [1, 2]
+    assert [r["note"] for r in runs] == [str(first.pid), str(second.pid)]
     assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 1
     assert await queue_len(rpool) == 0
+
+
+async def test_a_job_whose_process_dies_every_time_ends_archived_with_its_row_failed(
+        rpool: asyncpg.Pool, db_url: str) -> None:
+    # No Python `except` ever sees this job: each worker that reads it dies (as under the OOM
+    # killer). Past max attempts (3) + the crash margin (2) it is archived unrun.
+    msg = await send(rpool, die=True)
+    archived = f"SELECT count(*) FROM pgmq.a_{TEST_QUEUE}"
+    deadline = time.monotonic() + 90
+    survivor = None
+    while survivor is None and time.monotonic() < deadline:
+        proc = _spawn(db_url, VISIBILITY_TIMEOUT="1")
+        while proc.poll() is None and not await rpool.fetchval(archived):
+            await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            survivor = proc  # it archived the message instead of running it
+        else:
+            assert proc.returncode == -signal.SIGKILL, proc.communicate()[0]
+            proc.communicate()
+    assert survivor is not None, "the message never reached its dead letter"
+    survivor.send_signal(signal.SIGTERM)
+    out, _ = survivor.communicate(timeout=20)
+    assert survivor.returncode == 0, out
+    assert [r["attempt"] for r in await rpool.fetch(
+        "SELECT attempt FROM runtime_log WHERE msg_id = $1 ORDER BY at", msg)] == [1, 2, 3, 4, 5]
+    row = await rpool.fetchrow(f"SELECT msg_id, read_ct FROM pgmq.a_{TEST_QUEUE}")
+    assert (row["msg_id"], row["read_ct"]) == (msg, 6)
+    assert await queue_len(rpool) == 0
+    [failure] = await rpool.fetch("SELECT final, error FROM runtime_failures")
+    assert failure["final"] is True
+    assert "never finished in 5 attempts: its process died each time" in failure["error"]
+    assert f"job {msg} archived unrun attempt=6" in out
+
+
+async def test_sigterm_gives_inflight_jobs_back_without_costing_an_attempt(
+        rpool: asyncpg.Pool, db_url: str) -> None:
+    ids = [await send(rpool, sleep=60) for _ in range(2)]
+    proc = _spawn(db_url, NOVA_SHUTDOWN_GRACE_SECONDS="0.2", VISIBILITY_TIMEOUT="30")
+    await _wait_for(rpool, "SELECT count(*) FROM runtime_log", 2)
+    assert [r["read_ct"] for r in await rpool.fetch(
+        f"SELECT read_ct FROM pgmq.q_{TEST_QUEUE} ORDER BY msg_id")] == [1, 1]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    rows = await rpool.fetch(f"SELECT msg_id, read_ct, vt <= clock_timestamp() AS visible"
+                             f" FROM pgmq.q_{TEST_QUEUE} ORDER BY msg_id")
+    assert [(r["msg_id"], r["read_ct"], r["visible"]) for r in rows] == [
+        (i, 0, True) for i in ids]
+    assert "released=2" in out
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_failures") == 0
+
+
+async def _steal(pool: asyncpg.Pool, msg: int) -> int:
+    """Another reader takes the message, as PGMQ would once a lease runs out."""
+    await pool.execute(f"UPDATE pgmq.q_{TEST_QUEUE} SET vt = clock_timestamp()"
+                       " WHERE msg_id = $1", msg)
+    row = await pool.fetchrow("SELECT msg_id, read_ct FROM pgmq.read($1, 300, 1)", TEST_QUEUE)
+    assert row is not None and row["msg_id"] == msg
+    return row["read_ct"]  # type: ignore[no-any-return]
+
+
+async def test_a_job_that_lost_its_lease_cannot_commit(rpool: asyncpg.Pool,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    # vt 30: no heartbeat before the commit, so the commit itself must refuse
+    msg = await send(rpool, sleep_in_tx=1.0)
+    worker = make_worker(rpool, visibility_timeout=30)
+    task = asyncio.create_task(worker.run())
+    await _wait_for(rpool, "SELECT count(*) FROM runtime_log", 1)
+    assert await _steal(rpool, msg) == 2
+    deadline = time.monotonic() + 15
+    while worker.stats.lost == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await task
+    assert worker.stats.lost == 1
+    assert worker.stats.processed == worker.stats.retried == worker.stats.archived == 0
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 0  # rolled back
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_failures") == 0  # no attempt
+    assert await rpool.fetchval(f"SELECT read_ct FROM pgmq.q_{TEST_QUEUE}") == 2  # the thief's
+    assert "lease lost attempt=1: at commit" in caplog.text
+
+
+async def test_heartbeat_that_finds_the_lease_taken_abandons_the_job(
+        rpool: asyncpg.Pool, caplog: pytest.LogCaptureFixture) -> None:
+    msg = await send(rpool, sleep=60)
+    worker = make_worker(rpool, visibility_timeout=1)  # a heartbeat every 0.33 s
+    task = asyncio.create_task(worker.run())
+    await _wait_for(rpool, "SELECT count(*) FROM runtime_log", 1)
+    await _steal(rpool, msg)
+    deadline = time.monotonic() + 15
+    while worker.stats.lost == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await asyncio.wait_for(task, 10)  # the 60 s job was cancelled, not waited for
+    assert worker.stats.lost == 1 and worker.stats.released == 0
+    assert "read again by another worker" in caplog.text
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 0
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_failures") == 0
+
+
+FAILING_HEARTBEAT = f"""
+CREATE FUNCTION fail_heartbeat() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.read_ct = OLD.read_ct AND NEW.vt > OLD.vt THEN
+        RAISE EXCEPTION 'heartbeat refused (test)';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER fail_heartbeat BEFORE UPDATE ON pgmq.q_{TEST_QUEUE}
+    FOR EACH ROW EXECUTE FUNCTION fail_heartbeat();
+"""
+
+
+async def test_a_failing_heartbeat_abandons_the_job_at_its_leases_end(
+        rpool: asyncpg.Pool, caplog: pytest.LogCaptureFixture) -> None:
+    # Every renewal fails in Postgres; reads still work. The first attempt (60 s long) is given
+    # up when its 1 s lease runs out, commits nothing, costs nothing; the next read runs it.
+    await rpool.execute(FAILING_HEARTBEAT)
+    msg = await send(rpool, sleep_first=60)
+    worker = make_worker(rpool, visibility_timeout=1)
+    task = asyncio.create_task(worker.run())
+    try:
+        await _wait_for(rpool, "SELECT count(*) FROM runtime_done", 1, timeout=20)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+    assert worker.stats.lost == 1 and worker.stats.processed == 1
+    assert "heartbeat failed" in caplog.text and "heartbeat refused (test)" in caplog.text
+    assert "heartbeat kept failing past the lease's end" in caplog.text
+    assert [r["attempt"] for r in await rpool.fetch(
+        "SELECT attempt FROM runtime_log WHERE msg_id = $1 ORDER BY at", msg)] == [1, 2]
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_failures") == 0
+
+
+async def test_the_read_loop_survives_postgres_errors(rpool: asyncpg.Pool,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    worker = make_worker(rpool, poll_interval_ms=200)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.3)  # idle
+    await rpool.execute(f"ALTER TABLE pgmq.q_{TEST_QUEUE} RENAME TO q_away")
+    try:
+        deadline = time.monotonic() + 15
+        while "read failed (UndefinedTableError" not in caplog.text and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert "read failed (UndefinedTableError" in caplog.text
+        assert not task.done()
+    finally:
+        await rpool.execute("ALTER TABLE pgmq.q_away RENAME TO q_" + TEST_QUEUE)
+    msg = await send(rpool)
+    try:
+        await _wait_for(rpool, "SELECT count(*) FROM runtime_done", 1)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+    assert await rpool.fetchval("SELECT msg_id FROM runtime_done") == msg
+
+
+async def test_fatal_stops_the_worker_with_status_2_and_costs_no_attempt(
+        rpool: asyncpg.Pool, db_url: str) -> None:
+    slow = await send(rpool, sleep=1.0)
+    fatal = await send(rpool, fatal="the provider rejected the API key")
+    proc = _spawn(db_url, VISIBILITY_TIMEOUT="30")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, out
+    lines = [line for line in out.splitlines() if "rejected the API key" in line]
+    assert len(lines) == 1 and "[Test] fatal: the provider rejected the API key" in lines[0]
+    assert "Traceback" not in out
+    # the in-flight job was drained; the fatal one given back, visible, its read undone
+    assert [r["msg_id"] for r in await rpool.fetch("SELECT msg_id FROM runtime_done")] == [slow]
+    row = await rpool.fetchrow(f"SELECT msg_id, read_ct, vt <= clock_timestamp() AS visible"
+                               f" FROM pgmq.q_{TEST_QUEUE}")
+    assert (row["msg_id"], row["read_ct"], row["visible"]) == (fatal, 0, True)
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_failures") == 0
+
+
+async def test_stats_stay_bounded_after_many_jobs(rpool: asyncpg.Pool) -> None:
+    n = RECENT_DURATIONS + 500
+    await rpool.execute("SELECT pgmq.send_batch($1, array_agg('{}'::jsonb))"
+                        " FROM generate_series(1, $2)", TEST_QUEUE, n)
+    worker = make_worker(rpool, batch_size=20)
+    stats = await worker.run(burst=True)
+    assert stats.processed == n
+    assert len(stats.durations_ms) == RECENT_DURATIONS  # the most recent only
+    assert 0 < stats.mean_ms <= stats.max_ms
+    assert stats.percentile_ms(50) <= stats.percentile_ms(99) <= stats.max_ms
+    assert not worker._inflight
 
 
 def test_message_payload_round_trips_as_json() -> None:

@@ -231,8 +231,9 @@ def test_attachment_metadata_and_download(sb: SandboxNylas) -> None:
     meta = get(sb, f"/v3/grants/{gid}/attachments/{att['id']}", message_id=mid).json()["data"]
     assert meta == att and meta["grant_id"] == gid
     r = get(sb, f"/v3/grants/{gid}/attachments/{att['id']}/download", message_id=mid)
-    assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
-    assert r.headers["content-disposition"] == f'attachment; filename="{att["filename"]}"'
+    # bytes only: the name and the real type are in the metadata, not in the download
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert "content-disposition" not in r.headers
     assert len(r.content) == att["size"] == int(r.headers["content-length"])
     text = pypdf.PdfReader(io.BytesIO(r.content)).pages[0].extract_text()
     assert text.startswith("INVOICE ")
@@ -265,14 +266,15 @@ def test_auth_and_not_found_errors(sb: SandboxNylas) -> None:
     assert_error(get(sb, f"/v3/grants/{gid}/attachments/x"), 400, "api.invalid_request_error")
 
 
-def test_rate_limit_answers_429_with_retry_after(sb: SandboxNylas) -> None:
+def test_nylas_rate_limit_answers_429_without_retry_after(sb: SandboxNylas) -> None:
     gid, other = sb.grant_ids[0], sb.grant_ids[1]
     sb.set_rate_limit(3)
     codes = [get(sb, f"/v3/grants/{gid}/threads", limit=1) for _ in range(6)]
     limited = [r for r in codes if r.status_code == 429]
     assert limited and [r.status_code for r in codes[:3]] == [200, 200, 200]
     assert_error(limited[0], 429, "nylas_rate_limit_exceeded")
-    assert int(limited[0].headers["retry-after"]) >= 1
+    assert "retry-after" not in limited[0].headers
+    assert "provider_error" not in limited[0].json()["error"]
     assert get(sb, f"/v3/grants/{other}/threads", limit=1).status_code == 200  # per grant
 
 
@@ -355,7 +357,8 @@ def test_mutations_send_signed_webhooks(hooks: tuple[SandboxNylas, Receiver]) ->
     for headers, body in rec.received:
         verify(headers, body)
     got = rec.payloads()
-    assert [p["type"] for p in got] == ["message.created", "message.created", "thread.replied",
+    # an ordinary reply is message.created alone (thread.replied needs reply tracking)
+    assert [p["type"] for p in got] == ["message.created", "message.created",
                                         "message.updated", "message.deleted", "grant.expired",
                                         "grant.deleted"]
     for p in got:
@@ -368,17 +371,15 @@ def test_mutations_send_signed_webhooks(hooks: tuple[SandboxNylas, Receiver]) ->
     assert new["object"] == "message" and new["subject"] == "Brand new"
     assert new["body"] == "<p>hello</p>" and new["grant_id"] == gid
     assert got[1]["data"]["object"]["thread_id"] == tid
-    replied = got[2]["data"]["object"]
-    assert replied["object"] == "thread" and replied["thread_id"] == tid
-    assert replied["message_id"] == reply.message["id"] and got[2]["data"]["grant_id"] == gid
-    updated = got[3]["data"]["object"]
+    assert got[1]["data"]["object"]["id"] == reply.message["id"]
+    updated = got[2]["data"]["object"]
     assert updated["starred"] is True and updated["folders"] == ["Archive"]
-    assert got[4]["data"]["object"] == {"grant_id": gid, "id": created.message["id"],
+    assert got[3]["data"]["object"] == {"grant_id": gid, "id": created.message["id"],
                                         "object": "message"}
-    assert got[5]["source"] == "/nylas/system"
-    assert got[5]["data"]["object"]["grant_id"] == gid
-    assert got[5]["data"]["object"]["code"] == 25009
-    assert got[6]["data"]["object"]["code"] == 25013
+    assert got[4]["source"] == "/nylas/system"
+    assert got[4]["data"]["object"]["grant_id"] == gid
+    assert got[4]["data"]["object"]["code"] == 25009
+    assert got[5]["data"]["object"]["code"] == 25013
     # the API reflects the mutations
     assert get(s, f"/v3/grants/{gid}/threads").status_code == 401  # expired now
     s.revive_grant(gid)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -20,14 +21,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_everything_in_one_process_against_the_sandbox(db_url: str) -> None:
+def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
     env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_HOST": "127.0.0.1",
                 "NOVA_RECEIVER_PORT": str(port), "NOVA_SANDBOX_THREADS": "20",
                 "NOVA_SANDBOX_EVENT_SECONDS": "0.5", "NOVA_PROVIDER_RATE_LIMIT": "200",
-                "COMPLETION_CHECK_INTERVAL_MS": "300"})
+                "COMPLETION_CHECK_INTERVAL_MS": "300",
+                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
     proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -47,6 +49,19 @@ def test_everything_in_one_process_against_the_sandbox(db_url: str) -> None:
                 time.sleep(0.2)
             threads = conn.execute("SELECT count(*) FROM flux_email_threads").fetchone()
             assert threads is not None and threads[0] >= 20
+            while True:  # the backfilled mailbox's attachments, on disk
+                assert proc.poll() is None, proc.communicate()[0]
+                assert time.monotonic() < deadline, "attachments were not downloaded"
+                files = conn.execute(
+                    "SELECT local_path, size FROM flux_email_attachments"
+                    " WHERE status = 'completed'").fetchall()
+                left = conn.execute("SELECT count(*) FROM flux_email_attachments"
+                                    " WHERE status <> 'completed'").fetchone()
+                if files and left == (0,):
+                    break
+                time.sleep(0.2)
+            for local_path, size in files:
+                assert (tmp_path / "nas" / local_path).stat().st_size == size
             assert conn.execute("SELECT count(*) FROM flux_inboxes").fetchone() == (3,)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/webhooks/nylas",
@@ -60,7 +75,7 @@ def test_everything_in_one_process_against_the_sandbox(db_url: str) -> None:
 
 
 def test_with_credentials_but_no_webhook_secret_the_processors_run_without_receiver(
-        db_url: str) -> None:
+        db_url: str, tmp_path: Path) -> None:
     from nova.sandbox.nylas import SandboxNylas
 
     with SandboxNylas(threads=5, seed=2, api_key="real-looking-key") as sandbox:
@@ -68,7 +83,8 @@ def test_with_credentials_but_no_webhook_secret_the_processors_run_without_recei
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
         env.update({"NOVA_DATABASE_URL": db_url, "NYLAS_API_KEY": "real-looking-key",
-                    "NYLAS_API_URI": sandbox.base_url, "NOVA_RECEIVER_PORT": str(port)})
+                    "NYLAS_API_URI": sandbox.base_url, "NOVA_RECEIVER_PORT": str(port),
+                    "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
         proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:

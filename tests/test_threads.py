@@ -18,7 +18,8 @@ from nova.threads import ThreadSyncProcessor
 
 @pytest.fixture
 def sandbox() -> Iterator[SandboxNylas]:
-    with make_sandbox(12) as sb:
+    # Thread listings without bodies: every thread gets a sync job (the mechanics tested here).
+    with make_sandbox(12, thread_bodies=False) as sb:
         yield sb
 
 
@@ -46,11 +47,11 @@ async def test_a_thread_that_always_fails_ends_failed_and_the_backfill_completes
     inbox, config = await discover(pool, sandbox)
     bad = sandbox.thread_ids(sandbox.grant_ids[0])[3]
     # Faults target a grant: route this one thread through another sandbox grant whose every
-    # get_thread answers 500, so it fails on each of its attempts and no other thread does.
+    # messages list answers 500, so it fails on each of its attempts and no other thread does.
     other = sandbox.grant_ids[1]
     await pool.execute("UPDATE queued_threads SET grant_id = $1 WHERE provider_thread_id = $2",
                        other, bad)
-    sandbox.inject_fault("error_5xx", 1000, endpoint="get_thread", grant_id=other)
+    sandbox.inject_fault("error_5xx", 1000, endpoint="list_messages", grant_id=other)
     async with running(db_url, settings(sandbox), backfill=0, threads=2,
                        thread_kw={"retry_base_delay": 0.02, "retry_max_delay": 0.05}):
         await wait_for(lambda: pool.fetchval(
@@ -64,7 +65,7 @@ async def test_a_thread_that_always_fails_ends_failed_and_the_backfill_completes
     assert (p["threads_completed"], p["threads_failed"], p["percent_complete"]) == (11, 1, 100)
     archived = await pool.fetch("SELECT message FROM pgmq.a_thread_sync_jobs")
     assert [a["message"]["thread_id"] for a in archived] == [bad]
-    assert sandbox.get_stats()["by_grant"][other]["get_thread"] == 5
+    assert sandbox.get_stats()["by_grant"][other]["list_messages"] == 5
 
 
 async def test_inactive_inbox_makes_no_api_call_and_threads_wait_for_it(

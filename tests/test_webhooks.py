@@ -183,22 +183,75 @@ async def test_message_deleted_soft_deletes(receiver: str, sandbox: SandboxNylas
     assert row["deleted_at"] is not None
 
 
-async def test_thread_replied_syncs_thread_metadata(receiver: str, sandbox: SandboxNylas,
-                                                    inbox: uuid.UUID, pool: asyncpg.Pool,
-                                                    drain: Any) -> None:
+async def thread_row(pool: asyncpg.Pool, thread_id: str) -> asyncpg.Record:
+    return await pool.fetchrow(
+        "SELECT * FROM flux_email_threads WHERE provider_thread_id = $1", thread_id)
+
+
+def assert_thread_matches(row: asyncpg.Record, thread: dict[str, Any]) -> None:
+    """The thread row says what the provider's thread object says."""
+    assert row["message_count"] == len(thread["message_ids"])
+    latest = max(d for d in (thread["latest_message_received_date"],
+                             thread["latest_message_sent_date"]) if d is not None)
+    assert row["last_message_at"].timestamp() == latest
+    assert row["first_message_at"].timestamp() == thread["earliest_message_date"]
+    assert row["snippet"] == thread["snippet"] and row["unread"] == thread["unread"]
+    assert sorted(row["folders"]) == sorted(thread["folders"])
+    assert sorted(p["email"] for p in row["participants"]) == sorted(
+        p["email"] for p in thread["participants"])
+
+
+async def test_an_ordinary_reply_keeps_its_thread_current_without_thread_replied(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        drain: Any) -> None:
     grant = sandbox.grant_ids[0]
     thread_id = sandbox.thread_ids(grant)[0]
-    sandbox.add_message(grant, thread_id=thread_id, subject="Re: hello")
+    first = sandbox.thread_json(grant, thread_id)
+    assert first is not None
+    # The thread as Nova knows it before the reply: every message, through their webhooks.
+    for mid in first["message_ids"]:
+        msg = sandbox.message_json(grant, mid)
+        assert msg is not None
+        await post_signed(receiver, event("message.created", msg, msg["date"]))
+    sandbox.reset_stats()
+    sandbox.add_message(grant, thread_id=thread_id, subject="Re: hello",
+                        sender={"name": "Newcomer", "email": "new@example.org"})
     await sandbox.await_webhooks()
     await drain()
     thread = sandbox.thread_json(grant, thread_id)
-    assert thread is not None
-    row = await pool.fetchrow("SELECT * FROM flux_email_threads WHERE provider_thread_id = $1",
-                              thread_id)
-    assert row["message_count"] == len(thread["message_ids"])
-    assert row["subject"] == thread["subject"]
-    types = sorted(n["notification_type"] for n in await notifications(pool))
-    assert types == ["message.created", "thread.replied"]
+    assert thread is not None and len(thread["message_ids"]) == len(first["message_ids"]) + 1
+    assert_thread_matches(await thread_row(pool, thread_id), thread)
+    # Nylas announces an ordinary reply with message.created alone, and Nova asked nothing.
+    types = [n["notification_type"] for n in await notifications(pool)]
+    assert "thread.replied" not in types and types[-1] == "message.created"
+    assert sandbox.get_stats()["requests"] == {}
+
+
+async def test_a_message_for_an_unknown_thread_leaves_a_real_thread_row(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    mutation = sandbox.add_message(grant, subject="Brand new", folders=["INBOX", "IMPORTANT"])
+    await sandbox.await_webhooks()
+    await drain()
+    assert mutation.thread is not None
+    row = await thread_row(pool, mutation.thread["id"])
+    assert row["subject"] == "Brand new"
+    assert_thread_matches(row, mutation.thread)
+
+
+async def test_a_tracked_reply_sends_thread_replied_too_and_both_apply(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    thread_id = sandbox.thread_ids(grant)[1]
+    sandbox.add_message(grant, thread_id=thread_id, subject="Re: tracked", tracked=True)
+    await sandbox.await_webhooks()
+    await drain()
+    rows = {n["notification_type"]: n for n in await notifications(pool)}
+    assert set(rows) == {"message.created", "thread.replied"}
+    assert {r["status"] for r in rows.values()} == {"processed"}
+    assert (await thread_row(pool, thread_id))["message_count"] == 1  # only what Nova holds
 
 
 async def test_grant_lifecycle_changes_the_inbox(receiver: str, sandbox: SandboxNylas,
@@ -210,18 +263,30 @@ async def test_grant_lifecycle_changes_the_inbox(receiver: str, sandbox: Sandbox
     await drain()
     assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
                                inbox) == "auth_expired"
-    # while expired, message events do not call the provider and are skipped
-    note = truncated_event(sandbox, "while expired")
+    # While expired, an event that needs the provider waits instead of calling it.
+    note = truncated_event(sandbox, "while expired", body="<p>kept for later</p>")
     sandbox.reset_stats()
     await post_signed(receiver, note)
     await drain()
     assert sandbox.get_stats()["requests"].get("get_message") is None
     last = (await notifications(pool))[-1]
-    assert last["status"] == "skipped" and "auth_expired" in last["error_message"]
-    await post_signed(receiver, event("grant.updated", {"grant_id": grant}, int(time.time())))
+    assert last["status"] == "waiting" and "auth_expired" in last["error_message"]
+    # An update that is not a re-authentication changes nothing.
+    sandbox.update_grant(grant)
+    await sandbox.await_webhooks()
+    await drain()
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
+                               inbox) == "auth_expired"
+    # Re-authentication brings it back, and the waiting event applies.
+    sandbox.revive_grant(grant)
+    await sandbox.await_webhooks()
     await drain()
     assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
                                inbox) == "active"
+    assert await pool.fetchval("SELECT status FROM flux_webhook_notifications WHERE id = $1",
+                               last["id"]) == "processed"
+    assert await pool.fetchval("SELECT body_html FROM flux_email_messages WHERE subject = $1",
+                               "while expired") == "<p>kept for later</p>"
     sandbox.delete_grant(grant)
     await sandbox.await_webhooks()
     await drain()
@@ -229,16 +294,53 @@ async def test_grant_lifecycle_changes_the_inbox(receiver: str, sandbox: Sandbox
                                inbox) == "revoked"
 
 
-async def test_unknown_types_and_unknown_grants_are_stored_and_skipped(
-        receiver: str, inbox: uuid.UUID, pool: asyncpg.Pool, drain: Any) -> None:
-    await post_signed(receiver, event("calendar.created", {"id": "c1", "grant_id": "g"}, 1))
-    await post_signed(receiver, event("message.created", {"id": "m1", "grant_id": "nobody"}, 1))
+async def test_a_late_older_grant_event_never_overrides_a_newer_status(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        drain: Any) -> None:
+    grant = sandbox.grant_ids[0]
+    now = int(time.time())
+    expired = event("grant.expired", {"grant_id": grant, "code": 25009}, now + 10)
+    reauth = event("grant.updated", {"grant_id": grant, "code": 25027,
+                                     "reauthentication_flag": True}, now + 20)
+    late = event("grant.expired", {"grant_id": grant, "code": 25009}, now + 15)
+    for payload in (expired, reauth, late):
+        await post_signed(receiver, payload)
+        await drain()
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
+                               inbox) == "active"
+    notes = {n["webhook_id"]: n for n in await notifications(pool)}
+    assert notes[late["id"]]["status"] == "processed"  # applied: it changed nothing
+    # A re-authentication that arrives before the expiry it follows wins as well.
+    await post_signed(receiver, event("grant.updated", {"grant_id": grant,
+                                                        "reauthentication_flag": True},
+                                      now + 40))
+    await drain()
+    await post_signed(receiver, event("grant.expired", {"grant_id": grant}, now + 30))
+    await drain()
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1",
+                               inbox) == "active"
+
+
+async def test_unknown_types_are_skipped_and_events_for_a_missing_inbox_wait_for_it(
+        receiver: str, sandbox: SandboxNylas, pool: asyncpg.Pool, drain: Any) -> None:
+    grant = sandbox.grant_ids[1]
+    msg = sandbox.add_message(grant, subject="before the inbox", send=False).message
+    assert msg is not None
+    await post_signed(receiver, event("calendar.created", {"id": "c1", "grant_id": grant}, 1))
+    await post_signed(receiver, event("message.created", msg, int(time.time())))
     stats = await drain()
     assert stats.processed == 2
     rows = {n["notification_type"]: n for n in await notifications(pool)}
     assert rows["calendar.created"]["status"] == "skipped"
-    assert rows["message.created"]["status"] == "skipped"
+    assert rows["message.created"]["status"] == "waiting"
     assert "no inbox" in rows["message.created"]["error_message"]
+    assert await pool.fetchval("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications") == 0
+    # Adding the inbox queues what waited for it.
+    await pool.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES ($1, 'x@y.z')", grant)
+    await drain()
+    assert await pool.fetchval("SELECT status FROM flux_webhook_notifications WHERE id = $1",
+                               rows["message.created"]["id"]) == "processed"
+    assert await pool.fetchval("SELECT subject FROM flux_email_messages") == "before the inbox"
 
 
 async def test_provider_failures_retry_then_record_the_error(

@@ -10,11 +10,12 @@ from .errors import (
     ProviderError,
     RateLimited,
     Transient,
+    Unauthorized,
 )
 from .models import Attachment, Grant, Message, Page, Participant, Thread
 
 __all__ = [
     "Attachment", "AttachmentStream", "AuthExpired", "Grant", "GrantNotFound",
     "InvalidApiKey", "MailProvider", "Message", "NotFound", "Page", "Participant",
-    "Permanent", "ProviderError", "RateLimited", "Thread", "Transient",
+    "Permanent", "ProviderError", "RateLimited", "Thread", "Transient", "Unauthorized",
 ]

@@ -37,6 +37,12 @@ class MailProvider(Protocol):
 
     async def get_thread(self, grant_id: str, thread_id: str) -> Thread: ...
 
+    async def list_messages_page(self, grant_id: str, *, thread_id: str | None = None,
+                                 page_token: str | None = None, limit: int = 50,
+                                 ) -> Page[Message]:
+        """One page of messages, newest first; with ``thread_id``, that thread's only."""
+        ...
+
     def list_thread_messages(self, grant_id: str, thread_id: str) -> AsyncIterator[Message]:
         """Every message of a thread across all pages."""
         ...

@@ -4,7 +4,9 @@
 class              raised for                                                  retry?
 =================  ==========================================================  ============
 RateLimited        HTTP 429 (``retry_after`` from Retry-After, seconds)        after wait
-AuthExpired        401/403 on a grant (expired/revoked credentials, scopes)    re-auth
+Unauthorized       401/403: a bad API key, a grant of another region or an      confirm
+                   expired grant alike; the caller asks the grant itself
+AuthExpired        the grant is confirmed unusable (expired/revoked)           re-auth
 NotFound           404 for an object; ``GrantNotFound`` for a deleted grant     no
 Transient          5xx, 408, timeouts, connection errors, malformed 2xx body   yes
 Permanent          any other 4xx (bad request ...); ``InvalidApiKey`` for a    no
@@ -44,6 +46,10 @@ class RateLimited(ProviderError):
 
 class AuthExpired(ProviderError):
     """The grant can no longer be used until the user re-authenticates."""
+
+
+class Unauthorized(ProviderError):
+    """A 401/403 that does not say whose fault it is: confirm with the grant before acting."""
 
 
 class NotFound(ProviderError):

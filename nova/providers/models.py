@@ -1,5 +1,15 @@
 """Provider-neutral mail objects.  Dates are timezone-aware UTC datetimes; ``raw`` keeps the
-provider's original dict so nothing is lost when the store wants more fields later."""
+provider's original dict so nothing is lost when the store wants more fields later.
+
+Strings in these objects are always storable (see :mod:`nova.providers.clean`): the provider
+modules clean every payload before they build a model.
+
+A message may be *partial*: webhook payloads of the ``.transformed`` (only the fields chosen in
+the dashboard), ``.metadata`` (headers, no body, snippet or attachments) and ``.truncated`` (no
+body) kinds lack fields. ``present`` then names the fields the payload really had; the store
+writes only those, so an absent field never blanks a stored value. ``present is None`` means a
+complete object (an API answer).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +39,12 @@ class Attachment:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
+# The fields of a message that a partial payload may lack, as the store names them.
+MESSAGE_FIELDS = frozenset({
+    "thread_id", "subject", "snippet", "from", "to", "cc", "bcc", "reply_to", "date", "body",
+    "body_cleaned", "folders", "unread", "starred", "attachments", "headers"})
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     id: str
@@ -49,7 +65,14 @@ class Message:
     attachments: tuple[Attachment, ...]
     headers: tuple[tuple[str, str], ...] | None = None  # None: not requested
     created_at: datetime | None = None
+    # A `.cleaned` payload's body: markdown made by Nylas, not the message's HTML.
+    body_cleaned: str | None = None
+    present: frozenset[str] | None = None  # None: complete; else the MESSAGE_FIELDS it had
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def has(self, name: str) -> bool:
+        """Whether the payload carried field ``name`` (one of MESSAGE_FIELDS)."""
+        return self.present is None or name in self.present
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers or ():

@@ -42,12 +42,12 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 
+from .clean import clean, loads
 from .errors import (
-    AuthExpired,
     GrantNotFound,
     InvalidApiKey,
     NotFound,
@@ -55,12 +55,14 @@ from .errors import (
     ProviderError,
     RateLimited,
     Transient,
+    Unauthorized,
 )
-from .models import Attachment, Grant, Message, Page, Participant, Thread
+from .models import MESSAGE_FIELDS, Attachment, Grant, Message, Page, Participant, Thread
 
 DEFAULT_API_URI = "https://api.us.nylas.com"
 MAX_LIMIT = 200
-_API_KEY_ERRORS = {"api.authentication_error", "token.unauthorized_access", "unauthorized"}
+# 400 "Invalid API key" is unambiguous; a 401 is not (see error_from_response).
+_API_KEY_ERRORS = {"token.unauthorized_access"}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -75,60 +77,114 @@ def _dt(value: Any) -> datetime | None:
 
 def _people(value: Any) -> tuple[Participant, ...]:
     out = []
-    for p in value or ():
+    for p in value if isinstance(value, list) else ():
         if isinstance(p, Mapping) and p.get("email"):
-            out.append(Participant(email=str(p["email"]), name=p.get("name") or None))
+            name = p.get("name")
+            out.append(Participant(email=str(p["email"]),
+                                   name=str(name) if name else None))
     return tuple(out)
 
 
-def parse_attachment(d: Mapping[str, Any], grant_id: str,
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def parse_attachment(data: Mapping[str, Any], grant_id: str,
                      message_id: str | None = None) -> Attachment:
+    d: dict[str, Any] = clean(dict(data))
+    size = d.get("size")
     return Attachment(
         id=str(d["id"]), grant_id=str(d.get("grant_id") or grant_id),
-        filename=d.get("filename"), content_type=d.get("content_type"),
-        size=d.get("size"), is_inline=bool(d.get("is_inline")),
-        content_id=d.get("content_id"), message_id=message_id, raw=dict(d))
+        filename=_str(d.get("filename")), content_type=_str(d.get("content_type")),
+        size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0
+        else None,
+        is_inline=bool(d.get("is_inline")), content_id=_str(d.get("content_id")),
+        message_id=message_id, raw=d)
 
 
-def parse_message(d: Mapping[str, Any], grant_id: str) -> Message:
+# Payload keys behind each MESSAGE_FIELDS name that differs from its key.
+_KEY_OF = {"body_cleaned": "body"}
+
+
+def parse_message(data: Mapping[str, Any], grant_id: str, *, partial: bool = False,
+                  cleaned: bool = False) -> Message:
+    """A message from an API answer, or (``partial``) from a webhook payload that may lack
+    fields. ``cleaned``: the payload is a `.cleaned` one, whose ``body`` is Nylas's markdown
+    rendering (unless ``cleaning_status`` says the cleaning failed: then it is the HTML)
+    (https://developer.nylas.com/docs/reference/notifications/messages/message-created-cleaned/).
+    """
+    d: dict[str, Any] = clean(dict(data))
+    markdown = cleaned and d.get("cleaning_status") != "failed"
+    present: frozenset[str] | None = None
+    if partial:
+        keys = {f for f in MESSAGE_FIELDS if _KEY_OF.get(f, f) in d}
+        if "body" in keys:
+            keys.discard("body_cleaned" if not markdown else "body")
+        present = frozenset(keys)
+    elif markdown:
+        present = MESSAGE_FIELDS - {"body"}
     headers = d.get("headers")
+    body = d.get("body")
     return Message(
         id=str(d["id"]), grant_id=str(d.get("grant_id") or grant_id),
-        thread_id=d.get("thread_id"), subject=d.get("subject"),
+        thread_id=_str(d.get("thread_id")), subject=_str(d.get("subject")),
         from_=_people(d.get("from")), to=_people(d.get("to")), cc=_people(d.get("cc")),
         bcc=_people(d.get("bcc")), reply_to=_people(d.get("reply_to")),
-        date=_dt(d.get("date")), snippet=d.get("snippet"), body=d.get("body"),
-        folders=tuple(d.get("folders") or ()), unread=bool(d.get("unread")),
+        date=_dt(d.get("date")), snippet=_str(d.get("snippet")),
+        body=None if markdown or body is None else str(body),
+        body_cleaned=str(body) if markdown and body is not None else None,
+        folders=tuple(str(f) for f in d.get("folders") or ()), unread=bool(d.get("unread")),
         starred=bool(d.get("starred")),
         attachments=tuple(parse_attachment(a, grant_id, str(d["id"]))
-                          for a in d.get("attachments") or ()),
-        headers=None if headers is None else tuple(
-            (str(h.get("name")), str(h.get("value"))) for h in headers),
-        created_at=_dt(d.get("created_at")), raw=dict(d))
+                          for a in d.get("attachments") or () if isinstance(a, Mapping)),
+        headers=None if not isinstance(headers, list) else tuple(
+            (str(h.get("name")), str(h.get("value"))) for h in headers
+            if isinstance(h, Mapping)),
+        created_at=_dt(d.get("created_at")), present=present, raw=d)
 
 
-def parse_thread(d: Mapping[str, Any], grant_id: str) -> Thread:
+def parse_thread(data: Mapping[str, Any], grant_id: str) -> Thread:
+    d: dict[str, Any] = clean(dict(data))
     latest = d.get("latest_draft_or_message")
     return Thread(
         id=str(d["id"]), grant_id=str(d.get("grant_id") or grant_id),
-        subject=d.get("subject"), snippet=d.get("snippet"),
+        subject=_str(d.get("subject")), snippet=_str(d.get("snippet")),
         participants=_people(d.get("participants")),
-        message_ids=tuple(d.get("message_ids") or ()), draft_ids=tuple(d.get("draft_ids") or ()),
-        folders=tuple(d.get("folders") or ()), has_attachments=bool(d.get("has_attachments")),
+        message_ids=tuple(str(m) for m in d.get("message_ids") or ()),
+        draft_ids=tuple(str(m) for m in d.get("draft_ids") or ()),
+        folders=tuple(str(f) for f in d.get("folders") or ()),
+        has_attachments=bool(d.get("has_attachments")),
         unread=bool(d.get("unread")), starred=bool(d.get("starred")),
         earliest_message_date=_dt(d.get("earliest_message_date")),
         latest_message_received_date=_dt(d.get("latest_message_received_date")),
         latest_message_sent_date=_dt(d.get("latest_message_sent_date")),
         latest_message=parse_message(latest, grant_id)
         if isinstance(latest, Mapping) and latest.get("object") == "message" else None,
-        raw=dict(d))
+        raw=d)
 
 
-def parse_grant(d: Mapping[str, Any]) -> Grant:
+def parse_grant(data: Mapping[str, Any]) -> Grant:
+    d: dict[str, Any] = clean(dict(data))
     return Grant(id=str(d["id"]), provider=d.get("provider"), email=d.get("email"),
                  status=d.get("grant_status"), created_at=_dt(d.get("created_at")),
                  updated_at=_dt(d.get("updated_at")), scopes=tuple(d.get("scope") or ()),
                  raw=dict(d))
+
+
+# --------------------------------------------------------------------------- budget
+def grant_of(path: str) -> str | None:
+    """The grant of a grant-scoped Nylas path (/v3/grants/{grant}/...); None otherwise (the
+    grant object itself, /v3/grants/{grant}, is an application call with its own limit)."""
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) >= 5 and parts[1] == "v3" and parts[2] == "grants" and parts[3]:
+        return unquote(parts[3])
+    return None
+
+
+def budget_key(request: httpx.Request) -> tuple[str, float] | None:
+    """Whose budget a request spends and how much: its grant, one request."""
+    grant = grant_of(request.url.raw_path.decode("ascii", "replace"))
+    return None if grant is None else (grant, 1.0)
 
 
 # --------------------------------------------------------------------------- errors
@@ -178,7 +234,10 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) ->
     if error_type in _API_KEY_ERRORS and status in (400, 401):
         return InvalidApiKey(message, **kw)
     if status in (401, 403):
-        return AuthExpired(message, **kw)
+        # Nylas documents one 401 type, api.authentication_error, for a bad API key, a grant of
+        # another region and an expired grant alike (https://developer.nylas.com/docs/api/
+        # errors/); the caller confirms with the grant itself before acting on it.
+        return Unauthorized(message, **kw)
     if status == 404:
         return (GrantNotFound if error_type == "grant.not_found" else NotFound)(message, **kw)
     if status == 408 or status >= 500:
@@ -269,8 +328,8 @@ class NylasProvider:
         if resp.status_code >= 400:
             raise error_from_response(resp.status_code, resp.content, resp.headers)
         try:
-            data = resp.json()
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = loads(resp.content)
+        except ValueError as exc:
             raise Transient(f"malformed JSON body (HTTP {resp.status_code})",
                             status=resp.status_code) from exc
         if not isinstance(data, dict) or "data" not in data:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from nylas.models.webhooks import WebhookTriggers
 
+from .clean import loads
 from .errors import Permanent
 
 KNOWN_TRIGGERS = frozenset(t.value for t in WebhookTriggers)
@@ -50,33 +50,38 @@ class WebhookEvent:
 
 
 # Nylas appends these to a trigger name, alone or combined ("message.updated.truncated",
-# "message.created.transformed.truncated"); the base trigger decides the handling.
-TYPE_SUFFIXES = frozenset({"truncated", "transformed", "cleaned"})
+# "message.created.cleaned.transformed.truncated"); the base trigger decides the handling and
+# the suffixes say what the payload lacks or holds instead: .truncated (no body: the object was
+# over 1 MB), .transformed (only the fields chosen in the dashboard), .metadata (Google's
+# gmail.metadata scope: headers, no body, snippet or attachments), .cleaned (the body is
+# markdown) (https://developer.nylas.com/docs/reference/notifications/messages/).
+TYPE_SUFFIXES = frozenset({"truncated", "transformed", "cleaned", "metadata"})
 
 
-def split_type(type_: str) -> tuple[str, bool]:
-    """`message.created.truncated` -> ("message.created", True): base trigger, truncated?"""
+def split_type(type_: str) -> tuple[str, frozenset[str]]:
+    """`message.created.cleaned.truncated` -> ("message.created", {"cleaned", "truncated"})."""
     parts = type_.split(".")
     suffixes = set()
     while len(parts) > 2 and parts[-1] in TYPE_SUFFIXES:
         suffixes.add(parts.pop())
-    return ".".join(parts), "truncated" in suffixes
+    return ".".join(parts), frozenset(suffixes)
 
 
 def parse_notification(body: bytes) -> WebhookEvent:
     """Parse a notification body; raise :class:`Permanent` if it is not a Nylas envelope."""
     try:
-        raw = json.loads(body)
+        raw = loads(body)
         type_ = str(raw["type"])
         data = raw["data"]
         obj = data["object"]
         nid = str(raw["id"])
     except (ValueError, KeyError, TypeError) as exc:
         raise Permanent(f"not a Nylas notification: {exc!r}") from exc
-    trigger, truncated = split_type(type_)
+    trigger, suffixes = split_type(type_)
     when = raw.get("time")
     return WebhookEvent(
-        id=nid, type=type_, trigger=trigger, truncated=truncated, source=raw.get("source"),
+        id=nid, type=type_, trigger=trigger, truncated="truncated" in suffixes,
+        source=raw.get("source"),
         time=datetime.fromtimestamp(when, UTC)
         if isinstance(when, int | float) and not isinstance(when, bool) else None,
         grant_id=obj.get("grant_id") or data.get("grant_id"), object=obj, raw=raw)
