@@ -7,6 +7,8 @@ working directory. A bad value stops start-up with a message that names the vari
 
 from __future__ import annotations
 
+import json
+
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +81,29 @@ class Settings(BaseSettings):
     nylas_webhook_secret: SecretStr | None = Field(
         default=None, validation_alias="NYLAS_WEBHOOK_SECRET"
     )
+
+    # Gmail API v1 (nova.providers.gmail): per-inbox OAuth credentials (`nova inbox add
+    # --provider gmail`), refresh tokens encrypted under NOVA_CREDENTIALS_KEY.
+    credentials_key: SecretStr | None = Field(default=None,
+                                              validation_alias="NOVA_CREDENTIALS_KEY")
+    gmail_api_uri: str = Field(default="https://gmail.googleapis.com",
+                               validation_alias="GMAIL_API_URI")
+    # Quota units per user per minute, and per-method costs (JSON, method -> units, merged over
+    # Google's published table: https://developers.google.com/workspace/gmail/api/reference/quota).
+    gmail_quota_units_per_minute: int = Field(default=15_000, ge=100,
+                                              validation_alias="GMAIL_QUOTA_UNITS_PER_MINUTE")
+    gmail_quota_costs: str = Field(default="{}", validation_alias="GMAIL_QUOTA_COSTS")
+    gmail_history_poll_seconds: float = Field(default=60.0, ge=0,
+                                              validation_alias="GMAIL_HISTORY_POLL_SECONDS")
+    gmail_pubsub_topic: str | None = Field(default=None, validation_alias="GMAIL_PUBSUB_TOPIC")
+    # Push deliveries (POST /webhooks/gmail): a Pub/Sub OIDC JWT for this audience from this
+    # service account, or, where no audience is set, ?token=GMAIL_PUSH_TOKEN.
+    gmail_push_audience: str | None = Field(default=None, validation_alias="GMAIL_PUSH_AUDIENCE")
+    gmail_push_service_account: str | None = Field(
+        default=None, validation_alias="GMAIL_PUSH_SERVICE_ACCOUNT")
+    gmail_push_token: SecretStr | None = Field(default=None, validation_alias="GMAIL_PUSH_TOKEN")
+    gmail_push_certs_url: str = Field(default="https://www.googleapis.com/oauth2/v1/certs",
+                                      validation_alias="GMAIL_PUSH_CERTS_URL")
 
     # Provider request budget per grant, shared by every worker (nova.ratelimit). Nylas allows
     # 200 requests/s per grant, but each call fans out to the mailbox provider, whose limits are
@@ -177,7 +202,7 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("nylas_api_uri")
+    @field_validator("nylas_api_uri", "gmail_api_uri")
     @classmethod
     def _check_uri(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
@@ -189,10 +214,28 @@ class Settings(BaseSettings):
     def _empty_port_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("attachment_temp_path", mode="before")
+    @field_validator("attachment_temp_path", "gmail_pubsub_topic", "gmail_push_audience",
+                     "gmail_push_service_account", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("gmail_quota_costs")
+    @classmethod
+    def _check_costs(cls, value: str) -> str:
+        try:
+            costs = json.loads(value or "{}")
+        except ValueError:
+            raise ValueError('must be a JSON object such as {"threads.get": 40}') from None
+        if not isinstance(costs, dict) or not all(
+                isinstance(k, str) and type(v) is int and v > 0 for k, v in costs.items()):
+            raise ValueError("must map method names to positive integer units")
+        return value or "{}"
+
+    @property
+    def gmail_costs(self) -> dict[str, int]:
+        """GMAIL_QUOTA_COSTS as a dict (checked when the settings were read)."""
+        return dict(json.loads(self.gmail_quota_costs))
 
     @field_validator("database_url")
     @classmethod

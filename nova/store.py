@@ -135,11 +135,13 @@ def _people(participants: Iterable[Participant]) -> list[dict[str, str | None]]:
 def _prepare(message: Message) -> PreparedMessage:
     fields = set(message.present if message.present is not None else MESSAGE_FIELDS)
     if message.present is None:  # a complete object: None here means "not sent", keep ours
-        for name, value in (("body", message.body), ("headers", message.headers),
+        for name, value in (("body", message.body if message.text is None else message.text),
+                            ("headers", message.headers),
                             ("body_cleaned", message.body_cleaned)):
             if value is None:
                 fields.discard(name)
-    body_html, body_text = _bodies(message.body)
+    body_html, body_text = (_bodies(message.body) if message.text is None
+                            else (message.body, message.text))
     row: dict[str, Any] = {
         "provider_message_id": message.id, "provider_thread_id": message.thread_id,
         "subject": message.subject, "snippet": message.snippet,

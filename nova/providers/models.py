@@ -67,6 +67,9 @@ class Message:
     created_at: datetime | None = None
     # A `.cleaned` payload's body: markdown made by Nylas, not the message's HTML.
     body_cleaned: str | None = None
+    # The message's own text/plain body, where the provider gives the MIME parts (Gmail):
+    # stored as body_text instead of a rendering of `body`, which is then its HTML part only.
+    text: str | None = None
     present: frozenset[str] | None = None  # None: complete; else the MESSAGE_FIELDS it had
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
