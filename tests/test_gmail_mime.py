@@ -19,6 +19,7 @@ from nova.providers.gmail_mime import (
     ATTACHMENT_ID_PREFIX,
     MAX_DEPTH,
     decode_body_data,
+    find_attachment_part,
     find_part,
     parse_message,
     parse_thread_messages,
@@ -390,6 +391,12 @@ def test_part_ids_missing_empty_or_repeated_get_walk_index_ids() -> None:
     assert [x.id for x in msg.attachments] == [f"{ATTACHMENT_ID_PREFIX}1", "1",
                                                f"{ATTACHMENT_ID_PREFIX}3"]
     assert [x.raw["partId"] for x in msg.attachments] == [None, "1", "1"]
+    # every attachment id leads back to its part, the walk-index ones included
+    payload_ = resource(root)["payload"]
+    assert [find_attachment_part(payload_, x.id) for x in msg.attachments] == [a, b, c]
+    assert find_part(payload_, f"{ATTACHMENT_ID_PREFIX}1") is None
+    assert find_attachment_part(payload_, "nope") is None
+    assert find_attachment_part(None, "1") is None
     # a message that is one attachment: the root's partId is "", the id is still usable
     only = parse_message(resource(leaf("", "application/pdf", filename="x.pdf",
                                        attachment_id="R")), GRANT)

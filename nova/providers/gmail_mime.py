@@ -48,8 +48,8 @@ from urllib.parse import unquote_to_bytes
 from .clean import clean
 from .models import Attachment, Message, Participant
 
-__all__ = ["ATTACHMENT_ID_PREFIX", "MAX_DEPTH", "decode_body_data", "find_part",
-           "parse_message", "parse_thread_messages"]
+__all__ = ["ATTACHMENT_ID_PREFIX", "MAX_DEPTH", "decode_body_data", "find_attachment_part",
+           "find_part", "parse_message", "parse_thread_messages"]
 
 # Attachment id of a part without a usable partId (missing, empty as the root's is, or taken
 # by an earlier part): this prefix and the part's index in walk order (pre-order, root 0).
@@ -391,6 +391,7 @@ class _Walk:
         self.index = 0
         self.attachments: list[Attachment] = []
         self.ids: set[str] = set()
+        self.parts: dict[str, dict[str, Any]] = {}  # attachment id -> its MessagePart
 
     def walk(self, part: dict[str, Any], depth: int) -> tuple[list[str], list[str]]:
         """(html texts, plain texts) of the body under ``part``; collects attachments."""
@@ -443,6 +444,7 @@ class _Walk:
         if not att_id or att_id in self.ids:
             att_id = f"{ATTACHMENT_ID_PREFIX}{leaf.index}"
         self.ids.add(att_id)
+        self.parts[att_id] = leaf.part
         size = leaf.body.get("size")
         cid = leaf.content_id
         disposition = leaf.disposition
@@ -456,6 +458,18 @@ class _Walk:
             raw={"partId": clean(part_id) if part_id is not None else None,
                  "attachmentId": clean(leaf.attachment_id),
                  "inline_data": leaf.data is not None and leaf.attachment_id is None}))
+
+
+def find_attachment_part(payload: dict[str, Any] | None,
+                         attachment_id: str) -> dict[str, Any] | None:
+    """The MessagePart behind an :class:`Attachment` id made by :func:`parse_message`: its
+    ``partId``, or an ``idx-<n>`` id (a part whose partId is missing, empty or repeated), which
+    :func:`find_part` cannot resolve. None: no such attachment."""
+    if not isinstance(payload, dict):
+        return None
+    walk = _Walk("", "")
+    walk.walk(payload, 0)
+    return walk.parts.get(attachment_id)
 
 
 def _joined(texts: list[str]) -> str | None:
