@@ -1,10 +1,11 @@
-"""`python -m nova.receiver`: the HTTP endpoint Nylas delivers webhooks to.
+"""`python -m nova.receiver`: the HTTP endpoint providers deliver notifications to.
 
     GET  /webhooks/nylas?challenge=X   answers X, as the raw body (Nylas's endpoint check)
-    POST /webhooks/nylas               a notification
+    POST /webhooks/nylas               a Nylas notification
+    POST /webhooks/gmail               a Gmail notification, as a Cloud Pub/Sub push delivers it
     GET  /healthz                      200 when the database answers, else 503
 
-A POST is checked in this order, and nothing is stored before the signature holds:
+A Nylas POST is checked in this order, and nothing is stored before the signature holds:
 1. size: over NOVA_RECEIVER_MAX_BODY_BYTES -> 413 (read in chunks; never buffered past the cap);
 2. signature: X-Nylas-Signature must be the hex HMAC-SHA256 of the raw body (for a gzip
    delivery, of the compressed bytes) under NYLAS_WEBHOOK_SECRET, compared in constant time
@@ -18,6 +19,33 @@ When the database cannot be reached the answer is 503: Nylas retries 408, 429, 5
 and 507 (three attempts in all), so an outage delays notifications instead of losing them.
 Source: https://developer.nylas.com/docs/v3/notifications/webhooks/ (challenge, signature,
 retries).
+
+A Gmail POST (nova.gmail_push) is checked in this order, and nothing is stored before the
+sender is authenticated:
+1. size: the same cap -> 413;
+2. authentication, by the settings:
+   - GMAIL_PUSH_AUDIENCE set: `Authorization: Bearer <JWT>` must be an OIDC token signed by a
+     key at GMAIL_PUSH_CERTS_URL (Google's `{kid: PEM}` certificates, fetched asynchronously,
+     cached per Cache-Control max-age, refetched once for an unknown kid), unexpired (60 s
+     clock skew), issued by accounts.google.com -> else 401; with `aud` = GMAIL_PUSH_AUDIENCE,
+     `email` = GMAIL_PUSH_SERVICE_ACCOUNT (when set) and `email_verified` true -> else 403.
+     Certificates that cannot be fetched (and none cached that fit) -> 503;
+   - else GMAIL_PUSH_TOKEN set: the query parameter `token` must equal it (constant time)
+     -> 401;
+   - neither: every delivery is refused (401), and the log says so once.
+   A refusal is logged with its reason, never with the token;
+3. body: JSON whose message.data is base64 (standard or URL-safe) of JSON with a string
+   emailAddress and a historyId (a number or a string of digits), and whose message has a
+   messageId -> else 400; strings are cleaned (NUL, lone surrogates);
+4. it is written through queue_gmail_push_notification() (sql/110_gmail_push.sql) as a
+   'gmail.history' notification of provider 'gmail' (webhook id 'gmail:<messageId>', grant id
+   the lower-cased address), whose trigger queues it, and committed before the 200. A
+   redelivery of the same messageId is answered 200 and stored once. Database unreachable
+   -> 503.
+Pub/Sub acknowledges 102, 200, 201, 202 and 204 and retries anything else with back-off, so
+an outage (503) delays notifications instead of losing them. Sources:
+https://cloud.google.com/pubsub/docs/push, https://cloud.google.com/pubsub/docs/authenticate-
+push-subscriptions, https://developers.google.com/workspace/gmail/api/guides/push.
 """
 
 from __future__ import annotations
@@ -38,6 +66,15 @@ from starlette.routing import Route
 
 from nova import db
 from nova.config import Settings, settings_or_exit
+from nova.gmail_push import (
+    BadPush,
+    CertsUnavailable,
+    GoogleCerts,
+    OidcVerifier,
+    PushRejected,
+    parse_push,
+    token_matches,
+)
 from nova.logs import setup_logging
 from nova.providers.clean import loads
 from nova.providers.nylas_webhooks import verify_signature
@@ -48,6 +85,8 @@ log = logging.getLogger("nova.receiver")
 # The database is away or too slow: answer 503, which Nylas retries.
 UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 STORE = "SELECT notification_id, is_new FROM queue_nylas_webhook_notification($1, $2, $3)"
+STORE_GMAIL = ("SELECT notification_id, is_new"
+               " FROM queue_gmail_push_notification($1, $2, $3, $4, $5, $6)")
 
 
 class TooLarge(Exception):
@@ -60,9 +99,9 @@ def unavailable() -> Response:
 
 
 class AlwaysRetryable:
-    """ASGI middleware: an unexpected error anywhere answers 503 (retried by Nylas), never
-    500 (https://developer.nylas.com/docs/v3/notifications/webhooks/: only 408, 429, 502,
-    503, 504 and 507 are retried)."""
+    """ASGI middleware: an unexpected error anywhere answers 503 (retried by Nylas and by
+    Pub/Sub), never 500 (https://developer.nylas.com/docs/v3/notifications/webhooks/: only
+    408, 429, 502, 503, 504 and 507 are retried)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -120,10 +159,20 @@ class Receiver:
         self.database_url = database_url
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._gmail_certs: GoogleCerts | None = None
+        self._gmail_oidc: OidcVerifier | None = None
+        token = settings.gmail_push_token
+        self._gmail_token = token.get_secret_value() if token is not None else ""
+        if settings.gmail_push_audience is not None:
+            self._gmail_certs = GoogleCerts(settings.gmail_push_certs_url)
+            self._gmail_oidc = OidcVerifier(self._gmail_certs, settings.gmail_push_audience,
+                                            settings.gmail_push_service_account)
+        self._gmail_unconfigured_logged = False
         self.app = Starlette(
             routes=[
                 Route("/webhooks/nylas", self.challenge, methods=["GET"]),
                 Route("/webhooks/nylas", self.deliver, methods=["POST"]),
+                Route("/webhooks/gmail", self.deliver_gmail, methods=["POST"]),
                 Route("/healthz", self.health, methods=["GET"]),
             ],
             middleware=[Middleware(AlwaysRetryable)],
@@ -136,10 +185,29 @@ class Receiver:
             self.database_url = db.database_url(self.settings)
         with contextlib.suppress(*CONNECTION_ERRORS):
             await self.pool()  # connect early when we can; a later request retries otherwise
-        log.info("[Receiver] ready on /webhooks/nylas")
+        log.info("[Receiver] ready on /webhooks/nylas and /webhooks/gmail (gmail auth: %s)",
+                 self.gmail_auth_mode)
+        if self.gmail_auth_mode == "none":
+            self._log_gmail_unconfigured()
         yield
+        if self._gmail_certs is not None:
+            await self._gmail_certs.aclose()
         if self._pool is not None:
             await self._pool.close()
+
+    @property
+    def gmail_auth_mode(self) -> str:
+        """How Gmail push deliveries are authenticated: oidc, token or none (all refused)."""
+        if self._gmail_oidc is not None:
+            return "oidc"
+        return "token" if self._gmail_token else "none"
+
+    def _log_gmail_unconfigured(self) -> None:
+        if not self._gmail_unconfigured_logged:
+            self._gmail_unconfigured_logged = True
+            log.warning("[Receiver] the Gmail push endpoint is not configured (set "
+                        "GMAIL_PUSH_AUDIENCE, or GMAIL_PUSH_TOKEN): POST /webhooks/gmail "
+                        "refuses every delivery")
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -190,15 +258,49 @@ class Receiver:
         if not isinstance(webhook_id, str) or not webhook_id or \
                 not isinstance(kind, str) or not kind:
             return PlainTextResponse("notification needs a string id and type", status_code=400)
-        return await self._store(webhook_id, kind, payload)
+        return await self._store(webhook_id, kind, STORE, webhook_id, kind, payload)
 
-    async def _store(self, webhook_id: str, kind: str, payload: dict[str, Any]) -> Response:
+    async def deliver_gmail(self, request: Request) -> Response:
+        try:
+            raw = await read_capped(request, self.cap)
+        except TooLarge:
+            return PlainTextResponse("payload too large", status_code=413)
+        try:
+            await self._authenticate_gmail(request)
+        except PushRejected as exc:
+            log.warning("[Receiver] rejected a Gmail push (%d): %s", exc.status, exc.reason)
+            text = "unauthenticated" if exc.status == 401 else "forbidden"
+            return PlainTextResponse(text, status_code=exc.status)
+        except CertsUnavailable as exc:
+            log.error("[Receiver] cannot verify a Gmail push: %s", exc)
+            return unavailable()
+        try:
+            push = parse_push(raw)
+        except BadPush as exc:
+            log.warning("[Receiver] refused a Gmail push (400): %s", exc)
+            return PlainTextResponse(str(exc), status_code=400)
+        return await self._store(f"gmail:{push.message_id}", "gmail.history", STORE_GMAIL,
+                                 push.message_id, push.email_address, push.history_id,
+                                 push.publish_time, push.subscription, push.event_time)
+
+    async def _authenticate_gmail(self, request: Request) -> None:
+        """Raises PushRejected (401, 403) or CertsUnavailable."""
+        if self._gmail_oidc is not None:
+            await self._gmail_oidc.verify(request.headers.get("authorization"))
+        elif self._gmail_token:
+            if not token_matches(request.query_params.get("token"), self._gmail_token):
+                raise PushRejected(401, "missing or wrong ?token=")
+        else:
+            self._log_gmail_unconfigured()
+            raise PushRejected(401, "the Gmail push endpoint is not configured")
+
+    async def _store(self, webhook_id: str, kind: str, query: str, *args: Any) -> Response:
         try:
             pool = await self.pool()
-            row = await pool.fetchrow(STORE, webhook_id, kind, payload)
+            row = await pool.fetchrow(query, *args)
         except Exception as exc:
-            # Whatever failed before the commit, the answer is one Nylas retries: a 500 (or a
-            # 400) is never retried and the notification would be gone.
+            # Whatever failed before the commit, the answer is one Nylas (and Pub/Sub) retries:
+            # Nylas never retries a 500 (or a 400) and the notification would be gone.
             log.error("[Receiver] could not store webhook %s (%s): %r", webhook_id, kind, exc)
             return unavailable()
         assert row is not None
