@@ -8,9 +8,11 @@ adds 3, drift found. Every failure is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -86,6 +88,12 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_inbox_add(settings: Settings, args: argparse.Namespace) -> int:
+    if args.provider == "gmail":
+        return _inbox_add_gmail(settings, args)
+    if args.grant_id is None:
+        args.usage("--grant-id is required for --provider nylas")
+    if args.credentials is not None:
+        args.usage("--credentials is for --provider gmail")
     with _connect(settings, args) as conn:
         row = conn.execute(
             "INSERT INTO flux_inboxes (provider, grant_id, email) VALUES (%s, %s, %s)"
@@ -96,6 +104,94 @@ def cmd_inbox_add(settings: Settings, args: argparse.Namespace) -> int:
     assert row is not None
     print(row["id"])
     return 0
+
+
+# A Gmail inbox's grant is its address, lower-cased: the Gmail API takes it as userId.
+GMAIL_UPSERT = """
+INSERT INTO flux_inboxes (provider, grant_id, email) VALUES ('gmail', $1, $2)
+ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL
+DO UPDATE SET email = EXCLUDED.email, updated_at = now()
+RETURNING id, status
+"""
+GMAIL_SCOPES = ("https://mail.google.com/", "https://www.googleapis.com/auth/gmail.")
+
+
+class _Refused(Exception):
+    """The inbox cannot take the credentials; the transaction is rolled back."""
+
+
+def _inbox_add_gmail(settings: Settings, args: argparse.Namespace) -> int:
+    """Insert or update the Gmail inbox and store its encrypted credentials in one
+    transaction; an auth_expired inbox becomes active again (nova_set_inbox_status, which
+    queues a catch-up backfill). Nothing is written when the file, the key or the inbox is
+    refused. The credentials never reach stdout, stderr or the log."""
+    from nova import credentials
+
+    email = args.email.strip()
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", email):
+        args.usage(f"--email: not an e-mail address: {args.email!r}")
+    grant = email.lower()
+    if args.grant_id is not None and args.grant_id.strip().lower() != grant:
+        args.usage("--grant-id: a Gmail inbox's grant is its e-mail address; leave it out")
+    if args.credentials is None:
+        args.usage("--credentials FILE is required for --provider gmail")
+    try:
+        fernet = credentials.cipher(settings)
+        user = credentials.load_authorized_user(args.credentials, account=email)
+    except credentials.CredentialsError as exc:
+        print(f"nova: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    if user.scopes and not any(s.startswith(GMAIL_SCOPES) for s in user.scopes):
+        print(f"nova: credentials file {args.credentials} grants no Gmail scope "
+              f"({' '.join(user.scopes)}); authorize with "
+              f"https://www.googleapis.com/auth/gmail.readonly", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        inbox_id, was, now, catchup = asyncio.run(
+            _save_gmail(_url(settings, args), grant, email, user, fernet))
+    except _Refused as exc:
+        print(f"nova: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(inbox_id)
+    if was == "auth_expired" and now == "active":
+        more = f"; catch-up backfill {catchup} queued" if catchup else ""
+        print(f"inbox {inbox_id} ({email}) was auth_expired, active again{more}",
+              file=sys.stderr)
+    elif was != "active":
+        print(f"inbox {inbox_id} ({email}): credentials saved, status stays {now}",
+              file=sys.stderr)
+    return 0
+
+
+async def _save_gmail(url: str, grant: str, email: str, user: Any,
+                      fernet: Any) -> tuple[uuid.UUID, str, str, uuid.UUID | None]:
+    import asyncpg
+
+    from nova.credentials import save_credentials
+
+    try:
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unreachable(f"{db.describe(url)}: {_one_line(str(exc)) or type(exc).__name__}"
+                          ) from None
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(GMAIL_UPSERT, grant, email)
+            if row["status"] == "revoked":
+                raise _Refused(f"inbox {row['id']} ({email}) is revoked, which is final; "
+                               f"nothing was written")
+            await save_credentials(conn, row["id"], user, fernet)
+            was = now = row["status"]
+            catchup = None
+            if was == "auth_expired":
+                changed = await conn.fetchrow(
+                    "SELECT * FROM nova_set_inbox_status($1, 'active')", row["id"])
+                now, catchup = changed["status"], changed["catchup_config_id"]
+        return row["id"], was, now, catchup
+    except asyncpg.PostgresError as exc:
+        raise _Refused(_one_line(str(exc))) from None
+    finally:
+        await conn.close()
 
 
 INBOXES = """
@@ -117,14 +213,15 @@ def cmd_inbox_list(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(rows, default=_json_default, indent=2))
         return 0
     print(f"{'inbox':<36}  {'email':<32} {'status':<12} {'backfill':<12} "
-          f"{'threads':>15}  config")
+          f"{'threads':>15}  {'provider':<8}  config")
     for r in rows:
         threads = ""
         if r["threads_queued"] is not None:
             done = r["threads_completed"] + r["threads_failed"]
             threads = f"{done:,}/{r['threads_queued']:,}"
         print(f"{r['id']!s:<36}  {r['email']:<32} {r['status']:<12} "
-              f"{r['backfill_status'] or '-':<12} {threads:>15}  {r['config_id'] or '-'}")
+              f"{r['backfill_status'] or '-':<12} {threads:>15}  {r['provider']:<8}  "
+              f"{r['config_id'] or '-'}")
     print(f"{len(rows)} inbox(es)")
     return 0
 
@@ -298,11 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     inbox = sub.add_parser("inbox", help="connected mailboxes").add_subparsers(
         dest="inbox_command", required=True)
-    p = inbox.add_parser("add", help="register a mailbox; prints its id")
-    p.add_argument("--grant-id", required=True)
-    p.add_argument("--email", required=True)
+    p = inbox.add_parser("add", help="register a mailbox; prints its id",
+                         description="Nylas: --grant-id G --email E. Gmail: --provider gmail "
+                                     "--email E --credentials FILE (an authorized_user JSON "
+                                     "file; stored encrypted under NOVA_CREDENTIALS_KEY).")
     p.add_argument("--provider", default="nylas", choices=["nylas", "gmail"])
-    p.set_defaults(func=cmd_inbox_add)
+    p.add_argument("--grant-id", help="the Nylas grant (Gmail: the e-mail address, implied)")
+    p.add_argument("--email", required=True)
+    p.add_argument("--credentials", metavar="FILE",
+                   help="Gmail: the user's authorized_user JSON (client_id, client_secret, "
+                        "refresh_token)")
+    p.set_defaults(func=cmd_inbox_add, usage=p.error)
     p = inbox.add_parser("list", help="every mailbox, its status and its backfill")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inbox_list)

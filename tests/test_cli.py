@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 
 
 def nova(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -287,3 +291,226 @@ def test_bad_usage_and_a_missing_setting_are_one_line_and_exit_2(db_url: str) ->
                              text=True, timeout=60, env=env)
     assert missing.returncode == 2
     assert _one_line_error(missing) == "nova: NYLAS_API_KEY is not set"
+
+
+# --- inbox add --provider gmail ---------------------------------------------------------------
+
+CREDENTIALS_KEY = "a test passphrase for nova credentials"
+
+
+@pytest.fixture(scope="module")
+def gmail_sb() -> Iterator[Any]:
+    from nova.sandbox.gmail import SandboxGmail
+
+    with SandboxGmail(threads=3, users=2, seed=21) as sb:
+        yield sb
+
+
+def gmail_add(db_url: str, *args: str, key: str | None = CREDENTIALS_KEY
+              ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NOVA_CREDENTIALS_KEY"}
+    env.update({"NOVA_DATABASE_URL": db_url, "LOG_LEVEL": "debug"})
+    if key is not None:
+        env["NOVA_CREDENTIALS_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "nova", "inbox", "add", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def credentials_file(tmp_path: Path, info: dict[str, Any], name: str = "user.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(info))
+    return str(path)
+
+
+def stored_secret(db_url: str, inbox_id: uuid.UUID) -> dict[str, str]:
+    from nova.config import Settings
+    from nova.credentials import cipher
+
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT secret FROM flux_inbox_credentials WHERE inbox_id = %s",
+                        (inbox_id,)).fetchone()
+    assert row is not None
+    fernet = cipher(Settings(credentials_key=SecretStr(CREDENTIALS_KEY)))
+    return dict(json.loads(fernet.decrypt(bytes(row[0]))))
+
+
+def counts(db_url: str) -> tuple[int, int]:
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT (SELECT count(*) FROM flux_inboxes),"
+                        " (SELECT count(*) FROM flux_inbox_credentials)").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def test_inbox_add_gmail_stores_encrypted_credentials_a_token_source_can_use(
+        db_url: str, gmail_sb: Any, tmp_path: Path) -> None:
+    import httpx
+
+    from nova import db
+    from nova.config import Settings
+    from nova.credentials import TokenSource, cipher
+
+    user = gmail_sb.users[0]
+    info = gmail_sb.credentials(user)
+    path = credentials_file(tmp_path, info)
+    added = gmail_add(db_url, "--provider", "gmail", "--email", user.upper(),
+                      "--credentials", path)
+    assert added.returncode == 0, added.stderr
+    inbox_id = uuid.UUID(added.stdout.strip())
+    for secret in (info["refresh_token"], info["client_secret"]):
+        assert secret not in added.stdout + added.stderr
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT provider, grant_id, email, status FROM flux_inboxes"
+                         " WHERE id = %s", (inbox_id,)).fetchone() == (
+            "gmail", user.lower(), user.upper(), "active")
+        raw = c.execute("SELECT client_id, token_uri, scopes, secret FROM"
+                        " flux_inbox_credentials WHERE inbox_id = %s", (inbox_id,)).fetchone()
+    assert raw[:3] == (info["client_id"], gmail_sb.token_uri, info["scopes"])
+    assert info["refresh_token"].encode() not in bytes(raw[3])
+    assert stored_secret(db_url, inbox_id) == {"client_secret": info["client_secret"],
+                                               "refresh_token": info["refresh_token"]}
+
+    pool = await db.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            fernet = cipher(Settings(credentials_key=SecretStr(CREDENTIALS_KEY)))
+            token = await TokenSource(pool, fernet, http).token(user.lower())
+            resp = await http.get(f"{gmail_sb.base_url}/gmail/v1/users/{user.lower()}/profile",
+                                  headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 200 and resp.json()["emailAddress"] == user
+    finally:
+        await pool.close()
+
+    nylas = nova(db_url, "inbox", "add", "--grant-id", "g-n", "--email", "n@example.com")
+    assert nylas.returncode == 0, nylas.stderr
+    listed = nova(db_url, "inbox", "list")
+    assert listed.returncode == 0, listed.stderr
+    header, *lines = listed.stdout.splitlines()
+    at = header.index("provider")  # columns are aligned; a row without a backfill has blanks
+    shown = {line.split()[0]: line[at:].split()[0] for line in lines[:-1]}
+    assert shown == {str(inbox_id): "gmail", nylas.stdout.strip(): "nylas"}
+
+
+def _bad_file(tmp_path: Path, sb: Any, **changes: Any) -> str:
+    info = {**sb.credentials(sb.users[0]), **changes}
+    return credentials_file(tmp_path, {k: v for k, v in info.items() if v is not None})
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("no-credentials", "--credentials FILE is required for --provider gmail"),
+    ("no-email", "the following arguments are required: --email"),
+    ("missing-file", "cannot read credentials file"),
+    ("service-account", "service accounts are not supported"),
+    ("no-refresh-token", "missing key 'refresh_token'"),
+    ("bad-token-uri", "'token_uri' must be an http(s) URL"),
+    ("other-account", "is for "),
+    ("no-gmail-scope", "grants no Gmail scope"),
+    ("no-key", "NOVA_CREDENTIALS_KEY is not set"),
+    ("short-key", "NOVA_CREDENTIALS_KEY is too short"),
+    ("not-an-address", "--email: not an e-mail address"),
+    ("other-grant", "--grant-id: a Gmail inbox's grant is its e-mail address"),
+    ("nylas-without-grant", "--grant-id is required for --provider nylas"),
+    ("nylas-with-credentials", "--credentials is for --provider gmail"),
+])
+def test_inbox_add_gmail_refuses_bad_input_with_exit_2_and_writes_nothing(
+        db_url: str, gmail_sb: Any, tmp_path: Path, case: str, expected: str) -> None:
+    user, other = gmail_sb.users
+    good = _bad_file(tmp_path, gmail_sb)
+    key: str | None = CREDENTIALS_KEY
+    args = ["--provider", "gmail", "--email", user, "--credentials", good]
+    if case == "no-credentials":
+        args = args[:4]
+    elif case == "no-email":
+        args = ["--provider", "gmail", "--credentials", good]
+    elif case == "missing-file":
+        args[-1] = str(tmp_path / "absent.json")
+    elif case == "service-account":
+        args[-1] = _bad_file(tmp_path, gmail_sb, type="service_account")
+    elif case == "no-refresh-token":
+        args[-1] = _bad_file(tmp_path, gmail_sb, refresh_token=None)
+    elif case == "bad-token-uri":
+        args[-1] = _bad_file(tmp_path, gmail_sb, token_uri="file:///etc/passwd")
+    elif case == "other-account":
+        args[3] = other
+    elif case == "no-gmail-scope":
+        args[-1] = _bad_file(tmp_path, gmail_sb,
+                             scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    elif case == "no-key":
+        key = None
+    elif case == "short-key":
+        key = "too-short"
+    elif case == "not-an-address":
+        args[3] = "not an address"
+    elif case == "other-grant":
+        args += ["--grant-id", "someone-else@example.com"]
+    elif case == "nylas-without-grant":
+        args = ["--email", user]
+    elif case == "nylas-with-credentials":
+        args = ["--grant-id", "g", "--email", user, "--credentials", good]
+    out = gmail_add(db_url, *args, key=key)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    line = _one_line_error(out)
+    assert expected in line, line
+    assert out.stdout == ""
+    assert gmail_sb.credentials(user)["refresh_token"] not in out.stderr
+    assert counts(db_url) == (0, 0)
+
+
+def test_re_adding_an_auth_expired_gmail_inbox_makes_it_active_with_a_catch_up(
+        db_url: str, gmail_sb: Any, tmp_path: Path) -> None:
+    user = gmail_sb.users[1]
+    first = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
+                      credentials_file(tmp_path, gmail_sb.credentials(user), "old.json"))
+    assert first.returncode == 0, first.stderr
+    inbox_id = uuid.UUID(first.stdout.strip())
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("SELECT nova_set_inbox_status(%s, 'auth_expired')", (inbox_id,))
+    renewed = gmail_sb.reauthorize(user)  # the user consented again: a new refresh token
+    again = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
+                      credentials_file(tmp_path, renewed, "new.json"))
+    assert again.returncode == 0, again.stderr
+    assert uuid.UUID(again.stdout.strip()) == inbox_id
+    assert "was auth_expired, active again" in again.stderr
+    assert renewed["refresh_token"] not in again.stdout + again.stderr
+    assert stored_secret(db_url, inbox_id)["refresh_token"] == renewed["refresh_token"]
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT status, auth_expired_at FROM flux_inboxes WHERE id = %s",
+                         (inbox_id,)).fetchone() == ("active", None)
+        configs = c.execute("SELECT backfill_kind, backfill_status FROM"
+                            " flux_inbox_configurations WHERE inbox_id = %s",
+                            (inbox_id,)).fetchall()
+        assert configs == [("catch_up", "queued")]
+        assert c.execute("SELECT count(*) FROM flux_inboxes").fetchone() == (1,)
+    # re-adding an active inbox replaces its credentials and changes nothing else
+    third = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
+                      credentials_file(tmp_path, gmail_sb.credentials(user), "third.json"))
+    assert third.returncode == 0 and third.stderr == "", third.stderr
+    assert counts(db_url) == (1, 1)
+
+
+def test_a_revoked_gmail_inbox_is_refused_and_keeps_its_credentials(
+        db_url: str, gmail_sb: Any, tmp_path: Path) -> None:
+    user = gmail_sb.users[0]
+    info = gmail_sb.credentials(user)
+    added = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
+                      credentials_file(tmp_path, info))
+    inbox_id = uuid.UUID(added.stdout.strip())
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("SELECT nova_set_inbox_status(%s, 'revoked')", (inbox_id,))
+    changed = {**info, "client_secret": "another-secret"}
+    out = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
+                    credentials_file(tmp_path, changed, "changed.json"))
+    assert out.returncode == 1
+    assert "is revoked, which is final; nothing was written" in _one_line_error(out)
+    assert stored_secret(db_url, inbox_id)["client_secret"] == info["client_secret"]
+
+
+def test_inbox_add_gmail_with_the_database_down_is_one_line_and_exit_1(
+        gmail_sb: Any, tmp_path: Path) -> None:
+    user = gmail_sb.users[0]
+    down = f"postgresql://postgres@127.0.0.1:{_closed_port()}/nova"
+    out = gmail_add(down, "--provider", "gmail", "--email", user, "--credentials",
+                    credentials_file(tmp_path, gmail_sb.credentials(user)))
+    assert out.returncode == 1
+    line = _one_line_error(out)
+    assert line.startswith("nova: the database did not answer:") and "connect" in line.lower()
