@@ -66,6 +66,7 @@ from nova.extract import kind_of as extraction_kind
 from nova.logs import setup_logging
 from nova.providers import AuthExpired, GrantNotFound, NotFound, Permanent, Transient
 from nova.providers.nylas import parse_retry_after
+from nova.providers.registry import KINDS
 from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
     DATABASE_ERRORS,
@@ -238,8 +239,10 @@ class AttachmentProcessor(ProviderProcessor):
             return await self._skip(ctx, job, row_id, reason)
         via_provider = bool(row["grant_id"] and row["provider_attachment_id"])
         if via_provider:
-            if self.provider is None and "nylas" not in self.providers:
-                raise Fatal(f"NYLAS_API_KEY is not set: attachment {row_id} needs the Nylas API")
+            kind = row["provider"]
+            if self.provider is None and kind not in self.providers:
+                setting = KINDS[kind].setting if kind in KINDS else f"provider {kind}"
+                raise Fatal(f"{setting} is not set: attachment {row_id} needs the {kind} API")
             if row["inbox_status"] == "revoked":
                 raise GiveUp("inbox revoked: attachment not downloaded")
             if row["inbox_status"] != "active" or row["inbox_deleted"]:
@@ -401,8 +404,11 @@ class AttachmentProcessor(ProviderProcessor):
         if via_provider:
             grant, aid, mid = (row["grant_id"], row["provider_attachment_id"],
                                row["provider_message_id"])
+            kind = row["provider"]
+            provider = self.provider_for(kind)
             return await self.call(
-                lambda: fetch(lambda: self.api.download_attachment(grant, aid, mid)), grant)
+                lambda: fetch(lambda: provider.download_attachment(grant, aid, mid)), grant,
+                kind)
         return await fetch(lambda: self._url_stream(row["original_url"]))
 
     @contextlib.asynccontextmanager

@@ -23,6 +23,12 @@ seen. So discovery has two parts:
 A page token the provider rejects (an expired cursor) restarts the current listing from its
 first page; queueing is idempotent.
 
+A provider with a change feed (Gmail's history) needs no rounds: before its first page,
+discovery takes the feed's current position as the inbox's `sync_cursor` (unless it has one),
+and every change from then on, threads that move included, arrives by incremental sync
+(nova.changes). Its listing carries no thread summaries (Gmail lists ids and snippets), so
+nothing is written from it: each listed thread gets a job.
+
 Failures: a 429 waits out Retry-After (shared with every worker through nova.ratelimit) and
 goes on; a 401 confirmed by the grant marks the inbox `auth_expired` (or `revoked`) and the
 configuration `failed`. Past 3 attempts the configuration is `failed` with `last_error`,
@@ -42,7 +48,7 @@ from typing import ClassVar
 import asyncpg
 
 from nova import store
-from nova.providers import AuthExpired, GrantNotFound, Permanent
+from nova.providers import AuthExpired, ChangeFeed, GrantNotFound, Permanent
 from nova.providers.models import Page, Thread
 from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
@@ -64,7 +70,7 @@ SELECT c.id, c.inbox_id, c.backfill_status, c.backfill_kind, c.backfill_since, c
        c.checkpoint_page_token, c.checkpoint_pages_done, c.checkpoint_threads_found,
        c.discovery_completed_at, coalesce(c.discovery_cutoff, c.updated_at) AS discovery_cutoff,
        c.changes_since, c.changes_rounds, c.changes_round_started_at,
-       i.grant_id, i.status AS inbox_status, i.provider
+       i.grant_id, i.status AS inbox_status, i.provider, i.sync_cursor
 FROM flux_inbox_configurations c JOIN flux_inboxes i ON i.id = c.inbox_id
 WHERE c.id = $1 AND c.deleted_at IS NULL
 """
@@ -155,6 +161,10 @@ class BackfillProcessor(ProviderProcessor):
         if resumed:
             log.info("[Backfill] resuming config=%s page=%d threads=%d %s", _short(config_id),
                      cur.pages + 1, cur.found, _phase(cur))
+        provider = self.provider_for(cfg["provider"])
+        feed = isinstance(provider, ChangeFeed)
+        if feed and cfg["sync_cursor"] is None:
+            await self._start_feed(ctx, cfg)
         restarted = False
         while True:
             version = store.sync_version()
@@ -169,8 +179,10 @@ class BackfillProcessor(ProviderProcessor):
                             "the first page", _short(config_id), exc)
                 cur, restarted = replace(cur, token=None), True
                 continue
-            nxt, done, ids = _advance(cfg, cur, page)
-            work = await PageWork.build(page, ids, version)
+            nxt, done, ids = _advance(cfg, cur, page, feed=feed)
+            work = await PageWork.build(
+                page, ids, version,
+                summaries=bool(getattr(provider, "lists_thread_summaries", True)))
             if done:
                 break
             async with ctx.pool.acquire() as conn, conn.transaction():
@@ -185,6 +197,22 @@ class BackfillProcessor(ProviderProcessor):
             await conn.fetchval(TRANSITION, config_id)
         return (f"config={_short(config_id)} discovered pages={nxt.pages} threads={nxt.found} "
                 f"change_rounds={nxt.rounds}{' (resumed)' if resumed else ''}")
+
+    async def _start_feed(self, ctx: JobContext, cfg: asyncpg.Record) -> None:
+        """The change feed's position before the first page is listed: what changes from now
+        on comes by incremental sync."""
+        grant_id, kind = cfg["grant_id"], cfg["provider"]
+        try:
+            provider = self.provider_for(kind)
+            assert isinstance(provider, ChangeFeed)
+            cursor = await self.call(lambda: provider.current_cursor(grant_id), grant_id, kind)
+        except AuthExpired as exc:
+            raise GrantExpired(f"AuthExpired: {exc}") from exc
+        except GrantNotFound as exc:
+            raise GrantDeleted(f"GrantNotFound: {exc}") from exc
+        await ctx.pool.execute(
+            "UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now()"
+            " WHERE id = $1 AND sync_cursor IS NULL", cfg["inbox_id"], cursor)
 
     async def _page(self, cfg: asyncpg.Record, cur: Cursor) -> Page[Thread]:
         if cur.in_main:  # the range, bounded at the moment the backfill was queued
@@ -254,9 +282,10 @@ class PageWork:
     version: datetime
 
     @classmethod
-    async def build(cls, page: Page[Thread], ids: list[str], version: datetime) -> PageWork:
+    async def build(cls, page: Page[Thread], ids: list[str], version: datetime, *,
+                    summaries: bool = True) -> PageWork:
         wanted = set(ids)
-        threads = [t for t in page.items if t.id in wanted]
+        threads = [t for t in page.items if t.id in wanted] if summaries else []
         whole = [t for t in threads if _whole(t)]
         done = {t.id for t in whole}
         return cls(threads=threads, done=sorted(done),
@@ -278,15 +307,16 @@ def _phase(cur: Cursor) -> str:
     return "main pass" if cur.in_main else f"changes round {cur.rounds + 1}"
 
 
-def _advance(cfg: asyncpg.Record, cur: Cursor,
-             page: Page[Thread]) -> tuple[Cursor, bool, list[str]]:
+def _advance(cfg: asyncpg.Record, cur: Cursor, page: Page[Thread], *,
+             feed: bool = False) -> tuple[Cursor, bool, list[str]]:
     """The cursor after `page`, whether discovery is over with it, and the threads to queue:
     every thread of the main pass; in a round, those with a change the last listing had not
     (a thread listed again with the same latest message is already queued)."""
     cutoff: datetime = cfg["discovery_cutoff"]
     changes = [(t.id, (t.latest_message_date or cutoff).timestamp()) for t in page.items]
     if cur.in_main:
-        recent = {c for c in changes if c[1] >= (cutoff - SKEW).timestamp()}
+        recent = set() if feed else {c for c in changes
+                                     if c[1] >= (cutoff - SKEW).timestamp()}
         ids = [c[0] for c in changes]
         nxt = replace(cur, seen=cur.seen | recent)
     else:
@@ -299,6 +329,8 @@ def _advance(cfg: asyncpg.Record, cur: Cursor,
     now = datetime.now(cutoff.tzinfo)
     if cur.in_main:
         until = cfg["backfill_until"]
+        if feed:
+            return nxt, True, ids  # a change feed carries what moves from here on
         if until is not None and until <= cutoff:
             return nxt, True, ids  # a closed range in the past: nothing can move into it
         return replace(nxt, since=cutoff - SKEW, round_started=now, prev=nxt.seen,

@@ -71,6 +71,35 @@ ORDER BY coalesce(status_changed_at, updated_at)
 LIMIT 50
 """
 SET_STATUS = "SELECT * FROM nova_set_inbox_status($1, $2, now(), $3)"
+# Gmail inboxes not synced from their history for GMAIL_HISTORY_POLL_SECONDS: a change sync
+# (nova.changes) through the webhooks queue, at most one asked per interval.
+POLL_CHANGES = """
+WITH due AS (
+    UPDATE flux_inboxes SET changes_requested_at = now()
+    WHERE provider = 'gmail' AND status = 'active' AND deleted_at IS NULL
+      AND grant_id IS NOT NULL
+      AND coalesce(changes_synced_at, '-infinity') < now() - $1::interval
+      AND coalesce(changes_requested_at, '-infinity') < now() - $1::interval
+    RETURNING id
+)
+SELECT id, pgmq.send('nylas_webhook_notifications', jsonb_build_object('changes_inbox_id', id))
+FROM due
+"""
+# users.watch (GMAIL_PUBSUB_TOPIC) lasts 7 days; renewed once a day. Inboxes removed, disabled
+# or revoked are stopped.
+WATCH_DUE = """
+SELECT id, grant_id FROM flux_inboxes
+WHERE provider = 'gmail' AND status = 'active' AND deleted_at IS NULL AND grant_id IS NOT NULL
+  AND (watch_expires_at IS NULL OR watch_expires_at < now() + interval '6 days')
+ORDER BY watch_expires_at NULLS FIRST LIMIT 100
+"""
+WATCH_STOP = """
+SELECT id, grant_id, status FROM flux_inboxes
+WHERE provider = 'gmail' AND watch_expires_at IS NOT NULL
+  AND (deleted_at IS NOT NULL OR status IN ('disabled', 'revoked'))
+LIMIT 100
+"""
+WATCHED = "UPDATE flux_inboxes SET watch_expires_at = $2 WHERE id = $1"
 RESUME_FAILED = "SELECT * FROM resume_failed_backfills($1, $2)"
 
 
@@ -100,6 +129,7 @@ class Repairs:
     recounted: list[Any] = field(default_factory=list)
     catchups: list[Any] = field(default_factory=list)
     grants: list[Any] = field(default_factory=list)  # (inbox, status after the check)
+    watches: list[Any] = field(default_factory=list)  # (inbox, "watch" | "stop")
     resumed: list[Any] = field(default_factory=list)
 
 
@@ -199,7 +229,12 @@ class CompletionMonitor:
                         describe_error(exc))
 
     async def check(self) -> list[Any]:
-        """One pass: a progress line per running backfill; completes the finished ones."""
+        """One pass: a progress line per running backfill; completes the finished ones; asks
+        for the change syncs that are due."""
+        if self.settings.gmail_history_poll_seconds > 0 and self.settings.credentials_key:
+            async with self._step("Monitor", "history poll"):
+                await self.pool.fetch(
+                    POLL_CHANGES, timedelta(seconds=self.settings.gmail_history_poll_seconds))
         completed = []
         for p in await self.pool.fetch(ACTIVE):
             log.info(progress_line(p))
@@ -274,7 +309,49 @@ class CompletionMonitor:
         if self.settings.grant_recheck_seconds > 0 and self.settings.nylas_api_key is not None:
             async with self._step("Monitor", "grant checks"):
                 repairs.grants = await self.recheck_grants()
+        if self.settings.gmail_pubsub_topic and self.settings.credentials_key:
+            async with self._step("Monitor", "Gmail watches"):
+                repairs.watches = await self.renew_watches(self.settings.gmail_pubsub_topic)
         return repairs
+
+    async def renew_watches(self, topic: str) -> list[tuple[Any, str]]:
+        """users.watch for active Gmail inboxes whose watch is missing or a day old;
+        users.stop for removed, disabled or revoked ones
+        (https://developers.google.com/workspace/gmail/api/guides/push: "you must re-call
+        watch at least every 7 days"; "we recommend calling watch once per day")."""
+        from nova.providers import ProviderError
+        from nova.providers.gmail import GmailProvider
+        from nova.ratelimit import ProviderBudget, provider_from_settings
+
+        due = await self.pool.fetch(WATCH_DUE)
+        gone = await self.pool.fetch(WATCH_STOP)
+        done: list[tuple[Any, str]] = []
+        if not due and not gone:
+            return done
+        budget = ProviderBudget.from_settings(self.pool, self.settings, "gmail")
+        provider, client = provider_from_settings(self.settings, budget, kind="gmail")
+        assert isinstance(provider, GmailProvider)
+        try:
+            for row in due:
+                try:
+                    watch = await provider.watch(row["grant_id"], topic)
+                except ProviderError as exc:
+                    log.warning("[Monitor] Gmail watch of inbox=%s failed: %s", row["id"], exc)
+                    continue
+                await self.pool.execute(WATCHED, row["id"], watch.expiration)
+                done.append((row["id"], "watch"))
+                log.info("[Monitor] Gmail watch inbox=%s until %s", row["id"],
+                         watch.expiration.isoformat() if watch.expiration else "?")
+            for row in gone:
+                try:
+                    await provider.stop(row["grant_id"])
+                except ProviderError as exc:  # a revoked grant cannot stop: it lapses
+                    log.info("[Monitor] Gmail stop of inbox=%s: %s", row["id"], exc)
+                await self.pool.execute(WATCHED, row["id"], None)
+                done.append((row["id"], "stop"))
+        finally:
+            await client.aclose()
+        return done
 
     async def recheck_grants(self) -> list[tuple[Any, str]]:
         """Expired inboxes whose grant was not heard of for NOVA_GRANT_RECHECK_SECONDS: ask

@@ -73,10 +73,13 @@ class ProviderBudget:
                  ceiling: float | None = None, floor: float = 1.0,
                  api_delay_ms: int = 0, provider: str = "nylas",
                  key: Callable[[httpx.Request], tuple[str, float] | None] = nylas_budget_key,
-                 ) -> None:
+                 refused: Callable[[int, bytes], bool] | None = None,
+                 hold: float | None = None) -> None:
         self.pool = pool
         self.provider = provider  # the label of its requests in nova_provider_requests_total
         self.key = key  # whose budget a request spends, and its cost
+        self.refused = refused  # a refusal other than a plain 429 (Gmail's 403 quota reasons)
+        self.hold = hold  # after a refusal without Retry-After, every worker waits this long
         self.rate = rate
         self.burst = max(1.0, burst)
         self.ceiling = ceiling
@@ -89,10 +92,10 @@ class ProviderBudget:
     @classmethod
     def from_settings(cls, pool: asyncpg.Pool, settings: Settings,
                       kind: str = "nylas") -> ProviderBudget:
-        return cls(pool, settings.provider_rate_limit, settings.provider_burst,
-                   ceiling=settings.provider_rate_ceiling, floor=settings.provider_rate_floor,
-                   api_delay_ms=settings.api_delay_ms, provider=kind,
-                   key=KINDS[kind].budget_key)
+        plan = KINDS[kind].budget(settings)
+        return cls(pool, plan.rate, plan.burst, ceiling=plan.ceiling, floor=plan.floor,
+                   api_delay_ms=settings.api_delay_ms, provider=kind, key=plan.key,
+                   refused=plan.refused, hold=plan.hold)
 
     async def acquire(self, grant_id: str, cost: float = 1.0) -> float:
         """Reserve the grant's next slot (``cost`` units of its rate) and sleep until it;
@@ -115,6 +118,8 @@ class ProviderBudget:
         """A 429: cut the grant's rate (once per congestion event) and hold it for
         Retry-After, when the provider said how long."""
         self.throttled += 1
+        if retry_after is None:
+            retry_after = self.hold
         rate = await self.pool.fetchval(LIMITED, grant_id, sent_at, retry_after, self.rate,
                                         self.floor)
         log.warning("[RateLimit] 429 from provider grant=%s rate=%.1f/s%s", grant_id, rate,
@@ -135,11 +140,13 @@ class ProviderBudget:
         if key is None:
             return
         grant_id = key[0]
-        if response.status_code == 429:
+        status = response.status_code
+        if status == 429 or (status == 403 and self.refused is not None
+                             and self.refused(status, await response.aread())):
             await self.limited(grant_id, request.extensions.get("nova_sent_at")
                                or datetime.now(UTC),
                                parse_retry_after(response.headers.get("retry-after")))
-        elif response.status_code < 500:
+        elif status < 500:
             self._answered[grant_id] = self._answered.get(grant_id, 0) + 1
 
 
@@ -167,12 +174,13 @@ def budgeted_nylas(budget: ProviderBudget, api_key: str, api_uri: str, *,
 def provider_from_settings(settings: Settings, budget: ProviderBudget, *,
                            transient_retries: int = 0, kind: str = "nylas",
                            ) -> tuple[MailProvider, httpx.AsyncClient]:
-    """The provider of ``kind`` on a client whose every request spends ``budget``."""
+    """The provider of ``kind`` on a client whose every request spends ``budget`` (a provider
+    with per-inbox credentials reads them through the budget's pool)."""
     provider_kind = KINDS[kind]
     if not provider_kind.configured(settings):
         raise SystemExit(f"{provider_kind.setting} is not set")
     client = budgeted_client(budget, max_connections=max(20, settings.batch_size * 2))
-    return provider_kind.build(settings, client, transient_retries), client
+    return provider_kind.build(settings, client, transient_retries, budget.pool), client
 
 
 async def refuse_inbox(conn: asyncpg.Connection | asyncpg.Pool, inbox_id: object,

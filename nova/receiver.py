@@ -148,13 +148,22 @@ def gunzip_capped(data: bytes, cap: int) -> bytes:
     return out
 
 
+def receives(settings: Settings) -> bool:
+    """Whether any delivery can be verified: a Nylas secret or a Gmail push check."""
+    return (settings.nylas_webhook_secret is not None
+            or settings.gmail_push_audience is not None
+            or bool(settings.gmail_push_token and settings.gmail_push_token.get_secret_value()))
+
+
 class Receiver:
     def __init__(self, settings: Settings, *, database_url: str | None = None) -> None:
-        if settings.nylas_webhook_secret is None:
-            raise ValueError("NYLAS_WEBHOOK_SECRET is not set: the receiver cannot verify "
-                             "deliveries without it")
+        if not receives(settings):
+            raise ValueError("neither NYLAS_WEBHOOK_SECRET nor GMAIL_PUSH_AUDIENCE / "
+                             "GMAIL_PUSH_TOKEN is set: the receiver could verify no delivery")
         self.settings = settings
-        self.secret = settings.nylas_webhook_secret.get_secret_value()
+        # Unset: Nylas deliveries are refused (a Gmail-only deployment).
+        self.secret = (settings.nylas_webhook_secret.get_secret_value()
+                       if settings.nylas_webhook_secret is not None else None)
         self.cap = settings.receiver_max_body_bytes
         self.database_url = database_url
         self._pool: asyncpg.Pool | None = None
@@ -237,6 +246,9 @@ class Receiver:
             raw = await read_capped(request, self.cap)
         except TooLarge:
             return PlainTextResponse("payload too large", status_code=413)
+        if self.secret is None:
+            log.warning("[Receiver] refused a Nylas delivery: NYLAS_WEBHOOK_SECRET is not set")
+            return PlainTextResponse("Nylas webhooks are not configured", status_code=401)
         if not verify_signature(raw, request.headers.get("x-nylas-signature"), self.secret):
             log.warning("[Receiver] rejected a delivery with a bad signature")
             return PlainTextResponse("invalid signature", status_code=401)

@@ -115,7 +115,9 @@ async def serve(settings: Settings, console: Console | None = None) -> int:
     log.info("[Service] database %s ready (%d migration(s) applied)", db.describe(url),
              len(result.applied))
 
-    receiving = settings.nylas_api_key is None or settings.nylas_webhook_secret is not None
+    from nova.receiver import receives
+
+    receiving = settings.nylas_api_key is None or receives(settings)
     if receiving and not _port_free(settings.receiver_host, settings.receiver_port):
         raise SystemExit(f"NOVA_RECEIVER_PORT {settings.receiver_port} is already in use")
     runnables: list[Runnable] = [*metrics.server_parts(settings, "Service", database_url=url)]
@@ -147,7 +149,8 @@ async def serve(settings: Settings, console: Console | None = None) -> int:
 
         runnables.append(ReceiverServer(settings, url))
     else:
-        log.warning("[Service] NYLAS_WEBHOOK_SECRET is not set: the receiver is not started")
+        log.warning("[Service] neither NYLAS_WEBHOOK_SECRET nor GMAIL_PUSH_AUDIENCE / "
+                    "GMAIL_PUSH_TOKEN is set: the receiver is not started")
 
     workers = [Worker(WebhookProcessor(settings), settings, database_url=url),
                Worker(BackfillProcessor(settings), settings, database_url=url),

@@ -16,6 +16,8 @@ reference/notifications/messages/):
 |                                    | message.created                                           |
 | grant.expired                      | inbox -> auth_expired (queued work stops calling the API) |
 | grant.deleted                      | inbox -> revoked                                          |
+| gmail.history                      | a Gmail push (POST /webhooks/gmail): an incremental sync  |
+|                                    | of the inbox from its history id (nova.changes)           |
 | grant.updated                      | a re-authentication (`reauthentication_flag`) makes an    |
 |                                    | expired inbox active and queues a catch-up backfill from  |
 |                                    | its last event minus the overlap; other updates change    |
@@ -26,6 +28,9 @@ Every message write re-derives its thread from the stored messages (nova.store),
 replies, which Nylas announces with message.created alone, keep threads current without a
 provider request. While the inbox's backfill runs, a message for a thread the backfill has not
 listed queues that thread for sync: discovery may miss a thread that moves under it.
+
+Queue messages `{"changes_inbox_id": ...}` (the completion monitor's poll, every
+GMAIL_HISTORY_POLL_SECONDS) run the same incremental sync without a stored notification.
 
 Nothing is dropped for its inbox: a notification whose inbox does not exist waits (`waiting`),
 and so does one that needs the API while the inbox is not active; the inbox's activation queues
@@ -49,7 +54,15 @@ from typing import Any, ClassVar
 import asyncpg
 
 from nova import metrics, store
-from nova.providers import AuthExpired, GrantNotFound, Message, NotFound, Permanent
+from nova.changes import ChangeSync
+from nova.providers import (
+    AuthExpired,
+    ChangeFeed,
+    GrantNotFound,
+    Message,
+    NotFound,
+    Permanent,
+)
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
 from nova.ratelimit import ProviderProcessor, refuse_inbox
@@ -90,8 +103,10 @@ THREAD_OF = """
 SELECT id FROM flux_email_threads WHERE inbox_id = $1 AND provider_thread_id = $2
 """
 MESSAGE_TRIGGERS = ("message.created", "message.updated")
+CHANGES = "gmail.history"
 HANDLED = (*MESSAGE_TRIGGERS, "message.deleted", "thread.replied", "grant.expired",
-           "grant.deleted", "grant.updated")
+           "grant.deleted", "grant.updated", CHANGES)
+INBOX_KIND = "SELECT provider, grant_id FROM flux_inboxes WHERE id = $1"
 
 
 class Outcome:
@@ -110,6 +125,12 @@ class WebhookProcessor(ProviderProcessor):
         return float(self.settings.catchup_overlap_seconds)
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
+        if "changes_inbox_id" in job.message:
+            try:
+                inbox_id = uuid.UUID(str(job.message["changes_inbox_id"]))
+            except ValueError as exc:
+                raise GiveUp(f"bad changes job: {job.message}") from exc
+            return f"changes inbox={inbox_id}: {await self._changes(ctx.pool, inbox_id)}"
         notification_id = _notification_id(job)
         started = time.perf_counter()
         row = await ctx.pool.fetchrow(LOAD, notification_id)
@@ -147,6 +168,8 @@ class WebhookProcessor(ProviderProcessor):
             return Outcome("skipped", f"unhandled type {row['notification_type']}"), []
         if row["inbox_id"] is None:
             return Outcome("waiting", f"no inbox for grant {row['grant_id']} yet"), []
+        if trigger == CHANGES:
+            return Outcome(note=await self._changes(pool, row["inbox_id"])), []
         if trigger not in MESSAGE_TRIGGERS:
             return None, []
         if not obj.get("id"):
@@ -170,6 +193,25 @@ class WebhookProcessor(ProviderProcessor):
         except Permanent as exc:
             raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
         return None, await store.prepare_messages([fetched])
+
+    async def _changes(self, pool: asyncpg.Pool, inbox_id: uuid.UUID) -> str:
+        """An incremental sync of the inbox from its change feed (nova.changes)."""
+        inbox = await pool.fetchrow(INBOX_KIND, inbox_id)
+        if inbox is None:
+            return "inbox removed"
+        kind, grant = inbox["provider"], inbox["grant_id"]
+        provider = self.provider_for(kind)
+        if not isinstance(provider, ChangeFeed):
+            return f"provider {kind} has no change feed"
+        sync = ChangeSync(pool, provider, lambda request: self.call(request, grant, kind))
+        try:
+            return await sync.run(inbox_id)
+        except (AuthExpired, GrantNotFound) as exc:
+            status = "revoked" if isinstance(exc, GrantNotFound) else "auth_expired"
+            await refuse_inbox(pool, inbox_id, status)
+            return f"inbox is {status}: {exc}"
+        except Permanent as exc:
+            raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
 
     async def _apply(self, conn: asyncpg.Connection, trigger: str, row: asyncpg.Record,
                      obj: dict[str, Any], prepared: list[store.PreparedMessage]) -> Outcome:
@@ -215,6 +257,8 @@ class WebhookProcessor(ProviderProcessor):
 
     async def record_failure(self, conn: asyncpg.Connection, job: Job, error: BaseException,
                              final: bool) -> None:
+        if "changes_inbox_id" in job.message:
+            return  # no row: the next push or poll syncs again
         try:
             notification_id = _notification_id(job)
         except GiveUp:

@@ -1,6 +1,6 @@
 """Mail providers behind one small interface (:class:`MailProvider`)."""
 
-from .base import AttachmentStream, MailProvider
+from .base import AttachmentStream, ChangeFeed, MailProvider
 from .errors import (
     AuthExpired,
     GrantNotFound,
@@ -15,7 +15,7 @@ from .errors import (
 from .models import Attachment, Grant, Message, Page, Participant, Thread
 
 __all__ = [
-    "Attachment", "AttachmentStream", "AuthExpired", "Grant", "GrantNotFound",
+    "Attachment", "AttachmentStream", "AuthExpired", "ChangeFeed", "Grant", "GrantNotFound",
     "InvalidApiKey", "MailProvider", "Message", "NotFound", "Page", "Participant",
     "Permanent", "ProviderError", "RateLimited", "Thread", "Transient", "Unauthorized",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .models import Attachment, Grant, Message, Page, Thread
 
@@ -61,3 +61,18 @@ class MailProvider(Protocol):
     async def get_grant(self, grant_id: str) -> Grant: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """A provider that lists a mailbox's changes since a cursor (Gmail: history.list). Its
+    inboxes sync incrementally (nova.changes) and their backfills need no change rounds."""
+
+    async def current_cursor(self, grant_id: str) -> str:
+        """The feed's position now: changes after it are listed from it."""
+        ...
+
+    async def list_changes(self, grant_id: str, cursor: str, *,
+                           page_token: str | None = None) -> Any:
+        """One page of changes after ``cursor`` (CursorExpired when it is too old)."""
+        ...

@@ -279,6 +279,7 @@ class NylasProvider:
     """:class:`~nova.providers.base.MailProvider` for Nylas v3."""
 
     name = "nylas"
+    lists_thread_summaries = True  # thread objects carry subject, dates, latest message
 
     def __init__(self, api_key: str, api_uri: str = DEFAULT_API_URI, *, timeout: float = 30.0,
                  client: httpx.AsyncClient | None = None, max_connections: int = 20,
