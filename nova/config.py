@@ -8,7 +8,6 @@ working directory. A bad value stops start-up with a message that names the vari
 from __future__ import annotations
 
 import json
-
 import sys
 from functools import lru_cache
 from pathlib import Path
