@@ -286,3 +286,43 @@ async def test_the_quota_budget_is_never_exceeded_with_several_workers(
         assert stats["units_total"][email] > 1200  # more than one minute's quota was spent
         assert stats["units"][email]["threads.get"] == 10 * len(sb.thread_ids(email))
         await assert_matches_mailbox(pool, sb, inbox, email)
+
+
+async def test_a_pubsub_push_starts_an_incremental_sync(
+        pool: asyncpg.Pool, db_url: str, sandbox: SandboxGmail) -> None:
+    """users.watch by the completion monitor (GMAIL_PUBSUB_TOPIC); the sandbox pushes to the
+    receiver (?token=); the stored gmail.history notification runs the history sync."""
+    from servers import ServerThread
+
+    from nova.completion import CompletionMonitor
+    from nova.receiver import create_app
+
+    s = gmail_settings(sandbox, gmail_push_token="push-secret",
+                       gmail_pubsub_topic="projects/nova-sandbox/topics/gmail")
+    inbox, _ = await backfilled(pool, db_url, sandbox, gmail_settings(sandbox))  # no watch
+    email = sandbox.users[0]
+    monitor = CompletionMonitor(s, pool=pool)
+    watched = await monitor.renew_watches("projects/nova-sandbox/topics/gmail")
+    assert watched == [(inbox, "watch")]
+    assert await pool.fetchval("SELECT watch_expires_at > now() + interval '6 days'"
+                               " FROM flux_inboxes WHERE id = $1", inbox)
+    assert await monitor.renew_watches("projects/nova-sandbox/topics/gmail") == []  # not due
+
+    with ServerThread(create_app(s, database_url=db_url)) as server:
+        sandbox.set_push(endpoint=f"{server.url}/webhooks/gmail",
+                         auth="token", token="push-secret", min_interval=0.0)
+        async with webhook_worker(db_url, s):
+            added = sandbox.add_message(email, subject="pushed", text="hello by push")
+            await wait_for(lambda: pool.fetchval(
+                "SELECT count(*) FROM flux_email_messages WHERE inbox_id = $1"
+                " AND provider_message_id = $2", inbox, added["id"]), 30,
+                what="the pushed message stored")
+    note = await pool.fetchrow(
+        "SELECT status, provider, grant_id, inbox_id FROM flux_webhook_notifications"
+        " WHERE notification_type = 'gmail.history' ORDER BY received_at LIMIT 1")
+    assert dict(note) == {"status": "processed", "provider": "gmail", "grant_id": email,
+                          "inbox_id": inbox}
+    # Removed inboxes have their watch stopped.
+    await pool.execute("UPDATE flux_inboxes SET deleted_at = now() WHERE id = $1", inbox)
+    assert await monitor.renew_watches("projects/nova-sandbox/topics/gmail") == [
+        (inbox, "stop")]
