@@ -64,10 +64,10 @@ from nova.config import Settings, settings_or_exit
 from nova.extract import PDF, TEXT, Extraction, PdfExtractor, content_type_parts, decode_text
 from nova.extract import kind_of as extraction_kind
 from nova.logs import setup_logging
+from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import AuthExpired, GrantNotFound, NotFound, Permanent, Transient
 from nova.providers.nylas import parse_retry_after
 from nova.providers.registry import KINDS
-from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
     DATABASE_ERRORS,
     MAX_BACKOFF,

@@ -48,9 +48,9 @@ from typing import ClassVar
 import asyncpg
 
 from nova import store
+from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import AuthExpired, ChangeFeed, GrantNotFound, Permanent
 from nova.providers.models import Page, Thread
-from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
     GiveUp,
     Job,

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from nova import store
+from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import (
     AuthExpired,
     GrantNotFound,
@@ -45,7 +46,6 @@ from nova.providers import (
     Permanent,
 )
 from nova.providers.models import Message
-from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import (
     GiveUp,
     Job,

@@ -55,6 +55,7 @@ import asyncpg
 
 from nova import metrics, store
 from nova.changes import ChangeSync
+from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import (
     AuthExpired,
     ChangeFeed,
@@ -65,7 +66,6 @@ from nova.providers import (
 )
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
-from nova.ratelimit import ProviderProcessor, refuse_inbox
 from nova.runtime import GiveUp, Job, JobContext
 
 log = logging.getLogger("nova.webhooks")

@@ -1,0 +1,178 @@
+"""The base of every processor that calls providers (backfill, threads, webhooks,
+attachments): one budgeted provider per configured kind (nova.providers.registry), the one an
+inbox's `provider` names handed out, 429s waited out through the shared budget
+(nova.ratelimit), and a 401/403 confirmed with the grant itself before an inbox is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import httpx
+
+from nova import metrics
+from nova.config import Settings, settings_or_exit
+from nova.logs import setup_logging
+from nova.providers import (
+    AuthExpired,
+    GrantNotFound,
+    InvalidApiKey,
+    MailProvider,
+    ProviderError,
+    RateLimited,
+    Transient,
+    Unauthorized,
+)
+from nova.providers.registry import KINDS, configured
+from nova.ratelimit import ProviderBudget, provider_from_settings
+from nova.runtime import (
+    Fatal,
+    GiveUp,
+    Processor,
+    RetryLater,
+    RetryPolicy,
+    Runnable,
+    Worker,
+    run_parts,
+)
+
+log = logging.getLogger("nova.processor")
+
+MAX_RATE_LIMITED_IN_A_ROW = 10
+T = TypeVar("T")
+
+
+async def refuse_inbox(conn: asyncpg.Connection | asyncpg.Pool, inbox_id: object,
+                       status: str) -> None:
+    """The grant itself confirmed a refusal: the inbox becomes `status` (auth_expired or
+    revoked) through the one function that changes an inbox's status (nova_set_inbox_status,
+    sql/020_webhooks.sql), at this moment."""
+    await conn.execute("SELECT 1 FROM nova_set_inbox_status($1, $2)", inbox_id, status)
+
+
+class ProviderProcessor(Processor):
+    """A processor that calls providers: it builds one budgeted provider per configured kind
+    (nova.providers.registry) when none is given, hands out the one an inbox's `provider`
+    names, and closes what it built."""
+
+    transient_retries: int = 0
+
+    def __init__(self, settings: Settings, provider: MailProvider | None = None, *,
+                 retry_base_delay: float = 2.0, retry_max_delay: float = 300.0) -> None:
+        self.settings = settings
+        self.provider = provider  # given (tests): used for every kind, not budgeted
+        self.retry_base_delay = retry_base_delay
+        self.retry_max_delay = retry_max_delay
+        self.providers: dict[str, MailProvider] = {}
+        self._clients: list[httpx.AsyncClient] = []
+
+    @property
+    def budgeted(self) -> bool:
+        """True when requests go through the shared budget (which waits out 429s)."""
+        return bool(self._clients)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.retry_base_delay, self.retry_max_delay)
+
+    async def setup(self, worker: Worker) -> None:
+        if self.provider is not None:
+            return
+        for kind in configured(self.settings):
+            budget = ProviderBudget.from_settings(worker.pool, self.settings, kind.name)
+            provider, client = provider_from_settings(
+                self.settings, budget, transient_retries=self.transient_retries,
+                kind=kind.name)
+            self.providers[kind.name] = provider
+            self._clients.append(client)
+
+    async def teardown(self) -> None:
+        for provider in [*self.providers.values(),
+                         *([self.provider] if self.provider is not None else [])]:
+            await provider.aclose()
+        for client in self._clients:
+            await client.aclose()
+
+    @classmethod
+    def main(cls) -> int:
+        """`python -m nova.<processor>`: this processor alone, until SIGTERM/SIGINT."""
+        settings = settings_or_exit()
+        setup_logging(settings.log_level, settings.log_format)
+        if not configured(settings):
+            names = " or ".join(kind.setting for kind in KINDS.values())
+            print(f"no provider is configured: set {names}"
+                  " (python -m nova runs a sandbox without it)", file=sys.stderr)
+            return 2
+        parts: list[Runnable] = [Worker(cls(settings), settings),
+                                 *metrics.server_parts(settings, cls.component)]
+        return asyncio.run(run_parts(parts))  # 2 on runtime.Fatal
+
+    def provider_for(self, kind: str) -> MailProvider:
+        """The provider of an inbox whose `provider` is ``kind``."""
+        if self.provider is not None:
+            return self.provider
+        try:
+            return self.providers[kind]
+        except KeyError:
+            setting = KINDS[kind].setting if kind in KINDS else "its settings"
+            raise GiveUp(f"provider {kind} is not configured ({setting})") from None
+
+    @property
+    def api(self) -> MailProvider:
+        """The Nylas provider (webhooks and attachments of Nylas inboxes)."""
+        return self.provider_for("nylas")
+
+    async def call(self, request: Callable[[], Awaitable[T]], grant_id: str | None = None,
+                   kind: str = "nylas") -> T:
+        """Run a provider request, trying again after a 429. The budget holds the grant for
+        its Retry-After, so the next try waits by itself; too many 429s in a row become a
+        retry of the whole job.
+
+        A 401/403 says nothing certain (Nylas answers api.authentication_error for a bad API
+        key, a grant of another region and an expired grant alike), so with ``grant_id`` it is
+        confirmed with the grant itself (`confirm_unauthorized`). An API key the provider
+        refuses stops the processor (runtime.Fatal): every job would fail the same way."""
+        limited = 0
+        while True:
+            try:
+                return await request()
+            except RateLimited as exc:
+                limited += 1
+                if limited >= MAX_RATE_LIMITED_IN_A_ROW:
+                    raise RetryLater(f"rate limited {limited} times in a row",
+                                     exc.retry_after) from exc
+                if not self.budgeted:  # nothing else will wait: do it here
+                    await asyncio.sleep(min(exc.retry_after or 1.0, 60.0))
+            except Unauthorized as exc:
+                if grant_id is None:
+                    raise AuthExpired(str(exc), status=exc.status,
+                                      error_type=exc.error_type) from exc
+                raise await self.confirm_unauthorized(grant_id, exc, kind) from exc
+            except InvalidApiKey as exc:
+                raise Fatal(f"the provider refused the API key: {exc}") from exc
+
+    async def confirm_unauthorized(self, grant_id: str, error: Unauthorized,
+                                   kind: str = "nylas") -> Exception:
+        """What a 401/403 for ``grant_id`` means, asked of the grant (for Nylas GET
+        /v3/grants/{id}, https://developer.nylas.com/docs/reference/api/manage-grants/): the
+        error to raise."""
+        try:
+            grant = await self.provider_for(kind).get_grant(grant_id)
+        except (Unauthorized, InvalidApiKey) as exc:
+            # Application calls fail too: the key (or its region) is wrong, not the grant.
+            return Fatal(f"the provider refused the application's credentials "
+                         f"({KINDS[kind].setting}, and its API URI): {exc}")
+        except GrantNotFound as exc:
+            return exc
+        except ProviderError as exc:  # could not confirm: try the job again later
+            return Transient(f"{error} (grant check failed: {exc})")
+        if grant.is_valid:
+            return Transient(f"{error} (the grant is valid: not an expiry)")
+        log.warning("[RateLimit] grant=%s confirmed %s after a %s", grant_id,
+                    grant.status or "not valid", error.status)
+        return AuthExpired(f"grant is {grant.status or 'not valid'}: {error}",
+                           status=error.status, error_type=error.error_type)
