@@ -182,7 +182,8 @@ END;
 $$;
 
 -- Active inboxes whose last full or catch-up backfill completed and that have heard no webhook
--- for longer than p_gap: queue a catch-up from the last sign of life minus p_overlap.
+-- for longer than p_gap: queue a catch-up from the last sign of life minus p_overlap. Not Gmail
+-- inboxes: their history (nova.changes, polled) carries every change since the cursor.
 CREATE OR REPLACE FUNCTION queue_due_catchups(p_gap interval, p_overlap interval)
 RETURNS TABLE (inbox_id uuid, config_id uuid, since timestamptz, last_seen timestamptz)
 LANGUAGE plpgsql AS $$
@@ -199,7 +200,7 @@ BEGIN
             SELECT max(n.received_at) AS last_received FROM flux_webhook_notifications n
             WHERE n.grant_id = i.grant_id) w ON true
         WHERE i.status = 'active' AND i.deleted_at IS NULL AND i.grant_id IS NOT NULL
-          AND c.backfill_status = 'completed'
+          AND i.provider <> 'gmail' AND c.backfill_status = 'completed'
           AND greatest(w.last_received, c.backfill_completed_at) < now() - p_gap
         ORDER BY i.id
     LOOP

@@ -326,3 +326,20 @@ async def test_a_pubsub_push_starts_an_incremental_sync(
     await pool.execute("UPDATE flux_inboxes SET deleted_at = now() WHERE id = $1", inbox)
     assert await monitor.renew_watches("projects/nova-sandbox/topics/gmail") == [
         (inbox, "stop")]
+
+
+async def test_silent_gmail_inboxes_get_no_catch_up_backfill(pool: asyncpg.Pool) -> None:
+    """A Nylas inbox without webhooks for a while gets a catch-up; a Gmail one does not: its
+    history, polled, carries every change since its cursor."""
+    ids = {}
+    for provider in ("nylas", "gmail"):
+        ids[provider] = await pool.fetchval(
+            "INSERT INTO flux_inboxes (provider, grant_id, email) VALUES ($1, $2, $2)"
+            " RETURNING id", provider, f"{provider}-silent@example.com")
+        await pool.execute(
+            "INSERT INTO flux_inbox_configurations (inbox_id, backfill_status, backfill_since,"
+            " backfill_completed_at) VALUES ($1, 'completed', now() - interval '30 days',"
+            " now() - interval '2 days')", ids[provider])
+    queued = await pool.fetch("SELECT * FROM queue_due_catchups(interval '1 hour',"
+                              " interval '10 minutes')")
+    assert [r["inbox_id"] for r in queued if r["config_id"] is not None] == [ids["nylas"]]
