@@ -2,13 +2,32 @@
 included) and the webhook receiver in one process.
 
 Start-up brings the database to the current schema first. With no NYLAS_API_KEY, Nova runs
-against its Nylas sandbox instead of the real API: the sandbox serves a generated mailbox on
-loopback, its grants become inboxes, the first inbox gets a backfill, and every
-NOVA_SANDBOX_EVENT_SECONDS the sandbox receives a new message and delivers the signed webhook
-to the receiver, so every path of Nova runs on a fresh machine with nothing configured.
+against its two sandboxes instead of the real APIs, so every path of Nova runs on a fresh
+machine with nothing configured:
+
+- the Nylas sandbox (nova.sandbox.nylas) serves a generated mailbox on loopback; its grants
+  become inboxes and the first one gets a backfill;
+- the Gmail API sandbox (nova.sandbox.gmail, NOVA_SANDBOX_THREADS threads, NOVA_SANDBOX_SEED,
+  Google's default quota of 15,000 units per user per minute, so the backfill is paced as it
+  would be against Google) serves one generated Gmail user; it becomes a 'gmail' inbox (grant:
+  the lower-cased address) whose credentials are stored encrypted, and gets a backfill. Nova's
+  own users.watch (the completion monitor, on the sandbox topic) makes the sandbox push that
+  user's changes to POST /webhooks/gmail?token=...;
+- every NOVA_SANDBOX_EVENT_SECONDS both mailboxes receive a new message (a reply to a recent
+  thread or a new thread): Nylas delivers a signed webhook, Gmail a Pub/Sub push, and the
+  receiver takes both.
+
+In that mode the settings point at the sandboxes: NYLAS_API_KEY / NYLAS_API_URI, GMAIL_API_URI
+and GMAIL_PUBSUB_TOPIC are the sandboxes' (GMAIL_PUSH_AUDIENCE is ignored: the sandbox pushes
+with a token). NYLAS_WEBHOOK_SECRET, NOVA_CREDENTIALS_KEY and GMAIL_PUSH_TOKEN are used when set,
+else fixed sandbox values (SANDBOX_SECRET, SANDBOX_CREDENTIALS_KEY, SANDBOX_PUSH_TOKEN) that
+guard nothing but the sandboxes' own generated mail and tokens. Each run starts fresh
+sandboxes: registering is idempotent (the inboxes are kept, each demo backfill is queued once),
+but the Gmail inbox's credentials (their token URI names this run's port), its history cursor
+and its watch are reset to the new sandbox's.
 
 On a terminal (stderr a TTY, text logs) the backfills show as live progress bars
-(nova.progress_view): the demo backfill's and any other that runs meanwhile, the log lines
+(nova.progress_view): the two demo backfills and any other that runs meanwhile, the log lines
 scrolling above them. Piped, or with NOVA_LOG_FORMAT=json, the log lines alone. With
 NOVA_METRICS_PORT set the process serves /metrics and /healthz (nova.metrics).
 
@@ -23,6 +42,7 @@ import logging
 import random
 import socket
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -32,6 +52,7 @@ from rich.console import Console
 
 from nova import db, metrics
 from nova.config import Settings, settings_or_exit
+from nova.credentials import CredentialsError
 from nova.logs import setup_logging
 from nova.migrate import migrate
 from nova.progress_view import ProgressView, console_logging
@@ -40,26 +61,37 @@ log = logging.getLogger("nova.service")
 
 SANDBOX_API_KEY = "sandbox-api-key"
 SANDBOX_SECRET = "sandbox-webhook-secret"
+# Without NOVA_CREDENTIALS_KEY, the Gmail sandbox user's credentials are encrypted under this
+# public passphrase (HKDF-derived, nova.credentials.cipher). It protects only the sandbox's
+# generated refresh token, which opens nothing but the sandbox; never use it for real ones.
+SANDBOX_CREDENTIALS_KEY = "nova-sandbox-credentials-key"
+# Without GMAIL_PUSH_TOKEN, the shared token of the Gmail sandbox's pushes (?token=...).
+SANDBOX_PUSH_TOKEN = "sandbox-gmail-push-token"
+# users.watch topic: the sandbox accepts projects/nova-sandbox/topics/* only.
+SANDBOX_PUBSUB_TOPIC = "projects/nova-sandbox/topics/nova-gmail"
+GMAIL_QUOTA_PER_MINUTE = 15_000  # Google's default per-user quota, in units
 
 
 class SandboxTicker:
-    """New sandbox mail every few seconds, delivered as signed webhooks."""
+    """New sandbox mail every few seconds in each demo mailbox: `mailboxes` are (sandbox,
+    grant) pairs, SandboxNylas with a grant id or SandboxGmail with an address. The sandbox
+    then delivers it as a signed Nylas webhook or a Gmail push."""
 
-    def __init__(self, sandbox: Any, grant_id: str, seconds: float) -> None:
-        self.sandbox = sandbox
-        self.grant_id = grant_id
+    def __init__(self, seconds: float, *mailboxes: tuple[Any, str]) -> None:
+        self.mailboxes = list(mailboxes)
         self.seconds = seconds
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        rng = random.Random(0)
+        rngs = [random.Random(i) for i in range(len(self.mailboxes))]
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.seconds)
                 return
-            threads = self.sandbox.thread_ids(self.grant_id)
-            reply_to = rng.choice(threads[:20]) if threads and rng.random() < 0.5 else None
-            self.sandbox.add_message(self.grant_id, thread_id=reply_to)
+            for (sandbox, grant), rng in zip(self.mailboxes, rngs, strict=True):
+                threads = sandbox.thread_ids(grant)
+                reply_to = rng.choice(threads[:20]) if threads and rng.random() < 0.5 else None
+                sandbox.add_message(grant, thread_id=reply_to)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -100,6 +132,143 @@ async def _register_sandbox_inboxes(url: str, sandbox: Any) -> uuid.UUID | None:
         await pool.close()
 
 
+# The sandbox's first user as a Gmail inbox (grant: the lower-cased address, as `nova inbox add
+# --provider gmail` stores it); an existing one is kept as it is.
+GMAIL_INSERT = """
+INSERT INTO flux_inboxes (provider, grant_id, email) VALUES ('gmail', $1, $2)
+ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL DO NOTHING
+"""
+GMAIL_INBOX = """
+SELECT id, status, deleted_at FROM flux_inboxes WHERE provider = 'gmail' AND grant_id = $1
+"""
+# A fresh sandbox: its history starts at `cursor` with nothing after it, and it has no watch.
+# A cursor (or a watch) kept from an earlier run names another sandbox's history.
+GMAIL_RESET = """
+UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now(), watch_expires_at = NULL
+WHERE id = $1
+"""
+
+
+async def _register_gmail_sandbox_inbox(url: str, sandbox: Any,
+                                        settings: Settings) -> uuid.UUID | None:
+    """The Gmail sandbox's first user as an inbox, with its credentials (saved again on every
+    run: their token URI names this run's port), its history cursor at the sandbox's current
+    history id, its watch due; a first backfill once. Returns the inbox's configuration (its
+    backfill, new or from an earlier run), None when the inbox is not active."""
+    from nova.credentials import authorized_user_from_info, cipher, save_credentials
+
+    email = sandbox.users[0]
+    grant = email.lower()
+    user = authorized_user_from_info({**sandbox.credentials(email),
+                                      "token_uri": sandbox.token_uri},
+                                     source="the Gmail sandbox's credentials")
+    fernet = cipher(settings)
+    pool = await db.create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(GMAIL_INSERT, grant, email)
+            inbox = await conn.fetchrow(GMAIL_INBOX, grant)
+            inbox_id = inbox["id"]
+            await save_credentials(conn, inbox_id, user, fernet)
+            await conn.execute(GMAIL_RESET, inbox_id, str(sandbox.history_id(email)))
+            status = inbox["status"]
+            if status == "auth_expired" and inbox["deleted_at"] is None:  # fresh credentials
+                changed = await conn.fetchrow(
+                    "SELECT * FROM nova_set_inbox_status($1, 'active')", inbox_id)
+                status = changed["status"]
+                log.info("[Service] Gmail sandbox inbox=%s was auth_expired, now %s",
+                         inbox_id, status)
+            if status != "active" or inbox["deleted_at"] is not None:
+                log.warning("[Service] Gmail sandbox inbox=%s is %s: no demo backfill",
+                            inbox_id, "deleted" if inbox["deleted_at"] else status)
+                return None
+            started = await conn.fetchval(
+                "SELECT count(*) FROM flux_inbox_configurations WHERE inbox_id = $1", inbox_id)
+            if not started:
+                config_id = await conn.fetchval("SELECT queue_inbox_backfill($1)", inbox_id)
+                log.info("[Service] Gmail sandbox backfill queued inbox=%s config=%s",
+                         inbox_id, config_id)
+            others = await conn.fetchval(
+                "SELECT count(*) FROM flux_inboxes WHERE provider = 'gmail' AND id <> $1"
+                " AND deleted_at IS NULL AND status = 'active'", inbox_id)
+            if others:
+                log.warning("[Service] %d other active Gmail inbox(es): without NYLAS_API_KEY "
+                            "every Gmail request goes to the Gmail sandbox", others)
+            return await conn.fetchval(  # type: ignore[no-any-return]
+                "SELECT id FROM flux_inbox_configurations WHERE inbox_id = $1"
+                " AND deleted_at IS NULL", inbox_id)
+    finally:
+        await pool.close()
+
+
+def _unique_push_ids(sandbox: Any) -> None:
+    """Pub/Sub messageIds unique across runs. The sandbox numbers the notifications it
+    publishes 1, 2, ... per instance and derives their messageIds from that number, so every
+    run would repeat the first run's ids and the receiver would take its pushes for
+    redeliveries of the earlier run's (dropped as duplicates: sql/110_gmail_push.sql).
+    Numbering from the clock's seconds keeps each run's ids above the earlier runs': the
+    sandbox publishes at most one notification per user per second, and serves one user."""
+    push: Any = getattr(sandbox, "push", None)
+    if isinstance(getattr(push, "_seq", None), int):
+        push._seq = max(push._seq, int(time.time()))
+    else:
+        log.warning("[Service] the Gmail sandbox's push numbering is unknown: pushes may "
+                    "repeat an earlier run's messageIds and be dropped as duplicates")
+
+
+async def _start_nylas_sandbox(settings: Settings, url: str,
+                               started: list[Any]) -> tuple[Settings, Any, uuid.UUID | None]:
+    """The Nylas sandbox (appended to `started` once running), the settings pointing at it,
+    its grants registered; returns the settings, the sandbox, the demo configuration."""
+    from nova.sandbox.nylas import SandboxNylas
+
+    secret = (settings.nylas_webhook_secret.get_secret_value()
+              if settings.nylas_webhook_secret else SANDBOX_SECRET)
+    receiver_url = f"http://127.0.0.1:{settings.receiver_port}/webhooks/nylas"
+    sandbox = SandboxNylas(threads=settings.sandbox_threads, seed=settings.sandbox_seed,
+                           api_key=SANDBOX_API_KEY, webhook_secret=secret,
+                           webhook_url=receiver_url)
+    await asyncio.to_thread(sandbox.start)
+    started.append(sandbox)
+    log.info("[Service] no NYLAS_API_KEY: using the Nylas sandbox at %s (grants %s)",
+             sandbox.base_url, ", ".join(sandbox.grant_ids))
+    settings = settings.model_copy(update={
+        "nylas_api_key": SecretStr(SANDBOX_API_KEY), "nylas_api_uri": sandbox.base_url,
+        "nylas_webhook_secret": SecretStr(secret)})
+    return settings, sandbox, await _register_sandbox_inboxes(url, sandbox)
+
+
+async def _start_gmail_sandbox(settings: Settings, url: str,
+                               started: list[Any]) -> tuple[Settings, Any, uuid.UUID | None]:
+    """The Gmail API sandbox (appended to `started` once running), the settings pointing at
+    it, its first user registered; returns the settings, the sandbox, the demo configuration."""
+    from nova.sandbox.gmail import SandboxGmail
+
+    key = settings.credentials_key
+    if key is None or not key.get_secret_value().strip():
+        key = SecretStr(SANDBOX_CREDENTIALS_KEY)
+    token = settings.gmail_push_token
+    if token is None or not token.get_secret_value():
+        token = SecretStr(SANDBOX_PUSH_TOKEN)
+    topic = settings.gmail_pubsub_topic
+    if topic is None or not topic.startswith("projects/nova-sandbox/topics/"):
+        topic = SANDBOX_PUBSUB_TOPIC
+    sandbox = SandboxGmail(
+        threads=settings.sandbox_threads, seed=settings.sandbox_seed, users=1,
+        quota_per_minute=GMAIL_QUOTA_PER_MINUTE,
+        push_endpoint=f"http://127.0.0.1:{settings.receiver_port}/webhooks/gmail",
+        push_auth="token", push_token=token.get_secret_value())
+    _unique_push_ids(sandbox)
+    await asyncio.to_thread(sandbox.start)
+    started.append(sandbox)
+    log.info("[Service] no NYLAS_API_KEY: using the Gmail sandbox at %s (user %s)",
+             sandbox.base_url, sandbox.users[0])
+    settings = settings.model_copy(update={
+        "gmail_api_uri": sandbox.base_url, "credentials_key": key, "gmail_push_token": token,
+        "gmail_push_audience": None, "gmail_pubsub_topic": topic})
+    return settings, sandbox, await _register_gmail_sandbox_inbox(url, sandbox, settings)
+
+
 async def serve(settings: Settings, console: Console | None = None) -> int:
     """Every part of Nova in this process; with `console` (a terminal), the live progress
     view of the backfills above the log."""
@@ -121,50 +290,38 @@ async def serve(settings: Settings, console: Console | None = None) -> int:
     if receiving and not _port_free(settings.receiver_host, settings.receiver_port):
         raise SystemExit(f"NOVA_RECEIVER_PORT {settings.receiver_port} is already in use")
     runnables: list[Runnable] = [*metrics.server_parts(settings, "Service", database_url=url)]
-    sandbox: Any = None
+    sandboxes: list[Any] = []  # started, stopped in reverse order
     pinned: list[uuid.UUID] = []
-    if settings.nylas_api_key is None:
-        from nova.sandbox.nylas import SandboxNylas
-
-        secret = (settings.nylas_webhook_secret.get_secret_value()
-                  if settings.nylas_webhook_secret else SANDBOX_SECRET)
-        receiver_url = f"http://127.0.0.1:{settings.receiver_port}/webhooks/nylas"
-        sandbox = SandboxNylas(threads=settings.sandbox_threads, seed=settings.sandbox_seed,
-                               api_key=SANDBOX_API_KEY, webhook_secret=secret,
-                               webhook_url=receiver_url)
-        await asyncio.to_thread(sandbox.start)
-        log.info("[Service] no NYLAS_API_KEY: using the Nylas sandbox at %s (grants %s)",
-                 sandbox.base_url, ", ".join(sandbox.grant_ids))
-        settings = settings.model_copy(update={
-            "nylas_api_key": SecretStr(SANDBOX_API_KEY), "nylas_api_uri": sandbox.base_url,
-            "nylas_webhook_secret": SecretStr(secret)})
-        demo = await _register_sandbox_inboxes(url, sandbox)
-        pinned += [demo] if demo is not None else []
-        if settings.sandbox_event_seconds > 0:
-            runnables.append(SandboxTicker(sandbox, sandbox.grant_ids[0],
-                                           settings.sandbox_event_seconds))
-
-    if receiving:
-        from nova.receiver import ReceiverServer
-
-        runnables.append(ReceiverServer(settings, url))
-    else:
-        log.warning("[Service] neither NYLAS_WEBHOOK_SECRET nor GMAIL_PUSH_AUDIENCE / "
-                    "GMAIL_PUSH_TOKEN is set: the receiver is not started")
-
-    workers = [Worker(WebhookProcessor(settings), settings, database_url=url),
-               Worker(BackfillProcessor(settings), settings, database_url=url),
-               Worker(ThreadSyncProcessor(settings), settings, database_url=url),
-               Worker(AttachmentProcessor(settings), settings, database_url=url)]
-    runnables += [*workers, CompletionMonitor(settings, database_url=url),
-                  AttachmentJanitor(settings, database_url=url)]
-    if console is not None:
-        runnables.append(ProgressView(console, url, settings.provider_rate_limit,
-                                      pinned=pinned))
     try:
+        if settings.nylas_api_key is None:
+            settings, nylas, nylas_demo = await _start_nylas_sandbox(settings, url, sandboxes)
+            settings, gmail, gmail_demo = await _start_gmail_sandbox(settings, url, sandboxes)
+            pinned += [c for c in (nylas_demo, gmail_demo) if c is not None]
+            if settings.sandbox_event_seconds > 0:
+                runnables.append(SandboxTicker(settings.sandbox_event_seconds,
+                                               (nylas, nylas.grant_ids[0]),
+                                               (gmail, gmail.users[0])))
+
+        if receiving:
+            from nova.receiver import ReceiverServer
+
+            runnables.append(ReceiverServer(settings, url))
+        else:
+            log.warning("[Service] neither NYLAS_WEBHOOK_SECRET nor GMAIL_PUSH_AUDIENCE / "
+                        "GMAIL_PUSH_TOKEN is set: the receiver is not started")
+
+        workers = [Worker(WebhookProcessor(settings), settings, database_url=url),
+                   Worker(BackfillProcessor(settings), settings, database_url=url),
+                   Worker(ThreadSyncProcessor(settings), settings, database_url=url),
+                   Worker(AttachmentProcessor(settings), settings, database_url=url)]
+        runnables += [*workers, CompletionMonitor(settings, database_url=url),
+                      AttachmentJanitor(settings, database_url=url)]
+        if console is not None:
+            runnables.append(ProgressView(console, url, settings.provider_rate_limit,
+                                          pinned=pinned))
         return await run_parts(runnables)  # 2 when a processor stopped on runtime.Fatal
     finally:
-        if sandbox is not None:
+        for sandbox in reversed(sandboxes):
             await asyncio.to_thread(sandbox.stop)
 
 
@@ -192,4 +349,7 @@ def main(settings: Settings | None = None) -> int:
     except psycopg.OperationalError as exc:  # at start-up: migrating, registering the sandbox
         log.error("[Service] the database did not answer: %s", " ".join(str(exc).split()))
         return 1
+    except CredentialsError as exc:  # NOVA_CREDENTIALS_KEY unusable for the Gmail sandbox
+        log.error("[Service] %s", " ".join(str(exc).split()))
+        return 2
     return status

@@ -1,15 +1,21 @@
-"""`python -m nova` with nothing configured but a database: the sandbox mailbox is backfilled,
-sandbox webhooks flow through the receiver, and SIGTERM stops everything with exit code 0."""
+"""`python -m nova` with nothing configured but a database: the Nylas and Gmail sandbox
+mailboxes are backfilled, sandbox webhooks and Gmail pushes flow through the receiver, and
+SIGTERM stops everything with exit code 0."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -19,6 +25,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def completed_providers(conn: psycopg.Connection[Any]) -> list[str]:
+    """The providers of the inboxes whose backfill has completed, one entry per backfill."""
+    return [r[0] for r in conn.execute(
+        "SELECT i.provider FROM flux_inbox_configurations c"
+        " JOIN flux_inboxes i ON i.id = c.inbox_id"
+        " WHERE c.backfill_status = 'completed' ORDER BY 1").fetchall()]
 
 
 def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Path) -> None:
@@ -38,13 +52,10 @@ def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Pa
             while True:
                 assert proc.poll() is None, proc.communicate()[0]
                 assert time.monotonic() < deadline, "sandbox backfill did not complete"
-                done = conn.execute(
-                    "SELECT count(*) FROM flux_inbox_configurations"
-                    " WHERE backfill_status = 'completed'").fetchone()
                 hooks = conn.execute(
                     "SELECT count(*) FROM flux_webhook_notifications"
-                    " WHERE status = 'processed'").fetchone()
-                if done == (1,) and hooks and hooks[0] >= 2:
+                    " WHERE status = 'processed' AND provider = 'nylas'").fetchone()
+                if completed_providers(conn) == ["gmail", "nylas"] and hooks and hooks[0] >= 2:
                     break
                 time.sleep(0.2)
             threads = conn.execute("SELECT count(*) FROM flux_email_threads").fetchone()
@@ -62,7 +73,9 @@ def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Pa
                 time.sleep(0.2)
             for local_path, size in files:
                 assert (tmp_path / "nas" / local_path).stat().st_size == size
-            assert conn.execute("SELECT count(*) FROM flux_inboxes").fetchone() == (3,)
+            assert conn.execute(
+                "SELECT provider, count(*) FROM flux_inboxes GROUP BY 1 ORDER BY 1").fetchall() \
+                == [("gmail", 1), ("nylas", 3)]
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/webhooks/nylas",
                          params={"challenge": "c"}).text == "c"
@@ -71,7 +84,7 @@ def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Pa
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "[Monitor] Config" in out and "completed" in out
-    assert "using the Nylas sandbox" in out
+    assert "using the Nylas sandbox" in out and "using the Gmail sandbox" in out
 
 
 def test_with_credentials_but_no_webhook_secret_the_processors_run_without_receiver(
@@ -110,3 +123,185 @@ def test_with_credentials_but_no_webhook_secret_the_processors_run_without_recei
             out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "the receiver is not started" in out and "using the Nylas sandbox" not in out
+
+
+class Nova:
+    """`python -m nova` as a subprocess; its output read as it comes (a full pipe would
+    block it), so a test can wait for a log line."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def alive(self) -> None:
+        assert self.proc.poll() is None, "nova exited:\n" + self.output
+
+    def line(self, pattern: str, deadline: float) -> re.Match[str]:
+        while True:
+            for line in list(self.lines):
+                if (found := re.search(pattern, line)) is not None:
+                    return found
+            self.alive()
+            assert time.monotonic() < deadline, f"no line matching {pattern!r}:\n{self.output}"
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self._reader.join(10)
+        return code
+
+
+def wait_until(nova: Nova, deadline: float, what: str, check: Any) -> Any:
+    while not (result := check()):
+        nova.alive()
+        assert time.monotonic() < deadline, f"{what}:\n{nova.output}"
+        time.sleep(0.1)
+    return result
+
+
+GMAIL_INBOX = ("SELECT id, grant_id, email, status FROM flux_inboxes"
+               " WHERE provider = 'gmail'")
+GMAIL_CREDENTIALS = """
+SELECT c.token_uri, c.secret FROM flux_inbox_credentials c
+JOIN flux_inboxes i ON i.id = c.inbox_id WHERE i.provider = 'gmail'
+"""
+GMAIL_PUSHES = """
+SELECT count(*) FILTER (WHERE status = 'processed'), count(*) FROM flux_webhook_notifications
+WHERE provider = 'gmail' AND notification_type = 'gmail.history' AND received_at >= %s
+"""
+
+
+def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
+        db_url: str, tmp_path: Path) -> None:
+    """Without NYLAS_API_KEY the Gmail sandbox's user is an inbox too: backfilled with its
+    credentials stored encrypted, watched, and its new mail (the ticker's, a message added at
+    the sandbox) arrives by push alone (GMAIL_HISTORY_POLL_SECONDS=0). A second run on the same
+    database keeps the inbox and its backfill, saves the new sandbox's credentials and takes
+    its pushes as new ones."""
+    from pydantic import SecretStr
+
+    from nova.config import Settings
+    from nova.credentials import cipher, unseal
+    from nova.service import SANDBOX_CREDENTIALS_KEY
+
+    threads = 6
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
+    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_HOST": "127.0.0.1",
+                "NOVA_SANDBOX_THREADS": str(threads), "NOVA_SANDBOX_EVENT_SECONDS": "0.4",
+                "GMAIL_HISTORY_POLL_SECONDS": "0", "COMPLETION_CHECK_INTERVAL_MS": "300",
+                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    fernet = cipher(Settings(credentials_key=SecretStr(SANDBOX_CREDENTIALS_KEY)))
+
+    # ---- first run
+    started = datetime.now(UTC) - timedelta(seconds=2)
+    nova = Nova({**env, "NOVA_RECEIVER_PORT": str(free_port())})
+    try:
+        deadline = time.monotonic() + 25
+        base, email = nova.line(r"using the Gmail sandbox at (http://\S+) \(user (\S+@\S+)\)",
+                                deadline).groups()
+        users = httpx.get(f"{base}/_sandbox/users").json()
+        assert [u["email"] for u in users] == [email]
+        refresh_token = users[0]["credentials"]["refresh_token"]
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            wait_until(nova, deadline, "both demo backfills did not complete",
+                       lambda: completed_providers(conn) == ["gmail", "nylas"])
+            inboxes = conn.execute(GMAIL_INBOX).fetchall()
+            assert len(inboxes) == 1, inboxes
+            inbox_id, grant_id, stored_email, status = inboxes[0]
+            assert (grant_id, stored_email, status) == (email.lower(), email, "active")
+            synced = conn.execute("SELECT count(*) FROM flux_email_threads WHERE inbox_id = %s",
+                                  (inbox_id,)).fetchone()
+            assert synced is not None and synced[0] >= threads
+            creds = conn.execute(GMAIL_CREDENTIALS).fetchall()
+            assert len(creds) == 1 and creds[0][0] == f"{base}/token"
+            assert refresh_token.encode() not in bytes(creds[0][1])  # encrypted at rest
+            assert unseal(creds[0][1], fernet, owner=email)[1] == refresh_token
+
+            # the ticker's mail (dated now; the generated mailbox ends before today)
+            def ticked() -> bool:
+                row = conn.execute("SELECT count(*) FROM flux_email_messages"
+                                   " WHERE inbox_id = %s AND sent_at >= %s",
+                                   (inbox_id, started)).fetchone()
+                return row is not None and row[0] > 0
+            wait_until(nova, deadline, "no ticker mail reached the Gmail inbox", ticked)
+
+            # a message added at the sandbox after the backfill: only a push can bring it
+            probe = f"probe {uuid.uuid4()}"
+            added = httpx.post(f"{base}/_sandbox/users/{email}/messages",
+                               json={"subject": probe, "text": "pushed"}).json()
+
+            def probed() -> list[Any]:
+                return conn.execute(
+                    "SELECT provider_message_id, provider_thread_id FROM flux_email_messages"
+                    " WHERE inbox_id = %s AND subject = %s", (inbox_id, probe)).fetchall()
+            assert wait_until(nova, deadline, "the added message did not arrive", probed) \
+                == [(added["id"], added["threadId"])]
+            pushes = conn.execute(GMAIL_PUSHES, (started,)).fetchone()
+            assert pushes is not None and pushes[0] >= 1
+        delivered = [e for e in httpx.get(f"{base}/_sandbox/push").json()
+                     if e["outcome"] == "delivered"]
+        assert delivered and all(e["email"] == email for e in delivered)
+    finally:
+        code = nova.stop()
+    assert code == 0, nova.output
+    assert nova.output.count("Gmail sandbox backfill queued") == 1
+
+    # ---- second run, same database: a fresh sandbox
+    restarted = datetime.now(UTC)
+    again = Nova({**env, "NOVA_RECEIVER_PORT": str(free_port())})
+    try:
+        deadline = time.monotonic() + 20
+        base2, email2 = again.line(
+            r"using the Gmail sandbox at (http://\S+) \(user (\S+@\S+)\)", deadline).groups()
+        assert email2 == email and base2 != base
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            def fresh_pushes_processed() -> bool:
+                row = conn.execute(GMAIL_PUSHES, (restarted,)).fetchone()
+                return row is not None and row[0] >= 2
+            wait_until(again, deadline, "no push of the second run was processed",
+                       fresh_pushes_processed)
+            assert [r[0] for r in conn.execute(GMAIL_INBOX).fetchall()] == [inbox_id]
+            assert conn.execute("SELECT count(*) FROM flux_inbox_configurations"
+                                " WHERE inbox_id = %s", (inbox_id,)).fetchone() == (1,)
+            creds = conn.execute(GMAIL_CREDENTIALS).fetchall()
+            assert len(creds) == 1 and creds[0][0] == f"{base2}/token"
+            assert unseal(creds[0][1], fernet, owner=email)[1] == refresh_token
+            watched = conn.execute("SELECT watch_expires_at FROM flux_inboxes WHERE id = %s",
+                                   (inbox_id,)).fetchone()
+            assert watched is not None and watched[0] is not None and watched[0] > restarted
+    finally:
+        code = again.stop()
+    assert code == 0, again.output
+    assert "Gmail sandbox backfill queued" not in again.output
+    assert "duplicate gmail.history" not in again.output
+
+
+def test_an_unusable_credentials_key_stops_the_sandbox_mode_with_exit_code_2(
+        db_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
+    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_PORT": str(free_port()),
+                "NOVA_CREDENTIALS_KEY": "too-short", "NOVA_SANDBOX_THREADS": "3",
+                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    done = subprocess.run([sys.executable, "-m", "nova"], env=env, text=True, timeout=60,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert done.returncode == 2, done.stdout
+    assert "NOVA_CREDENTIALS_KEY is too short" in done.stdout
+    assert "Traceback" not in done.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM flux_inboxes"
+                            " WHERE provider = 'gmail'").fetchone() == (0,)
