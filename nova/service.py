@@ -2,8 +2,9 @@
 included) and the webhook receiver in one process.
 
 Start-up brings the database to the current schema first. With no NYLAS_API_KEY, Nova runs
-against its two sandboxes instead of the real APIs, so every path of Nova runs on a fresh
-machine with nothing configured:
+against its sandboxes instead of the real APIs, so every path of Nova runs on a fresh machine
+with nothing configured (the Gmail sandbox only while NOVA_CREDENTIALS_KEY is unset too: with
+it set, Gmail inboxes are real ones and the Gmail API is Google's):
 
 - the Nylas sandbox (nova.sandbox.nylas) serves a generated mailbox on loopback; its grants
   become inboxes and the first one gets a backfill;
@@ -19,8 +20,9 @@ machine with nothing configured:
 
 In that mode the settings point at the sandboxes: NYLAS_API_KEY / NYLAS_API_URI, GMAIL_API_URI
 and GMAIL_PUBSUB_TOPIC are the sandboxes' (GMAIL_PUSH_AUDIENCE is ignored: the sandbox pushes
-with a token). NYLAS_WEBHOOK_SECRET, NOVA_CREDENTIALS_KEY and GMAIL_PUSH_TOKEN are used when set,
-else fixed sandbox values (SANDBOX_SECRET, SANDBOX_CREDENTIALS_KEY, SANDBOX_PUSH_TOKEN) that
+with a token). NYLAS_WEBHOOK_SECRET and GMAIL_PUSH_TOKEN are used when set, else fixed
+sandbox values (SANDBOX_SECRET, SANDBOX_PUSH_TOKEN; the credentials key is
+SANDBOX_CREDENTIALS_KEY) that
 guard nothing but the sandboxes' own generated mail and tokens. Each run starts fresh
 sandboxes: registering is idempotent (the inboxes are kept, each demo backfill is queued once),
 but the Gmail inbox's credentials (their token URI names this run's port), its history cursor
@@ -244,9 +246,7 @@ async def _start_gmail_sandbox(settings: Settings, url: str,
     it, its first user registered; returns the settings, the sandbox, the demo configuration."""
     from nova.sandbox.gmail import SandboxGmail
 
-    key = settings.credentials_key
-    if key is None or not key.get_secret_value().strip():
-        key = SecretStr(SANDBOX_CREDENTIALS_KEY)
+    key = SecretStr(SANDBOX_CREDENTIALS_KEY)  # only when no real key is set (serve)
     token = settings.gmail_push_token
     if token is None or not token.get_secret_value():
         token = SecretStr(SANDBOX_PUSH_TOKEN)
@@ -293,14 +293,22 @@ async def serve(settings: Settings, console: Console | None = None) -> int:
     sandboxes: list[Any] = []  # started, stopped in reverse order
     pinned: list[uuid.UUID] = []
     try:
+        if settings.credentials_key is not None:  # real Gmail inboxes: the key must work
+            from nova.credentials import cipher
+
+            cipher(settings)
         if settings.nylas_api_key is None:
+            demo = settings.credentials_key is None  # the Gmail sandbox too
             settings, nylas, nylas_demo = await _start_nylas_sandbox(settings, url, sandboxes)
-            settings, gmail, gmail_demo = await _start_gmail_sandbox(settings, url, sandboxes)
-            pinned += [c for c in (nylas_demo, gmail_demo) if c is not None]
+            mailboxes: list[tuple[Any, str]] = [(nylas, nylas.grant_ids[0])]
+            pinned += [nylas_demo] if nylas_demo is not None else []
+            if demo:
+                settings, gmail, gmail_demo = await _start_gmail_sandbox(settings, url,
+                                                                         sandboxes)
+                mailboxes.append((gmail, gmail.users[0]))
+                pinned += [gmail_demo] if gmail_demo is not None else []
             if settings.sandbox_event_seconds > 0:
-                runnables.append(SandboxTicker(settings.sandbox_event_seconds,
-                                               (nylas, nylas.grant_ids[0]),
-                                               (gmail, gmail.users[0])))
+                runnables.append(SandboxTicker(settings.sandbox_event_seconds, *mailboxes))
 
         if receiving:
             from nova.receiver import ReceiverServer
@@ -349,7 +357,7 @@ def main(settings: Settings | None = None) -> int:
     except psycopg.OperationalError as exc:  # at start-up: migrating, registering the sandbox
         log.error("[Service] the database did not answer: %s", " ".join(str(exc).split()))
         return 1
-    except CredentialsError as exc:  # NOVA_CREDENTIALS_KEY unusable for the Gmail sandbox
+    except CredentialsError as exc:  # NOVA_CREDENTIALS_KEY unusable
         log.error("[Service] %s", " ".join(str(exc).split()))
         return 2
     return status

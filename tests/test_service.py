@@ -4,6 +4,7 @@ SIGTERM stops everything with exit code 0."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -288,6 +289,44 @@ def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
     assert code == 0, again.output
     assert "Gmail sandbox backfill queued" not in again.output
     assert "duplicate gmail.history" not in again.output
+
+
+def test_with_a_credentials_key_gmail_inboxes_are_real_and_no_gmail_sandbox_runs(
+        db_url: str, tmp_path: Path) -> None:
+    """NOVA_CREDENTIALS_KEY set means real Gmail inboxes: the demo must not point
+    GMAIL_API_URI at a sandbox (the Nylas sandbox still runs without NYLAS_API_KEY)."""
+    from cryptography.fernet import Fernet
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
+    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_PORT": str(free_port()),
+                "NOVA_CREDENTIALS_KEY": Fernet.generate_key().decode(),
+                "NOVA_SANDBOX_THREADS": "3", "NOVA_SANDBOX_EVENT_SECONDS": "0",
+                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while True:
+                assert proc.poll() is None, proc.communicate()[0]
+                assert time.monotonic() < deadline, "the Nylas sandbox backfill did not end"
+                with contextlib.suppress(psycopg.Error):
+                    done = conn.execute(
+                        "SELECT count(*) FROM flux_inbox_configurations c JOIN flux_inboxes i"
+                        " ON i.id = c.inbox_id WHERE c.backfill_status = 'completed'"
+                        " AND i.provider = 'nylas'").fetchone()
+                    if done and done[0] > 0:
+                        break
+                time.sleep(0.2)
+            gmail = conn.execute("SELECT count(*) FROM flux_inboxes"
+                                 " WHERE provider = 'gmail'").fetchone()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert gmail == (0,)
+    assert "using the Nylas sandbox" in out and "using the Gmail sandbox" not in out
 
 
 def test_an_unusable_credentials_key_stops_the_sandbox_mode_with_exit_code_2(
