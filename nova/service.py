@@ -44,7 +44,6 @@ import logging
 import random
 import socket
 import sys
-import time
 import uuid
 from typing import Any
 
@@ -203,21 +202,6 @@ async def _register_gmail_sandbox_inbox(url: str, sandbox: Any,
         await pool.close()
 
 
-def _unique_push_ids(sandbox: Any) -> None:
-    """Pub/Sub messageIds unique across runs. The sandbox numbers the notifications it
-    publishes 1, 2, ... per instance and derives their messageIds from that number, so every
-    run would repeat the first run's ids and the receiver would take its pushes for
-    redeliveries of the earlier run's (dropped as duplicates: sql/110_gmail_push.sql).
-    Numbering from the clock's seconds keeps each run's ids above the earlier runs': the
-    sandbox publishes at most one notification per user per second, and serves one user."""
-    push: Any = getattr(sandbox, "push", None)
-    if isinstance(getattr(push, "_seq", None), int):
-        push._seq = max(push._seq, int(time.time()))
-    else:
-        log.warning("[Service] the Gmail sandbox's push numbering is unknown: pushes may "
-                    "repeat an earlier run's messageIds and be dropped as duplicates")
-
-
 async def _start_nylas_sandbox(settings: Settings, url: str,
                                started: list[Any]) -> tuple[Settings, Any, uuid.UUID | None]:
     """The Nylas sandbox (appended to `started` once running), the settings pointing at it,
@@ -258,7 +242,6 @@ async def _start_gmail_sandbox(settings: Settings, url: str,
         quota_per_minute=GMAIL_QUOTA_PER_MINUTE,
         push_endpoint=f"http://127.0.0.1:{settings.receiver_port}/webhooks/gmail",
         push_auth="token", push_token=token.get_secret_value())
-    _unique_push_ids(sandbox)
     await asyncio.to_thread(sandbox.start)
     started.append(sandbox)
     log.info("[Service] no NYLAS_API_KEY: using the Gmail sandbox at %s (user %s)",

@@ -132,6 +132,9 @@ class Push:
         self._drop_next = 0
         self._held = False
         self._seq = 0
+        # Pub/Sub message ids are unique for good: each instance numbers from its own start
+        # (microseconds since the epoch), so a restarted sandbox never repeats an earlier run's.
+        self._id_base = time.time_ns() // 1000
         self._state: defaultdict[str, _UserState] = defaultdict(_UserState)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,7 +242,7 @@ class Push:
             self._entry({"email": email, "historyId": hid, "outcome": "dropped"})
             return
         now = datetime.now(UTC)
-        note = Notification(email, hid, str(17_000_000_000_000_000 + seq * 7919),
+        note = Notification(email, hid, str(self._id_base * 1000 + seq),
                             now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
                             as_number)
         note.data = {"emailAddress": email, "historyId": hid if as_number else str(hid)}
