@@ -31,16 +31,10 @@ Constructor knobs (defaults in brackets):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
-import uvicorn
-
+from .._server import LoopbackServer
 from .api import Api
 from .app import build_app
 from .auth import READONLY, OAuth
@@ -50,8 +44,10 @@ from .state import Faults, Gate, Quota, Stats
 from .tokens import AttachmentTokens
 
 
-class SandboxGmail:
+class SandboxGmail(LoopbackServer):
     """Gmail API v1 sandbox server.  ``base_url`` is valid after ``start()``."""
+
+    thread_name = "sandbox-gmail"
 
     def __init__(self, *, threads: int = 200, seed: int = 0, users: int | Sequence[str] = 3,
                  other_threads: int | None = None, anchor: int | None = None,
@@ -101,20 +97,10 @@ class SandboxGmail:
             excess=push_excess, watch_ttl=watch_ttl), seed)
         self.api = Api(self)
         self.app = build_app(self)
-        self.host, self.port = host, port
-        self._sock: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.stop_event: asyncio.Event | None = None
-        self._error: BaseException | None = None
+        self._init_server(host, port)
         self._release = asyncio.Event()
 
     # ------------------------------------------------------------------ addresses
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     @property
     def api_endpoint(self) -> str:
         """``client_options={"api_endpoint": ...}`` for googleapiclient.discovery.build: the
@@ -155,28 +141,11 @@ class SandboxGmail:
         return self.mailbox.user(email).email
 
     # ------------------------------------------------------------------ lifecycle
-    def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        self._sock = sock
-        return sock
-
-    async def serve(self) -> None:
-        """Serve in the current event loop until stopped (the CLI runs this)."""
-        sock = self._sock or self._bind()
+    async def _on_start(self) -> None:
         await self.push.start()
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=1,
-                                timeout_keep_alive=30)
-        self._server = uvicorn.Server(config)
-        self._loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
-        try:
-            await self._server.serve(sockets=[sock])
-        finally:
-            await self.push.close()
+
+    async def _on_stop(self) -> None:
+        await self.push.close()
 
     async def wait_stopped(self, seconds: float) -> None:
         """Sleep up to ``seconds``, ending early when the sandbox stops or
@@ -201,49 +170,6 @@ class SandboxGmail:
         old = self._release
         self._release = asyncio.Event()
         self._loop.call_soon_threadsafe(old.set)
-
-    def _thread_main(self) -> None:
-        try:
-            asyncio.run(self.serve())
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-
-    def start(self, timeout: float = 10.0) -> SandboxGmail:
-        self._bind()
-        self._thread = threading.Thread(target=self._thread_main, name="sandbox-gmail",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not (self._server is not None and self._server.started):
-            if self._error is not None or not self._thread.is_alive() \
-                    or time.monotonic() > deadline:
-                raise RuntimeError(f"sandbox failed to start: {self._error!r}")
-            time.sleep(0.002)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._loop is not None and self.stop_event is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self.stop_event.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def __enter__(self) -> SandboxGmail:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> SandboxGmail:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await asyncio.to_thread(self.stop)
 
     # ------------------------------------------------------------------ knobs
     def set_latency(self, ms: int) -> None:

@@ -24,19 +24,14 @@ noted):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-import socket
-import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-import uvicorn
 from nylas.models.webhooks import WebhookTriggers
 
+from .._server import LoopbackServer
 from .app import build_app
 from .generate import stable_hex
 from .mailbox import Mailbox
@@ -68,8 +63,10 @@ class Mutation:
         return out
 
 
-class SandboxNylas:
+class SandboxNylas(LoopbackServer):
     """Nylas v3 sandbox server.  ``base_url`` / ``grant_ids`` are valid after ``start()``."""
+
+    thread_name = "sandbox-nylas"
 
     def __init__(self, *, threads: int = 200, seed: int = 0, grants: int = 3,
                  other_threads: int | None = None, api_key: str = "sandbox-api-key",
@@ -110,91 +107,18 @@ class SandboxNylas:
                              gzipped=webhook_gzip)
         self._replies = 0
         self.app = build_app(self)
-        self.host, self.port = host, port
-        self.stopping = False
-        self._sock: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.stop_event: asyncio.Event | None = None
-        self._error: BaseException | None = None
+        self._init_server(host, port)
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     @property
     def grant_ids(self) -> list[str]:
         return self.mailbox.grant_ids
 
-    def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        self._sock = sock
-        return sock
-
-    async def serve(self) -> None:
-        """Serve in the current event loop until stopped (the CLI runs this in main thread)."""
-        sock = self._sock or self._bind()
+    async def _on_start(self) -> None:
         await self.outbox.start()
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=1,
-                                timeout_keep_alive=30)
-        self._server = uvicorn.Server(config)
-        self._loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
-        try:
-            await self._server.serve(sockets=[sock])
-        finally:
-            self.stopping = True
-            await self.outbox.stop()
 
-    def _thread_main(self) -> None:
-        try:
-            asyncio.run(self.serve())
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-
-    def start(self, timeout: float = 10.0) -> SandboxNylas:
-        self._bind()
-        self._thread = threading.Thread(target=self._thread_main, name="sandbox-nylas",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not (self._server is not None and self._server.started):
-            if self._error is not None or not self._thread.is_alive() \
-                    or time.monotonic() > deadline:
-                raise RuntimeError(f"sandbox failed to start: {self._error!r}")
-            time.sleep(0.002)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.stopping = True
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._loop is not None and self.stop_event is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self.stop_event.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def __enter__(self) -> SandboxNylas:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> SandboxNylas:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await asyncio.to_thread(self.stop)
+    async def _on_stop(self) -> None:
+        await self.outbox.stop()
 
     # ------------------------------------------------------------------ knobs
     def set_latency(self, ms: int) -> None:
