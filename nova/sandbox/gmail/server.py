@@ -243,7 +243,7 @@ class SandboxGmail(LoopbackServer):
         """Force ``kind`` on the next ``count`` matching calls (``endpoint``: a method name
         such as ``messages.get``, or ``token``; see :data:`.state.FAULT_KINDS`)."""
         self.faults.inject(kind, count, endpoint=endpoint,
-                           user=None if user is None else self._email(user))
+                           scope=None if user is None else self._email(user))
 
     def set_fault_rates(self, **rates: float) -> None:
         self.faults.set_rates(**rates)

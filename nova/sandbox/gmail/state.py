@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .._faults import FaultQueue
+
 DEFAULT_COSTS: dict[str, int] = {
     "getProfile": 1, "watch": 100, "stop": 50, "labels.list": 1, "labels.get": 1,
     "history.list": 2, "messages.list": 5, "messages.get": 5, "messages.attachments.get": 5,
@@ -182,61 +184,12 @@ class Gate:
             self.in_flight[user] -= 1
 
 
-@dataclass
-class _Injection:
-    kind: str
-    count: int
-    endpoint: str | None
-    user: str | None
-
-
-class Faults:
-    """Forced faults (next N matching calls) plus random faults at configured rates."""
+class Faults(FaultQueue):
+    """Forced faults (next N matching calls, by endpoint and user) plus random faults at
+    configured rates; 5xx faults answer 500 and 503 in turn."""
 
     def __init__(self, seed: int = 0, hang_seconds: float = 90.0) -> None:
-        self._lock = threading.Lock()
-        self._rng = random.Random(f"{seed}:gmail-faults")
-        self.rates: dict[str, float] = {}
-        self._queue: list[_Injection] = []
-        self.hang_seconds = hang_seconds
-        self._n5xx = 0
-
-    def set_rates(self, **rates: float) -> None:
-        unknown = set(rates) - set(FAULT_KINDS)
-        if unknown:
-            raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
-        with self._lock:
-            self.rates.update({k: float(v) for k, v in rates.items()})
-
-    def inject(self, kind: str, count: int = 1, *, endpoint: str | None = None,
-               user: str | None = None) -> None:
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}")
-        with self._lock:
-            self._queue.append(_Injection(kind, count, endpoint, user))
-
-    def clear(self) -> None:
-        with self._lock:
-            self.rates.clear()
-            self._queue.clear()
-
-    def pick(self, endpoint: str, user: str | None) -> str | None:
-        with self._lock:
-            for inj in self._queue:
-                if inj.endpoint in (None, endpoint) and inj.user in (None, user):
-                    inj.count -= 1
-                    if inj.count <= 0:
-                        self._queue.remove(inj)
-                    return inj.kind
-            for kind, rate in self.rates.items():
-                if rate > 0 and self._rng.random() < rate:
-                    return kind
-            return None
-
-    def next_5xx(self) -> int:
-        with self._lock:
-            self._n5xx += 1
-            return (500, 503)[(self._n5xx - 1) % 2]
+        super().__init__(FAULT_KINDS, f"{seed}:gmail-faults", hang_seconds, (500, 503))
 
 
 class Stats:

@@ -156,7 +156,7 @@ class SandboxNylas(LoopbackServer):
     def inject_fault(self, kind: str, count: int = 1, *, endpoint: str | None = None,
                      grant_id: str | None = None) -> None:
         """Force ``kind`` on the next ``count`` matching requests (see ``FAULT_KINDS``)."""
-        self.faults.inject(kind, count, endpoint=endpoint, grant_id=grant_id)
+        self.faults.inject(kind, count, endpoint=endpoint, scope=grant_id)
 
     def set_fault_rates(self, **rates: float) -> None:
         """Random faults: e.g. ``set_fault_rates(error_5xx=0.1, timeout=0.01)``."""

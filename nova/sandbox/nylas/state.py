@@ -10,6 +10,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from .._faults import FaultQueue
+
 FAULT_KINDS = ("error_5xx", "timeout", "malformed", "html_error", "rate_limit",
                "nylas_rate_limit", "provider_rate_limit", "unauthorized")
 """``error_5xx``: 500/503/504 with a Nylas error body; ``timeout``: hang past the client's
@@ -27,62 +29,12 @@ https://developer.nylas.com/docs/api/errors/)."""
 RATE_LIMIT_KINDS = ("nylas", "provider")
 
 
-@dataclass
-class _Injection:
-    kind: str
-    count: int
-    endpoint: str | None
-    grant_id: str | None
-
-
-class Faults:
-    """Forced faults (next N matching requests) plus random faults at configured rates."""
+class Faults(FaultQueue):
+    """Forced faults (next N matching requests, by endpoint and grant) plus random faults at
+    configured rates; 5xx faults answer 500, 503 and 504 in turn."""
 
     def __init__(self, seed: int = 0) -> None:
-        self._lock = threading.Lock()
-        self._rng = random.Random(f"{seed}:faults")
-        self.rates: dict[str, float] = {}
-        self._queue: list[_Injection] = []
-        self.hang_seconds = 30.0
-        self.status_cycle = (500, 503, 504)
-        self._n5xx = 0
-
-    def set_rates(self, **rates: float) -> None:
-        unknown = set(rates) - set(FAULT_KINDS)
-        if unknown:
-            raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
-        with self._lock:
-            self.rates.update({k: float(v) for k, v in rates.items()})
-
-    def inject(self, kind: str, count: int = 1, *, endpoint: str | None = None,
-               grant_id: str | None = None) -> None:
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}")
-        with self._lock:
-            self._queue.append(_Injection(kind, count, endpoint, grant_id))
-
-    def clear(self) -> None:
-        with self._lock:
-            self.rates.clear()
-            self._queue.clear()
-
-    def pick(self, endpoint: str, grant_id: str | None) -> str | None:
-        with self._lock:
-            for inj in self._queue:
-                if (inj.endpoint in (None, endpoint)) and (inj.grant_id in (None, grant_id)):
-                    inj.count -= 1
-                    if inj.count <= 0:
-                        self._queue.remove(inj)
-                    return inj.kind
-            for kind, rate in self.rates.items():
-                if rate > 0 and self._rng.random() < rate:
-                    return kind
-            return None
-
-    def next_5xx(self) -> int:
-        with self._lock:
-            self._n5xx += 1
-            return self.status_cycle[(self._n5xx - 1) % len(self.status_cycle)]
+        super().__init__(FAULT_KINDS, f"{seed}:faults", 30.0, (500, 503, 504))
 
 
 @dataclass(frozen=True)
