@@ -1,5 +1,41 @@
 -- Webhook intake: store each delivery once, queue it once, in the same transaction.
 
+-- The one insert of every provider's intake (below, and queue_gmail_push_notification in
+-- sql/110_gmail_push.sql). A webhook id seen before is neither stored nor queued again: the
+-- existing row's id comes back with is_new = false.
+CREATE OR REPLACE FUNCTION nova_store_notification(
+    p_webhook_id        text,
+    p_notification_type text,
+    p_provider          text,
+    p_grant_id          text,
+    p_inbox_id          uuid,
+    p_object_id         text,
+    p_payload           jsonb,
+    p_event_time        timestamptz
+)
+RETURNS TABLE (notification_id uuid, is_new boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    INSERT INTO flux_webhook_notifications
+        (webhook_id, notification_type, provider, grant_id, inbox_id, object_id, payload,
+         event_time)
+    VALUES
+        (p_webhook_id, p_notification_type, p_provider, p_grant_id, p_inbox_id, p_object_id,
+         p_payload, p_event_time)
+    ON CONFLICT (webhook_id) DO NOTHING
+    RETURNING id INTO v_id;
+
+    IF v_id IS NOT NULL THEN
+        RETURN QUERY SELECT v_id, true;
+    ELSE
+        RETURN QUERY SELECT n.id, false FROM flux_webhook_notifications n
+                     WHERE n.webhook_id = p_webhook_id;
+    END IF;
+END;
+$$;
+
 -- Stores a delivery; the trigger below queues it. A webhook id seen before is neither stored
 -- nor queued again: the existing row's id comes back with is_new = false.
 CREATE OR REPLACE FUNCTION queue_nylas_webhook_notification(
@@ -17,7 +53,6 @@ DECLARE
     v_grant    text;
     v_time     timestamptz := p_event_time;
     v_inbox_id uuid;
-    v_id       uuid;
 BEGIN
     IF p_webhook_id IS NULL OR btrim(p_webhook_id) = '' THEN
         RAISE EXCEPTION 'queue_nylas_webhook_notification: webhook id is required'
@@ -47,20 +82,9 @@ BEGIN
         WHERE i.grant_id = v_grant AND i.provider = 'nylas';
     END IF;
 
-    INSERT INTO flux_webhook_notifications
-        (webhook_id, notification_type, grant_id, inbox_id, object_id, payload, event_time)
-    VALUES
-        (p_webhook_id, p_notification_type, v_grant, v_inbox_id,
-         coalesce(p_object_id, v_object ->> 'id'), p_payload, v_time)
-    ON CONFLICT (webhook_id) DO NOTHING
-    RETURNING id INTO v_id;
-
-    IF v_id IS NOT NULL THEN
-        RETURN QUERY SELECT v_id, true;
-    ELSE
-        RETURN QUERY SELECT n.id, false FROM flux_webhook_notifications n
-                     WHERE n.webhook_id = p_webhook_id;
-    END IF;
+    RETURN QUERY SELECT * FROM nova_store_notification(
+        p_webhook_id, p_notification_type, 'nylas', v_grant, v_inbox_id,
+        coalesce(p_object_id, v_object ->> 'id'), p_payload, v_time);
 END;
 $$;
 

@@ -1,5 +1,6 @@
 -- Gmail push intake (POST /webhooks/gmail, nova/receiver.py): store each Pub/Sub delivery
--- once; the trigger of sql/020_webhooks.sql queues it in the same transaction.
+-- once (nova_store_notification); the trigger of sql/020_webhooks.sql queues it in the same
+-- transaction.
 
 -- Stores a Gmail notification as a flux_webhook_notifications row of provider 'gmail' and type
 -- 'gmail.history'. Its webhook id is 'gmail:' || the Pub/Sub messageId, which every redelivery
@@ -22,7 +23,6 @@ DECLARE
     v_webhook_id text;
     v_grant      text;
     v_inbox_id   uuid;
-    v_id         uuid;
 BEGIN
     IF p_message_id IS NULL OR btrim(p_message_id) = '' THEN
         RAISE EXCEPTION 'queue_gmail_push_notification: message id is required'
@@ -46,22 +46,11 @@ BEGIN
     ORDER BY (i.grant_id = v_grant) DESC, (i.deleted_at IS NULL) DESC, i.created_at DESC
     LIMIT 1;
 
-    INSERT INTO flux_webhook_notifications
-        (webhook_id, notification_type, provider, grant_id, inbox_id, payload, event_time)
-    VALUES
-        (v_webhook_id, 'gmail.history', 'gmail', v_grant, v_inbox_id,
-         jsonb_build_object('emailAddress', p_email_address, 'historyId', p_history_id,
-                            'messageId', btrim(p_message_id), 'publishTime', p_publish_time,
-                            'subscription', p_subscription),
-         coalesce(p_event_time, now()))
-    ON CONFLICT (webhook_id) DO NOTHING
-    RETURNING id INTO v_id;
-
-    IF v_id IS NOT NULL THEN
-        RETURN QUERY SELECT v_id, true;
-    ELSE
-        RETURN QUERY SELECT n.id, false FROM flux_webhook_notifications n
-                     WHERE n.webhook_id = v_webhook_id;
-    END IF;
+    RETURN QUERY SELECT * FROM nova_store_notification(
+        v_webhook_id, 'gmail.history', 'gmail', v_grant, v_inbox_id, NULL,
+        jsonb_build_object('emailAddress', p_email_address, 'historyId', p_history_id,
+                           'messageId', btrim(p_message_id), 'publishTime', p_publish_time,
+                           'subscription', p_subscription),
+        coalesce(p_event_time, now()));
 END;
 $$;
