@@ -69,14 +69,6 @@ WHERE id = $1 AND (sync_cursor IS NULL OR sync_cursor !~ '^[0-9]+$'
 """
 SET_CURSOR = "UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now() WHERE id = $1"
 SYNCED = "UPDATE flux_inboxes SET changes_synced_at = now() WHERE id = $1"
-FOLLOW_BACKFILL = """
-SELECT queue_thread_sync(c.id, t.tid)
-FROM flux_inbox_configurations c, unnest($2::text[]) AS t(tid)
-WHERE c.inbox_id = $1 AND c.deleted_at IS NULL
-  AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')
-  AND NOT EXISTS (SELECT 1 FROM queued_threads q
-                  WHERE q.config_id = c.id AND q.provider_thread_id = t.tid)
-"""
 # Labels added / removed, one statement for the page: in record order per message.
 RELABEL = """
 WITH ops AS (
@@ -227,10 +219,9 @@ class ChangeSync:
                 await conn.fetch(LOCK_THREADS, inbox_id,
                                  [*plan.fetch, *plan.delete, *plan.labels])
                 await store.upsert_messages(conn, inbox_id, prepared, version)
-                threads = sorted({p.row["provider_thread_id"] for p in prepared
-                                  if p.row["provider_thread_id"]})
-                if threads:
-                    await conn.fetch(FOLLOW_BACKFILL, inbox_id, threads)
+                await store.follow_backfill(conn, inbox_id, sorted(
+                    {p.row["provider_thread_id"] for p in prepared
+                     if p.row["provider_thread_id"]}))
                 for mid in [*plan.delete, *gone]:
                     await store.soft_delete_message(conn, inbox_id, mid, version)
                 relabelled += await self._relabel(conn, inbox_id, plan, version)

@@ -420,3 +420,20 @@ async def soft_delete_thread(conn: Any, inbox_id: uuid.UUID, provider_thread_id:
     return await conn.fetchval(_DELETE_THREAD, inbox_id, provider_thread_id,
                                version) is not None
 
+
+# A thread named by a message while the inbox's backfill runs, and not yet listed by it:
+# discovery may miss a thread that moves under it, so it is queued for a whole sync.
+_FOLLOW_BACKFILL = """
+SELECT queue_thread_sync(c.id, t.tid)
+FROM flux_inbox_configurations c, unnest($2::text[]) AS t(tid)
+WHERE c.inbox_id = $1 AND c.deleted_at IS NULL
+  AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')
+  AND NOT EXISTS (SELECT 1 FROM queued_threads q
+                  WHERE q.config_id = c.id AND q.provider_thread_id = t.tid)
+"""
+
+
+async def follow_backfill(conn: Any, inbox_id: uuid.UUID, thread_ids: Sequence[str]) -> None:
+    """Queue the threads a running backfill of the inbox has not listed (webhooks, history)."""
+    if thread_ids:
+        await conn.fetch(_FOLLOW_BACKFILL, inbox_id, list(thread_ids))

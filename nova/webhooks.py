@@ -90,15 +90,6 @@ SET_STATUS = """
 SELECT * FROM nova_set_inbox_status($1, $2, $3, make_interval(secs => $4),
                                     make_interval(secs => $5))
 """
-# A thread named by a message while the inbox's backfill runs, and not yet listed by it.
-FOLLOW_BACKFILL = """
-SELECT queue_thread_sync(c.id, $2)
-FROM flux_inbox_configurations c
-WHERE c.inbox_id = $1 AND c.deleted_at IS NULL
-  AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')
-  AND NOT EXISTS (SELECT 1 FROM queued_threads q
-                  WHERE q.config_id = c.id AND q.provider_thread_id = $2)
-"""
 THREAD_OF = """
 SELECT id FROM flux_email_threads WHERE inbox_id = $1 AND provider_thread_id = $2
 """
@@ -235,7 +226,7 @@ class WebhookProcessor(ProviderProcessor):
         message = prepared[0].row
         thread_id = message["provider_thread_id"]
         if thread_id and "thread_id" in prepared[0].fields:
-            await conn.fetch(FOLLOW_BACKFILL, inbox_id, thread_id)
+            await store.follow_backfill(conn, inbox_id, [thread_id])
         mid = message["provider_message_id"]
         return Outcome(note=f"message={mid}{'' if mid in written else ' (older, ignored)'}")
 

@@ -313,16 +313,18 @@ class GmailProvider:
         for message in await self._thread_messages(grant_id, thread_id):
             yield message
 
+    async def _message(self, grant_id: str, message_id: str) -> dict[str, Any]:
+        """The Message resource, format full (headers, labels and every part)."""
+        return await self._call(grant_id, "messages.get", self._users.messages().get(
+            userId=grant_id, id=message_id, format="full"))
+
     async def get_message(self, grant_id: str, message_id: str, *,
                           include_headers: bool = False) -> Message:
-        data = await self._call(grant_id, "messages.get", self._users.messages().get(
-            userId=grant_id, id=message_id, format="full"))
-        return parse_message(data, grant_id)
+        return parse_message(await self._message(grant_id, message_id), grant_id)
 
     async def _part(self, grant_id: str, attachment_id: str,
                     message_id: str) -> dict[str, Any]:
-        data = await self._call(grant_id, "messages.get", self._users.messages().get(
-            userId=grant_id, id=message_id, format="full"))
+        data = await self._message(grant_id, message_id)
         part = find_attachment_part(data.get("payload"), attachment_id)
         if part is None:
             raise NotFound(f"message {message_id} has no part {attachment_id}", status=404,
