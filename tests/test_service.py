@@ -36,15 +36,21 @@ def completed_providers(conn: psycopg.Connection[Any]) -> list[str]:
         " WHERE c.backfill_status = 'completed' ORDER BY 1").fetchall()]
 
 
+def nova_env(db_url: str, tmp_path: Path, **settings: str) -> dict[str, str]:
+    """`python -m nova`'s environment: this machine's, less any Nova, Nylas or Gmail setting,
+    on the test's database and NAS folder, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
+    return {**env, "NOVA_DATABASE_URL": db_url, "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas"),
+            **settings}
+
+
 def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
-    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_HOST": "127.0.0.1",
-                "NOVA_RECEIVER_PORT": str(port), "NOVA_SANDBOX_THREADS": "20",
-                "NOVA_SANDBOX_EVENT_SECONDS": "0.5", "NOVA_PROVIDER_RATE_LIMIT": "200",
-                "COMPLETION_CHECK_INTERVAL_MS": "300",
-                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_HOST="127.0.0.1",
+                   NOVA_RECEIVER_PORT=str(port), NOVA_SANDBOX_THREADS="20",
+                   NOVA_SANDBOX_EVENT_SECONDS="0.5", NOVA_PROVIDER_RATE_LIMIT="200",
+                   COMPLETION_CHECK_INTERVAL_MS="300")
     proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -94,11 +100,8 @@ def test_with_credentials_but_no_webhook_secret_the_processors_run_without_recei
 
     with SandboxNylas(threads=5, seed=2, api_key="real-looking-key") as sandbox:
         port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
-        env.update({"NOVA_DATABASE_URL": db_url, "NYLAS_API_KEY": "real-looking-key",
-                    "NYLAS_API_URI": sandbox.base_url, "NOVA_RECEIVER_PORT": str(port),
-                    "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+        env = nova_env(db_url, tmp_path, NYLAS_API_KEY="real-looking-key",
+                       NYLAS_API_URI=sandbox.base_url, NOVA_RECEIVER_PORT=str(port))
         proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
@@ -199,12 +202,9 @@ def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
     from nova.service import SANDBOX_CREDENTIALS_KEY
 
     threads = 6
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
-    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_HOST": "127.0.0.1",
-                "NOVA_SANDBOX_THREADS": str(threads), "NOVA_SANDBOX_EVENT_SECONDS": "0.4",
-                "GMAIL_HISTORY_POLL_SECONDS": "0", "COMPLETION_CHECK_INTERVAL_MS": "300",
-                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_HOST="127.0.0.1",
+                   NOVA_SANDBOX_THREADS=str(threads), NOVA_SANDBOX_EVENT_SECONDS="0.4",
+                   GMAIL_HISTORY_POLL_SECONDS="0", COMPLETION_CHECK_INTERVAL_MS="300")
     fernet = cipher(Settings(credentials_key=SecretStr(SANDBOX_CREDENTIALS_KEY)))
 
     # ---- first run
@@ -297,12 +297,9 @@ def test_with_a_credentials_key_gmail_inboxes_are_real_and_no_gmail_sandbox_runs
     GMAIL_API_URI at a sandbox (the Nylas sandbox still runs without NYLAS_API_KEY)."""
     from cryptography.fernet import Fernet
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
-    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_PORT": str(free_port()),
-                "NOVA_CREDENTIALS_KEY": Fernet.generate_key().decode(),
-                "NOVA_SANDBOX_THREADS": "3", "NOVA_SANDBOX_EVENT_SECONDS": "0",
-                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_PORT=str(free_port()),
+                   NOVA_CREDENTIALS_KEY=Fernet.generate_key().decode(),
+                   NOVA_SANDBOX_THREADS="3", NOVA_SANDBOX_EVENT_SECONDS="0")
     proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -331,11 +328,8 @@ def test_with_a_credentials_key_gmail_inboxes_are_real_and_no_gmail_sandbox_runs
 
 def test_an_unusable_credentials_key_stops_the_sandbox_mode_with_exit_code_2(
         db_url: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
-    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_PORT": str(free_port()),
-                "NOVA_CREDENTIALS_KEY": "too-short", "NOVA_SANDBOX_THREADS": "3",
-                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas")})
+    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_PORT=str(free_port()),
+                   NOVA_CREDENTIALS_KEY="too-short", NOVA_SANDBOX_THREADS="3")
     done = subprocess.run([sys.executable, "-m", "nova"], env=env, text=True, timeout=60,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert done.returncode == 2, done.stdout
