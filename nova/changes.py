@@ -28,6 +28,15 @@ Syncs are started by Pub/Sub pushes (POST /webhooks/gmail, via the webhooks queu
 completion monitor every GMAIL_HISTORY_POLL_SECONDS. One runs per inbox at a time (an advisory
 lock); a request that finds one running leaves `changes_requested_at`, which the running sync
 reads after it lets go of the lock, and then runs again.
+
+The lock is transaction-scoped (pg_try_advisory_xact_lock), held by a transaction of its own that
+stays open while the sync runs its pages in others. A session lock would be wrong behind a
+transaction pooler (PgBouncer): the unlock may reach another server connection than the lock,
+leaving the inbox locked on a connection that serves other clients. The holding transaction does
+keep one connection busy for the length of the sync: behind a pooler that is one server
+connection of its pool unless the lock goes to NOVA_DATABASE_DIRECT_URL (`lock_pool`). A sync
+whose lock connection dies meanwhile may overlap another one of the inbox, which is harmless:
+every write is idempotent and the cursor only moves forward.
 """
 
 from __future__ import annotations
@@ -58,8 +67,7 @@ LOAD = """
 SELECT id, grant_id, provider, status, sync_cursor, deleted_at
 FROM flux_inboxes WHERE id = $1
 """
-TRY_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2::text))"
-UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2::text))"
+TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1, hashtext($2::text))"
 REQUEST = "UPDATE flux_inboxes SET changes_requested_at = clock_timestamp() WHERE id = $1"
 REQUESTED_SINCE = "SELECT changes_requested_at > $2 FROM flux_inboxes WHERE id = $1"
 SAVE_CURSOR = """
@@ -164,26 +172,27 @@ def _entries(record: dict[str, Any], kind: str) -> list[tuple[str, str | None]]:
 
 class ChangeSync:
     """Runs the change feed of one inbox (see the module doc). ``call`` wraps each provider
-    request (ProviderProcessor.call: 429s waited out, refusals confirmed)."""
+    request (ProviderProcessor.call: 429s waited out, refusals confirmed); ``lock_pool`` holds
+    the lock's transaction (default: ``pool``)."""
 
-    def __init__(self, pool: asyncpg.Pool, provider: Any, call: Call[Any]) -> None:
+    def __init__(self, pool: asyncpg.Pool, provider: Any, call: Call[Any], *,
+                 lock_pool: asyncpg.Pool | None = None) -> None:
         self.pool = pool
         self.provider = provider
         self.call = call
+        self.lock_pool = lock_pool or pool
 
     async def run(self, inbox_id: uuid.UUID) -> str:
         """Sync the inbox unless a sync of it runs elsewhere (then ask that one to go again)."""
         await self.pool.execute(REQUEST, inbox_id)
         notes: list[str] = []
         while True:
-            async with self.pool.acquire() as lock_conn:
+            # The lock lasts as long as this transaction: its end, however it ends, unlocks.
+            async with self.lock_pool.acquire() as lock_conn, lock_conn.transaction():
                 if not await lock_conn.fetchval(TRY_LOCK, LOCK_CLASS, str(inbox_id)):
                     return "; ".join(notes) or "a sync of this inbox is running: it goes again"
                 started = await lock_conn.fetchval("SELECT clock_timestamp()")
-                try:
-                    notes.append(await self._sync(inbox_id))
-                finally:
-                    await lock_conn.fetchval(UNLOCK, LOCK_CLASS, str(inbox_id))
+                notes.append(await self._sync(inbox_id))
             if not await self.pool.fetchval(REQUESTED_SINCE, inbox_id, started):
                 return "; ".join(notes)
 

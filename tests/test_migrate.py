@@ -14,6 +14,10 @@ import pytest
 
 from nova.migrate import MigrationError, migrate, schema_dir
 
+# What differs on the embedded Postgres: CI runs these there too (README's test command).
+pytestmark = pytest.mark.embedded
+
+
 QUEUES = ["attachment_downloads", "inbox_backfill_jobs", "nylas_webhook_notifications",
           "thread_sync_jobs"]
 TABLES = ["flux_inboxes", "flux_email_threads", "flux_email_messages", "flux_inbox_configurations",
@@ -160,3 +164,19 @@ def test_cli_rejects_a_bad_setting_naming_it(empty_db_url: str) -> None:
                                            "NOVA_DATABASE_URL": empty_db_url})
     assert proc.returncode == 2
     assert re.search(r"BATCH_SIZE: .*integer", proc.stderr)
+
+
+def test_a_failing_migration_is_one_line_on_stderr(empty_db_url: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from nova import migrate as migrate_module
+
+    migrations, sql_dir = _copy_schema(tmp_path)
+    (migrations / "9003_broken.sql").write_text("SELECT no_such_function(1, 'x');")
+    monkeypatch.setattr(migrate_module, "schema_dir",
+                        lambda kind: migrations if kind == "migrations" else sql_dir)
+    monkeypatch.setenv("NOVA_DATABASE_URL", empty_db_url)
+    assert migrate_module.main(["--database-url", empty_db_url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("[Migrate] failed: function no_such_function")
+    assert "HINT:" in err  # the server's hint kept, on the same line
