@@ -49,7 +49,8 @@ async def run(url: str, args: argparse.Namespace) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("NOVA_", "NYLAS_", "GMAIL_"))}
         env |= {"NOVA_DATABASE_URL": url, "NOVA_CREDENTIALS_KEY": key.decode(),
-                "GMAIL_API_URI": sb.base_url, "GMAIL_QUOTA_UNITS_PER_MINUTE": str(args.quota),
+                "GMAIL_API_URI": sb.base_url, "GMAIL_TOKEN_URI": sb.token_uri,
+                "GMAIL_QUOTA_UNITS_PER_MINUTE": str(args.quota),
                 "LOG_LEVEL": "warning"}
         log = Path(tempfile.mkdtemp(prefix="nova-bench-")) / "gmail.log"
         modules = ["nova.backfill", *["nova.threads"] * args.workers, "nova.completion"]

@@ -6,10 +6,13 @@ google-auth-oauthlib write them. ``nova inbox add --provider gmail --credentials
 the file (:func:`load_authorized_user`) and stores it in ``flux_inbox_credentials``
 (:func:`save_credentials`); workers get access tokens from a :class:`TokenSource`.
 
-At rest: ``client_id``, ``token_uri`` and ``scopes`` are plain columns; ``secret`` is a Fernet
-token (AES-128-CBC + HMAC-SHA256, ``cryptography``) of ``{"client_secret", "refresh_token"}``,
-so a dump of the database alone gives neither away. The key is NOVA_CREDENTIALS_KEY
-(:func:`cipher`), either
+At rest: ``secret`` is a Fernet token (AES-128-CBC + HMAC-SHA256, ``cryptography``) of
+``{"client_id", "token_uri", "client_secret", "refresh_token"}``; only ``scopes`` is a plain
+column. A dump of the database alone gives none of them away, and what is sealed cannot be
+altered without the key (the token is authenticated). Rows saved before migrations/0009 hold
+``client_id`` and ``token_uri`` in plain columns and a token of the two secrets only: they are
+read as they are, and sealed whole the next time they are saved (``nova inbox add`` again, or
+a rotated refresh token). The key is NOVA_CREDENTIALS_KEY (:func:`cipher`), either
 
 * a Fernet key (url-safe base64 of 32 bytes, 44 characters), used as it is; make one with
   ``python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"``
@@ -20,9 +23,18 @@ so a dump of the database alone gives neither away. The key is NOVA_CREDENTIALS_
 
 Access tokens (:class:`TokenSource`): the refresh-token grant of RFC 6749 section 6, as Google
 documents it (https://developers.google.com/identity/protocols/oauth2/web-server#offline):
-``POST token_uri`` with the form ``grant_type=refresh_token, client_id, client_secret,
-refresh_token``, answered with ``{"access_token", "expires_in", ...}``. Tokens, refresh tokens
-and client secrets are never logged; log lines name the grant and the outcome only.
+``POST`` to the token endpoint with the form ``grant_type=refresh_token, client_id,
+client_secret, refresh_token``, answered with ``{"access_token", "expires_in", ...}``. Tokens,
+refresh tokens and client secrets are never logged; log lines name the grant and the outcome
+only.
+
+The token endpoint is GMAIL_TOKEN_URI (Google's unless set), never one that credentials name:
+whoever could write a ``token_uri`` into a credentials file or a row would otherwise receive the
+client secret and the refresh token with the next refresh. Credentials naming another endpoint
+are refused where they enter (:func:`authorized_user_from_info` given the setting, as ``nova
+inbox add`` does) and where they are read (:class:`TokenSource`), with an error that names
+GMAIL_TOKEN_URI. Google's older endpoints (:data:`GOOGLE_TOKEN_URIS`), still written by older
+tools, count as Google's.
 """
 
 from __future__ import annotations
@@ -51,6 +63,10 @@ from nova.providers.errors import AuthExpired, Permanent, ProviderError, Transie
 log = logging.getLogger("nova.credentials")
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+# Google's token endpoint by the names older tools (oauth2client, old client_secret.json
+# downloads) still write into credentials files: one service, the same as GOOGLE_TOKEN_URI.
+GOOGLE_TOKEN_URIS = frozenset({GOOGLE_TOKEN_URI, "https://accounts.google.com/o/oauth2/token",
+                               "https://www.googleapis.com/oauth2/v4/token"})
 KIND = "authorized_user"
 MIN_PASSPHRASE = 16
 HKDF_SALT = b"nova-credentials-key-v1"
@@ -78,10 +94,12 @@ class AuthorizedUser:
 
 
 # --------------------------------------------------------------------------- the file
-def load_authorized_user(path: str | PathLike[str], *,
-                         account: str | None = None) -> AuthorizedUser:
+def load_authorized_user(path: str | PathLike[str], *, account: str | None = None,
+                         token_uri: str | None = None) -> AuthorizedUser:
     """The ``authorized_user`` JSON file at ``path``. With ``account`` given, a file that
-    names another account (its ``account`` key, when present and not empty) is refused."""
+    names another account (its ``account`` key, when present and not empty) is refused; with
+    ``token_uri`` (GMAIL_TOKEN_URI) given, one that names another token endpoint is (see
+    :func:`authorized_user_from_info`)."""
     name = str(path)
     try:
         with open(path, "rb") as fh:
@@ -96,7 +114,8 @@ def load_authorized_user(path: str | PathLike[str], *,
     if not isinstance(info, dict):
         raise CredentialsError(f"credentials file {name}: expected a JSON object, "
                                f"got {type(info).__name__}")
-    user = authorized_user_from_info(info, source=f"credentials file {name}")
+    user = authorized_user_from_info(info, source=f"credentials file {name}",
+                                     token_uri=token_uri)
     named = info.get("account")
     if account and isinstance(named, str) and named.strip() \
             and named.strip().lower() != account.strip().lower():
@@ -105,9 +124,11 @@ def load_authorized_user(path: str | PathLike[str], *,
     return user
 
 
-def authorized_user_from_info(info: Mapping[str, Any], *,
-                              source: str = "credentials") -> AuthorizedUser:
-    """``authorized_user`` info (the parsed file) checked key by key."""
+def authorized_user_from_info(info: Mapping[str, Any], *, source: str = "credentials",
+                              token_uri: str | None = None) -> AuthorizedUser:
+    """``authorized_user`` info (the parsed file) checked key by key. With ``token_uri``
+    (GMAIL_TOKEN_URI) given, the info's own ``token_uri`` must be that endpoint (or absent:
+    gcloud writes none) and the credentials carry ``token_uri``; CredentialsError otherwise."""
     kind = info.get("type")
     if kind is not None and kind != KIND:
         if kind == "service_account":
@@ -127,15 +148,17 @@ def authorized_user_from_info(info: Mapping[str, Any], *,
 
     client_id, client_secret, refresh_token = (
         text("client_id"), text("client_secret"), text("refresh_token"))
-    token_uri = info.get("token_uri")
-    if token_uri is None or token_uri == "":
-        token_uri = GOOGLE_TOKEN_URI
-    if not isinstance(token_uri, str):
+    named = info.get("token_uri")
+    if named is None or named == "":
+        named = token_uri or GOOGLE_TOKEN_URI
+    if not isinstance(named, str):
         raise CredentialsError(f"{source}: key 'token_uri' must be a string")
-    parts = urlsplit(token_uri.strip())
+    parts = urlsplit(named.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise CredentialsError(f"{source}: key 'token_uri' must be an http(s) URL, "
-                               f"got {token_uri!r}")
+                               f"got {named!r}")
+    named = named.strip() if token_uri is None else allowed_token_uri(named, token_uri,
+                                                                      source=source)
     scopes = info.get("scopes")
     if scopes is None:
         scopes = ()
@@ -145,7 +168,20 @@ def authorized_user_from_info(info: Mapping[str, Any], *,
         scopes = tuple(s.strip() for s in scopes if s.strip())
     else:
         raise CredentialsError(f"{source}: key 'scopes' must be a list of strings")
-    return AuthorizedUser(client_id, client_secret, refresh_token, token_uri.strip(), scopes)
+    return AuthorizedUser(client_id, client_secret, refresh_token, named, scopes)
+
+
+def allowed_token_uri(named: str, configured: str, *, source: str) -> str:
+    """The endpoint to post ``source``'s refresh token to: ``configured`` (GMAIL_TOKEN_URI),
+    when ``named`` (what the credentials say) is that endpoint, or both are Google's.
+    CredentialsError naming GMAIL_TOKEN_URI otherwise: a refresh token goes nowhere else."""
+    ours, theirs = configured.strip().rstrip("/"), named.strip().rstrip("/")
+    if theirs == ours or (theirs in GOOGLE_TOKEN_URIS and ours in GOOGLE_TOKEN_URIS):
+        return ours
+    raise CredentialsError(
+        f"{source}: token_uri {named.strip()!r} is not GMAIL_TOKEN_URI ({ours}); refresh "
+        f"tokens are posted to GMAIL_TOKEN_URI only: set it to that endpoint if it is yours, "
+        f"or use credentials issued for {ours}")
 
 
 # --------------------------------------------------------------------------- encryption
@@ -167,17 +203,25 @@ def cipher(settings: Settings) -> Fernet:
 
 
 def seal(user: AuthorizedUser, fernet: Fernet) -> bytes:
-    """The ``secret`` column: a Fernet token of the client secret and the refresh token."""
-    return fernet.encrypt(json.dumps({"client_secret": user.client_secret,
-                                      "refresh_token": user.refresh_token}).encode("utf-8"))
+    """The ``secret`` column: a Fernet token of the OAuth client (id and secret), the token
+    endpoint and the refresh token."""
+    return fernet.encrypt(json.dumps({
+        "client_id": user.client_id, "token_uri": user.token_uri,
+        "client_secret": user.client_secret, "refresh_token": user.refresh_token,
+    }).encode("utf-8"))
 
 
-def unseal(secret: bytes, fernet: Fernet, *, owner: str) -> tuple[str, str]:
-    """(client_secret, refresh_token) from a ``secret`` column; ``owner`` names the inbox in
-    the error of a wrong key."""
+def unsealed(secret: bytes, fernet: Fernet, *, owner: str) -> dict[str, str]:
+    """Everything a ``secret`` column holds, by key: ``client_secret`` and ``refresh_token``
+    always, ``client_id`` and ``token_uri`` unless the row predates migrations/0009. ``owner``
+    names the inbox in the error of a wrong key."""
     try:
         data = json.loads(fernet.decrypt(bytes(secret)))
-        return str(data["client_secret"]), str(data["refresh_token"])
+        sealed = {key: data[key] for key in SEALED if key in data}
+        if not all(isinstance(v, str) and v for v in sealed.values()) \
+                or not {"client_secret", "refresh_token"} <= sealed.keys():
+            raise ValueError("incomplete")
+        return sealed
     except InvalidToken:
         raise CredentialsError(
             f"NOVA_CREDENTIALS_KEY does not decrypt the stored credentials of {owner}: the key "
@@ -188,14 +232,25 @@ def unseal(secret: bytes, fernet: Fernet, *, owner: str) -> tuple[str, str]:
                                f"add the inbox again (nova inbox add --provider gmail)") from None
 
 
+def unseal(secret: bytes, fernet: Fernet, *, owner: str) -> tuple[str, str]:
+    """(client_secret, refresh_token) from a ``secret`` column (see :func:`unsealed`)."""
+    data = unsealed(secret, fernet, owner=owner)
+    return data["client_secret"], data["refresh_token"]
+
+
 # --------------------------------------------------------------------------- the table
+# What a ``secret`` column may hold; client_id and token_uri are in it from migrations/0009 on.
+SEALED = ("client_id", "token_uri", "client_secret", "refresh_token")
+# Saving seals the whole credentials and empties the plain columns a row from before
+# migrations/0009 still has.
 SAVE = """
 INSERT INTO flux_inbox_credentials (inbox_id, kind, client_id, token_uri, scopes, secret)
-VALUES ($1, 'authorized_user', $2, $3, $4, $5)
+VALUES ($1, 'authorized_user', NULL, NULL, $2, $3)
 ON CONFLICT (inbox_id) DO UPDATE
-SET kind = EXCLUDED.kind, client_id = EXCLUDED.client_id, token_uri = EXCLUDED.token_uri,
-    scopes = EXCLUDED.scopes, secret = EXCLUDED.secret, updated_at = now()
+SET kind = EXCLUDED.kind, client_id = NULL, token_uri = NULL, scopes = EXCLUDED.scopes,
+    secret = EXCLUDED.secret, updated_at = now()
 """
+# client_id and token_uri: a row from before migrations/0009 (NULL once sealed whole).
 LOAD = """
 SELECT i.id AS inbox_id, i.email, c.client_id, c.token_uri, c.scopes, c.secret
 FROM flux_inbox_credentials c
@@ -205,7 +260,8 @@ WHERE i.grant_id = $1 AND i.provider = 'gmail' AND i.deleted_at IS NULL
 # A refresh answer carried a new refresh token: it replaces the one that was used, unless the
 # row changed meanwhile (new credentials added: they win).
 ROTATE = """
-UPDATE flux_inbox_credentials SET secret = $2, updated_at = now()
+UPDATE flux_inbox_credentials SET secret = $2, client_id = NULL, token_uri = NULL,
+    updated_at = now()
 WHERE inbox_id = $1 AND secret = $3
 """
 
@@ -214,8 +270,7 @@ async def save_credentials(conn: Any, inbox_id: Any, user: AuthorizedUser,
                            fernet: Fernet) -> None:
     """Store (or replace) the inbox's credentials; ``conn`` is an asyncpg connection (or
     pool), so the write can join the caller's transaction."""
-    await conn.execute(SAVE, inbox_id, user.client_id, user.token_uri, list(user.scopes),
-                       seal(user, fernet))
+    await conn.execute(SAVE, inbox_id, list(user.scopes), seal(user, fernet))
 
 
 @dataclass(frozen=True)
@@ -226,20 +281,31 @@ class _Stored:
     secret: bytes
 
 
-async def _load(conn: Any, grant_id: str, fernet: Fernet) -> _Stored | None:
+async def _load(conn: Any, grant_id: str, fernet: Fernet,
+                token_uri: str | None = None) -> _Stored | None:
     row = await conn.fetchrow(LOAD, grant_id)
     if row is None:
         return None
-    client_secret, refresh_token = unseal(row["secret"], fernet, owner=row["email"])
-    user = AuthorizedUser(row["client_id"], client_secret, refresh_token, row["token_uri"],
+    owner = row["email"]
+    sealed = unsealed(row["secret"], fernet, owner=owner)
+    client_id = sealed.get("client_id") or row["client_id"]
+    named = sealed.get("token_uri") or row["token_uri"]
+    if not client_id or not named:
+        raise CredentialsError(f"the stored credentials of {owner} are not readable; "
+                               f"add the inbox again (nova inbox add --provider gmail)")
+    if token_uri is not None:
+        named = allowed_token_uri(named, token_uri, source=f"the stored credentials of {owner}")
+    user = AuthorizedUser(client_id, sealed["client_secret"], sealed["refresh_token"], named,
                           tuple(row["scopes"] or ()))
-    return _Stored(row["inbox_id"], row["email"], user, bytes(row["secret"]))
+    return _Stored(row["inbox_id"], owner, user, bytes(row["secret"]))
 
 
-async def load_credentials(conn_or_pool: Any, grant_id: str,
-                           fernet: Fernet) -> AuthorizedUser | None:
-    """The credentials of the live Gmail inbox whose grant is ``grant_id``; None without."""
-    stored = await _load(conn_or_pool, grant_id, fernet)
+async def load_credentials(conn_or_pool: Any, grant_id: str, fernet: Fernet, *,
+                           token_uri: str | None = None) -> AuthorizedUser | None:
+    """The credentials of the live Gmail inbox whose grant is ``grant_id``; None without.
+    With ``token_uri`` (GMAIL_TOKEN_URI), credentials naming another endpoint raise
+    CredentialsError."""
+    stored = await _load(conn_or_pool, grant_id, fernet, token_uri)
     return stored.user if stored is not None else None
 
 
@@ -258,17 +324,23 @@ class TokenSource:
     with the stored refresh token. One refresh at a time per grant; callers that waited on it
     share its outcome (the token, or the error).
 
+    Refreshes are posted to ``token_uri`` (GMAIL_TOKEN_URI) alone, whatever the stored
+    credentials name (module docstring).
+
     Errors: AuthExpired when the refresh token (``invalid_grant``) or the OAuth client
     (``invalid_client``, ``unauthorized_client``) is refused, or no credentials are stored;
     Transient for 408, 429, 5xx, network errors and a malformed answer; Permanent for any
-    other refusal; CredentialsError when NOVA_CREDENTIALS_KEY does not open the stored ones.
+    other refusal; CredentialsError when NOVA_CREDENTIALS_KEY does not open the stored ones,
+    or they name another token endpoint than ``token_uri`` (a setting to fix, or credentials
+    to add again: not the grant's fault, so the inbox is left as it is).
     """
 
     def __init__(self, pool: Any, fernet: Fernet, client: httpx.AsyncClient, *,
-                 early_seconds: float = 60) -> None:
+                 token_uri: str, early_seconds: float = 60) -> None:
         self.pool = pool
         self.fernet = fernet
         self.client = client
+        self.token_uri = token_uri.strip().rstrip("/")
         self.early_seconds = early_seconds
         self._grants: dict[str, _Grant] = {}
 
@@ -303,7 +375,11 @@ class TokenSource:
             state.token, state.expires = None, 0.0
 
     async def _refresh(self, grant_id: str) -> tuple[str, float]:
-        stored = await _load(self.pool, grant_id, self.fernet)
+        try:
+            stored = await _load(self.pool, grant_id, self.fernet, self.token_uri)
+        except CredentialsError:
+            log.warning("[Credentials] refresh grant=%s outcome=credentials_refused", grant_id)
+            raise
         if stored is None:
             log.warning("[Credentials] refresh grant=%s outcome=no_credentials", grant_id)
             raise AuthExpired(f"no credentials stored for {grant_id}", provider="gmail")
@@ -311,7 +387,7 @@ class TokenSource:
         form = {"grant_type": "refresh_token", "client_id": user.client_id,
                 "client_secret": user.client_secret, "refresh_token": user.refresh_token}
         try:
-            resp = await self.client.post(user.token_uri, data=form,
+            resp = await self.client.post(self.token_uri, data=form,
                                           headers={"Accept": "application/json"})
         except httpx.RequestError as exc:
             log.warning("[Credentials] refresh grant=%s outcome=network_error error=%s",

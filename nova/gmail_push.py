@@ -17,6 +17,12 @@ event loop never waits on a blocking HTTP client. Subscriptions without authenti
 carry a shared secret in the endpoint's query string (`?token=...`), the pattern of the Gmail
 push guide's older versions; it is compared in constant time.
 
+Google signs such a token for any push subscription of any project, with whatever audience
+that subscription names, and the audience is usually the public endpoint URL: a token of the
+right audience proves only that someone's subscription points at Nova. Only `email`, the
+service account the subscription runs as, says it is ours. An audience is therefore never
+checked without a service account (`check_push_settings`, called when a receiver is built).
+
 Body (https://developers.google.com/workspace/gmail/api/guides/push, "Receiving
 notifications", and https://cloud.google.com/pubsub/docs/push): `{"message": {"data",
 "messageId", "message_id", "publishTime", "publish_time", "attributes"}, "subscription"}`,
@@ -44,6 +50,7 @@ import httpx
 from google.auth import exceptions as google_exceptions
 from google.auth import jwt as google_jwt
 
+from nova.config import ConfigError, Settings
 from nova.providers.clean import clean_text, loads
 
 log = logging.getLogger("nova.receiver")
@@ -186,6 +193,19 @@ class GoogleCerts:
 
 
 # ---------------------------------------------------------------------- authentication
+def check_push_settings(settings: Settings) -> None:
+    """Raise ConfigError (one line, naming the variables) for Gmail push settings that would
+    let strangers in: GMAIL_PUSH_AUDIENCE without GMAIL_PUSH_SERVICE_ACCOUNT accepts a token
+    that any Google Cloud project can have minted for that audience (module docstring).
+    Every receiver calls it when it is built; a process that starts one can call it first."""
+    if settings.gmail_push_audience is not None and not (
+            settings.gmail_push_service_account or "").strip():
+        raise ConfigError(
+            "GMAIL_PUSH_AUDIENCE is set but GMAIL_PUSH_SERVICE_ACCOUNT is not: any Google-"
+            "signed token for that audience would be accepted; set GMAIL_PUSH_SERVICE_ACCOUNT "
+            "to the push subscription's service account e-mail")
+
+
 def _segment(part: str) -> Any:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
 
@@ -201,11 +221,13 @@ def bearer_token(authorization: str | None) -> str | None:
 class OidcVerifier:
     """Checks `Authorization: Bearer <JWT>` as Pub/Sub sends it: signed by a key at the
     certificates URL (401 otherwise), not expired (401), issued by Google (401), for
-    `audience` (403), by `service_account` when one is configured (403), whose email is
-    verified (403). Returns the claims."""
+    `audience` (403), by `service_account` (403), whose email is verified (403). Returns the
+    claims. Both the audience and the service account are required (module docstring)."""
 
-    def __init__(self, certs: GoogleCerts, audience: str, service_account: str | None = None,
-                 *, clock_skew: int = CLOCK_SKEW_SECONDS) -> None:
+    def __init__(self, certs: GoogleCerts, audience: str, service_account: str, *,
+                 clock_skew: int = CLOCK_SKEW_SECONDS) -> None:
+        if not audience or not service_account:
+            raise ValueError("an OIDC push check needs both an audience and a service account")
         self.certs = certs
         self.audience = audience
         self.service_account = service_account
@@ -243,7 +265,7 @@ class OidcVerifier:
         if claims.get("aud") != self.audience:
             raise PushRejected(403, f"the JWT is for another audience aud={claims.get('aud')!r}")
         email = claims.get("email")
-        if self.service_account is not None and email != self.service_account:
+        if email != self.service_account:
             raise PushRejected(403, f"the JWT is from another service account email={email!r}")
         if claims.get("email_verified") is not True:
             raise PushRejected(403, f"the JWT's email is not verified email={email!r}")

@@ -8,9 +8,18 @@ Two kinds of series:
   the fleet in Prometheus.
 - What the fleet has to do, read from Postgres when scraped (`PostgresCollector`):
   `nova_queue_depth{queue}`, `nova_queue_oldest_message_age_seconds{queue}`,
-  `nova_queue_dead_letters{queue}`, `nova_provider_rate{grant}`,
+  `nova_queue_dead_letters{queue}`, `nova_provider_rate{provider,stat}`,
+  `nova_provider_grants{provider}`, `nova_provider_grants_held{provider}`,
   `nova_backfill_threads{status}`, `nova_backfills{status}`, `nova_database_up`. Any one
   process gives the whole fleet's view; take one (max by queue) rather than a sum.
+
+No label value names a grant, a mailbox or an address: a grant id is a Nylas account's key and
+a Gmail grant is the user's e-mail address, and a scrape endpoint (or the Prometheus behind it)
+is no place for either. The per-grant budget is therefore exported aggregated by provider kind
+(`nova`'s CLI and the `provider_rate_limits` table have the per-grant detail). A short hash of
+the grant was the other choice and was rejected: an unkeyed hash of an address is undone by
+hashing the addresses one suspects, a keyed one needs a key to manage, and either makes the
+series count grow with the fleet.
 
 The Postgres figures cost a few small queries per scrape and nothing between scrapes: they
 run in the HTTP server's thread (never on the event loop) over one psycopg connection with
@@ -18,11 +27,14 @@ short connect and statement timeouts, and a scrape within a second of the last o
 from its result. A database that does not answer makes `nova_database_up` 0 and leaves the
 other Postgres series out of that scrape; the process's own counters are always there.
 
-The server is prometheus_client's threaded WSGI server: `/metrics` (text format, or
-OpenMetrics when asked) and `/healthz`, 200 while the process's event loop turns (a loop that
-has not ticked for HEALTH_STALE_SECONDS answers 503) and 503 once it is stopping. A port in use
-(a second instance started with the same NOVA_METRICS_PORT) is not fatal: the server binds a
-free port instead and logs which, so the process runs on and its metrics are still reachable.
+The server is prometheus_client's threaded WSGI server on NOVA_METRICS_HOST (loopback unless
+set) and NOVA_METRICS_PORT: `/metrics` (text format, or OpenMetrics when asked) and `/healthz`,
+a bare `ok` (200) while the process's event loop turns, `unavailable` (503) when the loop has
+not ticked for HEALTH_STALE_SECONDS or the process is stopping; the reason goes to the log, once
+per change. The port is taken when the process starts (`server_parts`), before any work: a port
+that cannot be had (in use, say) stops the process with exit status 2 and one line naming it;
+the metrics never move to another port or interface. NOVA_METRICS_PORT=0 asks for a free port
+on NOVA_METRICS_HOST, logged.
 
 `python -m nova.metrics healthcheck` asks the local `/healthz` (the Docker HEALTHCHECK).
 """
@@ -31,9 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import errno
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -51,6 +64,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
+
+from nova import db
 
 log = logging.getLogger("nova.metrics")
 # The `_created` twin of every counter and histogram is noise on a dashboard.
@@ -105,19 +120,27 @@ FROM flux_pgmq_list_queues() q, flux_pgmq_metrics(q.queue_name) m
 # a scrape stays cheap even if an archive grows huge.
 DEAD_LETTER_CAP = 100_000
 DEAD_LETTERS = "SELECT count(*) FROM (SELECT 1 FROM pgmq.{} LIMIT %s) a"
-# The learned rate of each grant; a grant whose rate is not learned yet runs at the configured
-# one. Capped: the series per grant are for watching the busy ones.
-RATE_GRANTS_CAP = 1000
+# The grants' budgets by provider kind, never by grant (module docstring): how many, how many
+# a refusal holds now, and the lowest, median and highest rate. A grant whose rate is not
+# learned runs at its kind's configured one: Nylas's NOVA_PROVIDER_RATE_LIMIT until learned,
+# Gmail's quota rate always (never learned). A budget key names its provider before a colon
+# (Gmail's 'gmail:<address>', nova.providers.gmail.user_key); a bare key is a Nylas grant id.
 RATES = """
-SELECT grant_id, coalesce(rate, %s) AS rate FROM provider_rate_limits
-ORDER BY updated_at DESC LIMIT %s
+SELECT provider, count(*) AS grants, count(*) FILTER (WHERE held_until > now()) AS held,
+       min(r), percentile_cont(0.5) WITHIN GROUP (ORDER BY r), max(r)
+FROM (SELECT CASE WHEN grant_id LIKE 'gmail:%%' THEN 'gmail' ELSE 'nylas' END AS provider,
+             held_until, rate FROM provider_rate_limits) k,
+     LATERAL (SELECT coalesce(k.rate, CASE k.provider WHEN 'gmail' THEN %(gmail)s
+                                                      ELSE %(nylas)s END) AS r) c
+GROUP BY provider
 """
+RATE_STATS = ("min", "median", "max")
 BACKFILL_THREADS = """
 SELECT coalesce(sum(s.threads_pending), 0) AS queued,
        coalesce(sum(s.threads_processing), 0) AS processing,
        coalesce(sum(s.threads_completed), 0) AS completed,
        coalesce(sum(s.threads_failed), 0) AS failed
-FROM flux_inbox_configurations c JOIN inbox_sync_stats s ON s.config_id = c.id
+FROM flux_inbox_configurations c JOIN inbox_sync_stats_current s ON s.config_id = c.id
 WHERE c.backfill_status IN ('queued', 'discovering', 'thread_sync') AND c.deleted_at IS NULL
 """
 BACKFILLS = """
@@ -127,17 +150,18 @@ GROUP BY backfill_status
 BACKFILL_STATUSES = ("pending", "queued", "discovering", "thread_sync", "completed", "failed")
 # The series PostgresCollector exports (for the dashboard's test).
 POSTGRES_SERIES = ("nova_database_up", "nova_queue_depth", "nova_queue_oldest_message_age_seconds",
-                   "nova_queue_dead_letters", "nova_provider_rate", "nova_backfill_threads",
-                   "nova_backfills")
+                   "nova_queue_dead_letters", "nova_provider_rate", "nova_provider_grants",
+                   "nova_provider_grants_held", "nova_backfill_threads", "nova_backfills")
 
 
 class PostgresCollector:
     """The fleet's figures, read from Postgres when scraped (in the scraping thread)."""
 
-    def __init__(self, url: str, configured_rate: float, *, timeout: float = 3.0,
-                 min_interval: float = 1.0) -> None:
+    def __init__(self, url: str, configured_rate: float, *, gmail_rate: float | None = None,
+                 timeout: float = 3.0, min_interval: float = 1.0) -> None:
         self.url = url
-        self.configured_rate = configured_rate
+        self.configured_rate = configured_rate  # Nylas: where a grant starts
+        self.gmail_rate = configured_rate if gmail_rate is None else gmail_rate  # quota units/s
         self.timeout = timeout
         self.min_interval = min_interval
         self._conn: Any = None
@@ -170,12 +194,16 @@ class PostgresCollector:
                                "figures from Postgres.")
         try:
             if self._conn is None or self._conn.closed:
-                ms = int(self.timeout * 1000)
-                self._conn = psycopg.connect(self.url, autocommit=True,
-                                             connect_timeout=max(1, int(self.timeout)),
-                                             options=f"-c statement_timeout={ms}",
-                                             application_name="nova-metrics")
-            metrics = self._figures(self._conn)
+                # db.connect prepares nothing, and the timeout is set per scrape, inside its
+                # transaction: a transaction-mode pooler refuses `options` at connect and keeps
+                # neither prepared statements nor session settings between transactions.
+                self._conn = db.connect(self.url, autocommit=True,
+                                        connect_timeout=max(1, int(self.timeout)),
+                                        application_name="nova-metrics")
+            with self._conn.transaction():
+                self._conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                                   (str(int(self.timeout * 1000)),))
+                metrics = self._figures(self._conn)
         except psycopg.Error as exc:
             self._drop()
             text = str(exc).strip().splitlines()
@@ -207,11 +235,20 @@ class PostgresCollector:
                                  (DEAD_LETTER_CAP,)).fetchone()
             dead.add_metric([name], count[0] if count else 0)
 
-        rate = GaugeMetricFamily("nova_provider_rate", "Requests/s a grant may send: the learned "
-                                 "rate, or the configured one until one is learned.",
-                                 labels=["grant"])
-        for grant_id, value in conn.execute(RATES, (self.configured_rate, RATE_GRANTS_CAP)):
-            rate.add_metric([grant_id], value)
+        rate = GaugeMetricFamily("nova_provider_rate", "The lowest, median and highest rate "
+                                 "the provider's grants may send at (Nylas: requests/s; Gmail: "
+                                 "quota units/s): learned, or configured until learned.",
+                                 labels=["provider", "stat"])
+        grants = GaugeMetricFamily("nova_provider_grants", "Grants with a request budget.",
+                                   labels=["provider"])
+        held = GaugeMetricFamily("nova_provider_grants_held", "Grants a provider's refusal (429 "
+                                 "and its Retry-After) holds now.", labels=["provider"])
+        configured = {"nylas": self.configured_rate, "gmail": self.gmail_rate}
+        for provider, count, holding, *stats in conn.execute(RATES, configured):
+            grants.add_metric([provider], count)
+            held.add_metric([provider], holding)
+            for stat, value in zip(RATE_STATS, stats, strict=True):
+                rate.add_metric([provider, stat], value)
 
         threads = GaugeMetricFamily("nova_backfill_threads", "Threads of the running backfills, "
                                     "by status.", labels=["status"])
@@ -225,7 +262,7 @@ class PostgresCollector:
         counts = dict(conn.execute(BACKFILLS).fetchall())
         for status in BACKFILL_STATUSES:
             backfills.add_metric([status], counts.get(status, 0))
-        return [depth, oldest, dead, rate, threads, backfills]
+        return [depth, oldest, dead, rate, grants, held, threads, backfills]
 
 
 class _Process:
@@ -246,32 +283,74 @@ HEALTH_STALE_SECONDS = 15.0
 TICK_SECONDS = 1.0
 
 
+class PortUnavailable(OSError):
+    """NOVA_METRICS_HOST:NOVA_METRICS_PORT cannot be bound; the message is one line for the
+    operator."""
+
+
 class MetricsServer:
     """A part of a process (see nova.runtime.run_parts): serves /metrics and /healthz from a
     thread while the process runs; its own loop proves the event loop turns."""
 
-    def __init__(self, port: int, *, host: str = "0.0.0.0", component: str = "nova",
+    def __init__(self, port: int, *, host: str = "127.0.0.1", component: str = "nova",
                  database_url: str | None = None, url_for: Callable[[], str] | None = None,
-                 configured_rate: float = 10.0) -> None:
+                 configured_rate: float = 10.0, gmail_rate: float | None = None) -> None:
         self.requested_port = port
         self.host = host
         self.component = component
         self.database_url = database_url
         self.url_for = url_for  # how to find the database when no URL is given (embedded)
         self.configured_rate = configured_rate
-        self.port: int | None = None  # the bound port, once serving
+        self.gmail_rate = gmail_rate
+        self.port: int | None = None  # the bound port, once bound
         self.collector: PostgresCollector | None = None
         self._tick = time.monotonic()
         self._stopping = asyncio.Event()
         self._ready = threading.Event()
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._metrics_app: Callable[..., Any] | None = None
+        self._health_lock = threading.Lock()
+        self._health_state = "ok"
 
     def stop(self) -> None:
         self._stopping.set()
 
+    def bind(self) -> None:
+        """Take the port now, so that a process whose port is taken stops before it starts any
+        work (server_parts); requests wait in the backlog until run() serves them. Raises
+        PortUnavailable. Never another port or another interface: a scraper (or the Docker
+        health check) asking the configured one would find another process's answers there."""
+        if self._server is not None:
+            return
+        try:
+            family = socket.getaddrinfo(self.host, self.requested_port, type=socket.SOCK_STREAM,
+                                        flags=socket.AI_PASSIVE)[0][0]
+
+            class Server(ThreadingWSGIServer):
+                address_family = family
+
+            self._server = make_server(self.host, self.requested_port, self._app, Server,
+                                       handler_class=_Quiet)
+        except OSError as exc:
+            taken = " (another process has it: give each instance on a host its own port)" \
+                if exc.errno == errno.EADDRINUSE else ""
+            raise PortUnavailable(
+                f"cannot serve metrics on {self.host}:{self.requested_port} "
+                f"(NOVA_METRICS_HOST:NOVA_METRICS_PORT): {exc.strerror or exc}{taken}; "
+                f"unset NOVA_METRICS_PORT to run without metrics") from None
+        self.port = int(self._server.server_port)
+
     async def run(self) -> None:
         self._tick = time.monotonic()
+        try:
+            self.bind()
+        except PortUnavailable as exc:
+            from nova.runtime import Fatal  # nova.runtime imports this module
+
+            log.error("[Metrics] %s", exc)
+            raise Fatal(str(exc)) from None
+        assert self._server is not None
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Process())
         if self.database_url is None and self.url_for is not None:
@@ -279,17 +358,10 @@ class MetricsServer:
             # joined) once per process, never by two threads at once.
             self.database_url = self.url_for()
         if self.database_url is not None:
-            self.collector = PostgresCollector(self.database_url, self.configured_rate)
+            self.collector = PostgresCollector(self.database_url, self.configured_rate,
+                                               gmail_rate=self.gmail_rate)
             registry.register(self.collector)
-        metrics_app = make_wsgi_app(registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            if environ.get("PATH_INFO") == "/healthz":
-                return self._health(start_response)
-            return metrics_app(environ, start_response)
-
-        self._server = self._bind(app)
-        self.port = int(self._server.server_port)
+        self._metrics_app = make_wsgi_app(registry)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="nova-metrics")
         self._thread.start()
@@ -304,58 +376,87 @@ class MetricsServer:
         finally:
             await asyncio.to_thread(self._close)
 
-    def _bind(self, app: Callable[..., Any]) -> ThreadingWSGIServer:
-        try:
-            return make_server(self.host, self.requested_port, app, ThreadingWSGIServer,
-                               handler_class=_Quiet)
-        except OSError as exc:
-            if self.requested_port == 0:
-                raise
-            server = make_server(self.host, 0, app, ThreadingWSGIServer, handler_class=_Quiet)
-            log.warning("[Metrics] NOVA_METRICS_PORT %d is not free (%s): serving on %d "
-                        "instead; give each instance its own port", self.requested_port,
-                        exc.strerror or exc, server.server_port)
-            return server
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") == "/healthz":
+            return self._health(start_response)
+        if self._metrics_app is None:  # bound, not serving yet
+            return _plain(start_response, "503 Service Unavailable", "unavailable")
+        return self._metrics_app(environ, start_response)
 
     def _close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            if self._thread is not None:
+                self._server.shutdown()
             self._server.server_close()
         if self.collector is not None:
             self.collector.close()
 
     def _health(self, start_response: Callable[..., Any]) -> list[bytes]:
+        """A bare status for whoever probes; why it is what it is goes to the log, once per
+        change."""
         stale = time.monotonic() - self._tick
-        body: dict[str, Any]
         if self._stopping.is_set():
-            status, body = "503 Service Unavailable", {"status": "stopping"}
+            state = "stopping"
         elif stale > HEALTH_STALE_SECONDS:
-            status, body = "503 Service Unavailable", {"status": "stalled",
-                                                       "loop_stalled_seconds": round(stale, 1)}
+            state = "stalled"
         else:
-            status, body = "200 OK", {"status": "ok"}
-        body["component"] = self.component
-        data = json.dumps(body).encode()
-        start_response(status, [("Content-Type", "application/json"),
-                                ("Content-Length", str(len(data)))])
-        return [data]
+            state = "ok"
+        with self._health_lock:
+            was, self._health_state = self._health_state, state
+        if state != was:
+            if state == "stalled":
+                log.warning("[Metrics] /healthz answers 503: the event loop has not turned for "
+                            "%.1fs component=%s", stale, self.component)
+            else:
+                log.info("[Metrics] /healthz answers %s component=%s",
+                         "200 again" if state == "ok" else "503: stopping", self.component)
+        if state == "ok":
+            return _plain(start_response, "200 OK", "ok")
+        return _plain(start_response, "503 Service Unavailable", "unavailable")
+
+
+def _plain(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
+    data = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(data)))])
+    return [data]
 
 
 def server_parts(settings: Any, component: str, *, database_url: str | None = None,
                  ) -> list[MetricsServer]:
-    """The metrics server of a process, as a part for run_parts: none without
-    NOVA_METRICS_PORT."""
+    """The metrics server of a process, as a part for run_parts, its port already taken: none
+    without NOVA_METRICS_PORT. A port that cannot be had ends the process here, with exit
+    status 2 and one line, before it starts any work."""
     if settings.metrics_port is None:
         return []
     from nova import db
+    from nova.providers.registry import gmail_budget
 
-    return [MetricsServer(settings.metrics_port, host=settings.metrics_host,
-                          component=component, database_url=database_url,
-                          url_for=lambda: db.database_url(settings),
-                          configured_rate=settings.provider_rate_limit)]
+    server = MetricsServer(settings.metrics_port, host=settings.metrics_host,
+                           component=component, database_url=database_url,
+                           url_for=lambda: db.database_url(settings),
+                           configured_rate=settings.provider_rate_limit,
+                           gmail_rate=gmail_budget(settings).rate)
+    try:
+        server.bind()
+    except PortUnavailable as exc:
+        log.error("[Metrics] %s", exc)
+        raise SystemExit(2) from None
+    return [server]
 
 
 # --- python -m nova.metrics healthcheck ----------------------------------------------------
+
+def probe_host(host: str) -> str:
+    """Where the local health check finds a server bound to ``host``: loopback for the
+    wildcard addresses, else the host itself (bracketed when IPv6)."""
+    host = host.strip()
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
 
 def healthcheck(port: str | None = None, timeout: float = 4.0) -> int:
     """0 when the local /healthz answers 200 (1 otherwise); 0 when metrics are off."""
@@ -366,8 +467,9 @@ def healthcheck(port: str | None = None, timeout: float = 4.0) -> int:
     if not port:
         print("NOVA_METRICS_PORT is not set: nothing to check")
         return 0
+    host = probe_host(os.environ.get("NOVA_METRICS_HOST", ""))
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{int(port)}/healthz",
+        with urllib.request.urlopen(f"http://{host}:{int(port)}/healthz",
                                     timeout=timeout) as answer:
             print(answer.read().decode(errors="replace"))
             return 0

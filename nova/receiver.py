@@ -3,7 +3,8 @@
     GET  /webhooks/nylas?challenge=X   answers X, as the raw body (Nylas's endpoint check)
     POST /webhooks/nylas               a Nylas notification
     POST /webhooks/gmail               a Gmail notification, as a Cloud Pub/Sub push delivers it
-    GET  /healthz                      200 when the database answers, else 503
+    GET  /healthz                      200 `ok` when the database answers, else 503
+                                       `unavailable` (why: in the log, once per change)
 
 A Nylas POST is checked in this order, and nothing is stored before the signature holds:
 1. size: over NOVA_RECEIVER_MAX_BODY_BYTES -> 413 (read in chunks; never buffered past the cap);
@@ -28,8 +29,10 @@ sender is authenticated:
      key at GMAIL_PUSH_CERTS_URL (Google's `{kid: PEM}` certificates, fetched asynchronously,
      cached per Cache-Control max-age, refetched once for an unknown kid), unexpired (60 s
      clock skew), issued by accounts.google.com -> else 401; with `aud` = GMAIL_PUSH_AUDIENCE,
-     `email` = GMAIL_PUSH_SERVICE_ACCOUNT (when set) and `email_verified` true -> else 403.
-     Certificates that cannot be fetched (and none cached that fit) -> 503;
+     `email` = GMAIL_PUSH_SERVICE_ACCOUNT and `email_verified` true -> else 403. Certificates
+     that cannot be fetched (and none cached that fit) -> 503. An audience without a service
+     account is refused at start (nova.gmail_push.check_push_settings): any Google-signed
+     token for the audience would pass, whichever project's service account asked for it;
    - else GMAIL_PUSH_TOKEN set: the query parameter `token` must equal it (constant time)
      -> 401;
    - neither: every delivery is refused (401), and the log says so once.
@@ -65,13 +68,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from nova import db
-from nova.config import Settings, settings_or_exit
+from nova.config import ConfigError, Settings, settings_or_exit
 from nova.gmail_push import (
     BadPush,
     CertsUnavailable,
     GoogleCerts,
     OidcVerifier,
     PushRejected,
+    check_push_settings,
     parse_push,
     token_matches,
 )
@@ -82,8 +86,6 @@ from nova.runtime import CONNECTION_ERRORS
 
 log = logging.getLogger("nova.receiver")
 
-# The database is away or too slow: answer 503, which Nylas retries.
-UNAVAILABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 STORE = "SELECT notification_id, is_new FROM queue_nylas_webhook_notification($1, $2, $3)"
 STORE_GMAIL = ("SELECT notification_id, is_new"
                " FROM queue_gmail_push_notification($1, $2, $3, $4, $5, $6)")
@@ -160,6 +162,7 @@ class Receiver:
         if not receives(settings):
             raise ValueError("neither NYLAS_WEBHOOK_SECRET nor GMAIL_PUSH_AUDIENCE / "
                              "GMAIL_PUSH_TOKEN is set: the receiver could verify no delivery")
+        check_push_settings(settings)  # ConfigError, a ValueError too
         self.settings = settings
         # Unset: Nylas deliveries are refused (a Gmail-only deployment).
         self.secret = (settings.nylas_webhook_secret.get_secret_value()
@@ -173,10 +176,12 @@ class Receiver:
         token = settings.gmail_push_token
         self._gmail_token = token.get_secret_value() if token is not None else ""
         if settings.gmail_push_audience is not None:
+            assert settings.gmail_push_service_account is not None  # check_push_settings
             self._gmail_certs = GoogleCerts(settings.gmail_push_certs_url)
             self._gmail_oidc = OidcVerifier(self._gmail_certs, settings.gmail_push_audience,
                                             settings.gmail_push_service_account)
         self._gmail_unconfigured_logged = False
+        self._health_error: str | None = None  # what /healthz last logged; None: healthy
         self.app = Starlette(
             routes=[
                 Route("/webhooks/nylas", self.challenge, methods=["GET"]),
@@ -234,12 +239,23 @@ class Receiver:
         return Response(value.encode(), media_type="text/plain")
 
     async def health(self, _request: Request) -> Response:
+        """A bare status: whoever can reach the port learns nothing of the database (an error
+        names its host and port). The reason is logged once per change, not once per probe."""
         try:
             pool = await self.pool()
             await asyncio.wait_for(pool.fetchval("SELECT 1"), 5)
-        except UNAVAILABLE as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        except Exception as exc:  # whatever it is, the answer is the same
+            text = " ".join(str(exc).split())
+            error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            if error != self._health_error:
+                log.warning("[Receiver] /healthz answers 503: the database does not answer "
+                            "(%s)", error)
+            self._health_error = error
+            return PlainTextResponse("unavailable", status_code=503)
+        if self._health_error is not None:
+            log.info("[Receiver] /healthz answers 200 again: the database answers")
+            self._health_error = None
+        return PlainTextResponse("ok")
 
     async def deliver(self, request: Request) -> Response:
         try:
@@ -331,11 +347,20 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 class ReceiverServer:
     """The receiver as a part of a process (nova.runtime.run_parts): uvicorn in its event loop.
     The process's own signal handlers stop it: left to itself, uvicorn takes over SIGTERM and
-    SIGINT and raises them again once it has stopped, so the process would end 143, not 0."""
+    SIGINT and raises them again once it has stopped, so the process would end 143, not 0.
+
+    Settings that would let unauthenticated pushes in (check_push_settings) end the process
+    here, exit status 2 and one line, in `python -m nova.receiver` and `python -m nova` alike:
+    nothing has started serving yet."""
 
     def __init__(self, settings: Settings, database_url: str | None = None) -> None:
         import uvicorn
 
+        try:
+            check_push_settings(settings)
+        except ConfigError as exc:
+            log.error("[Receiver] %s", exc)
+            raise SystemExit(2) from None
         config = uvicorn.Config(create_app(settings, database_url=database_url),
                                 host=settings.receiver_host, port=settings.receiver_port,
                                 log_level="warning", access_log=False, lifespan="on",

@@ -1,5 +1,7 @@
 """nova.credentials: the authorized_user file, encryption at rest, and access tokens refreshed
-at a real token endpoint over HTTP (the Gmail sandbox; one tiny server for token rotation)."""
+at a real token endpoint over HTTP (the Gmail sandbox; one tiny server for token rotation, or
+playing the endpoint a forged token_uri names). Refreshes go to GMAIL_TOKEN_URI alone: every
+TokenSource here is given the endpoint it may post to."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from nova.credentials import (
     AuthorizedUser,
     CredentialsError,
     TokenSource,
+    authorized_user_from_info,
     cipher,
     load_authorized_user,
     load_credentials,
@@ -117,6 +120,31 @@ def test_an_unreadable_file_or_another_account_is_refused(tmp_path: Path) -> Non
     assert load_authorized_user(path, account="A@Example.com").client_id == "c"
 
 
+def test_a_file_naming_another_token_endpoint_is_refused_naming_gmail_token_uri(
+        tmp_path: Path) -> None:
+    ours = "http://127.0.0.1:9/token"  # GMAIL_TOKEN_URI, as a test or the demo sets it
+    forged = write(tmp_path, {**GOOD, "token_uri": "https://collector.example/token"})
+    with pytest.raises(CredentialsError) as err:
+        load_authorized_user(forged, token_uri=ours)
+    message = str(err.value)
+    assert str(forged) in message and "'https://collector.example/token'" in message
+    assert f"is not GMAIL_TOKEN_URI ({ours})" in message
+    # a sandbox's file where Google's endpoint is the setting (the default)
+    with pytest.raises(CredentialsError, match=r"GMAIL_TOKEN_URI \(https://oauth2"):
+        load_authorized_user(write(tmp_path, {**GOOD, "token_uri": ours}),
+                             token_uri=GOOGLE_TOKEN_URI)
+    # no token_uri (gcloud writes none), or the setting's own: the setting's
+    assert load_authorized_user(write(tmp_path, GOOD), token_uri=ours).token_uri == ours
+    same = write(tmp_path, {**GOOD, "token_uri": ours + "/"})
+    assert load_authorized_user(same, token_uri=ours).token_uri == ours
+    # Google's older name for its endpoint is Google's, and only Google's
+    older = {**GOOD, "token_uri": "https://accounts.google.com/o/oauth2/token"}
+    assert authorized_user_from_info(older, token_uri=GOOGLE_TOKEN_URI).token_uri == \
+        GOOGLE_TOKEN_URI
+    with pytest.raises(CredentialsError, match="GMAIL_TOKEN_URI"):
+        authorized_user_from_info(older, token_uri=ours)
+
+
 # --- the key ----------------------------------------------------------------------------------
 
 def test_a_fernet_key_is_used_as_it_is() -> None:
@@ -158,11 +186,14 @@ async def test_the_stored_secret_is_encrypted_and_loads_back(pool: Any) -> None:
     inbox = await add_inbox(pool, "Owner@Example.com")
     await save_credentials(pool, inbox, USER, fernet)
     row = await pool.fetchrow("SELECT * FROM flux_inbox_credentials WHERE inbox_id = $1", inbox)
-    assert REFRESH.encode() not in row["secret"] and SECRET.encode() not in row["secret"]
+    for plain in (REFRESH, SECRET, USER.client_id, GOOGLE_TOKEN_URI):
+        assert plain.encode() not in row["secret"]
+    # the client and the token endpoint are sealed with the secrets, not plain columns
     assert (row["kind"], row["client_id"], row["token_uri"], row["scopes"]) == (
-        "authorized_user", USER.client_id, GOOGLE_TOKEN_URI, list(USER.scopes))
-    assert json.loads(fernet.decrypt(row["secret"])) == {"client_secret": SECRET,
-                                                         "refresh_token": REFRESH}
+        "authorized_user", None, None, list(USER.scopes))
+    assert json.loads(fernet.decrypt(row["secret"])) == {
+        "client_id": USER.client_id, "token_uri": GOOGLE_TOKEN_URI, "client_secret": SECRET,
+        "refresh_token": REFRESH}
     assert await load_credentials(pool, "owner@example.com", fernet) == USER
 
     newer = AuthorizedUser("cid2", "s2", "r2", "http://127.0.0.1:1/token")
@@ -234,7 +265,7 @@ async def test_a_token_is_refreshed_once_then_cached(pool: Any, sb: SandboxGmail
                                                      http: httpx.AsyncClient) -> None:
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
-    tokens = TokenSource(pool, fernet, http)
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri)
     first = await tokens.token(grant)
     assert await profile(http, sb, grant, first) == 200  # a real token of that user
     assert await tokens.token(grant) == first
@@ -246,7 +277,7 @@ async def test_a_token_past_expires_in_less_early_seconds_is_refreshed(
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
     # the sandbox's tokens live 3599 s: with early_seconds 3599 each is due at once
-    tokens = TokenSource(pool, fernet, http, early_seconds=3599)
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri, early_seconds=3599)
     first = await tokens.token(grant)
     second = await tokens.token(grant)
     assert first != second and token_requests(sb) == 2
@@ -257,7 +288,7 @@ async def test_invalidate_drops_only_the_token_it_names(pool: Any, sb: SandboxGm
                                                         http: httpx.AsyncClient) -> None:
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
-    tokens = TokenSource(pool, fernet, http)
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri)
     first = await tokens.token(grant)
     sb.expire_access_tokens()
     assert await profile(http, sb, grant, first) == 401
@@ -276,7 +307,8 @@ async def test_concurrent_callers_share_one_refresh(pool: Any, sb: SandboxGmail,
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
     other = await gmail_inbox(pool, sb, fernet, sb.users[1])
-    tokens = TokenSource(pool, fernet, http, early_seconds=3599)  # never served from cache
+    # never served from cache
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri, early_seconds=3599)
     got = await asyncio.gather(*(tokens.token(g) for g in [grant] * 20 + [other] * 5))
     assert len(set(got[:20])) == 1 and len(set(got[20:])) == 1 and got[0] != got[20]
     assert sb.get_stats()["refreshes"] == {grant: 1, other: 1}
@@ -297,7 +329,7 @@ async def test_a_cancelled_refresh_leaves_the_waiting_callers_to_refresh(
         pool: Any, sb: SandboxGmail, http: httpx.AsyncClient) -> None:
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
-    tokens = TokenSource(pool, fernet, http)
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri)
     sb.inject_fault("timeout", 1, endpoint="token")  # the first refresh hangs
     first = asyncio.create_task(tokens.token(grant))
     while token_requests(sb) < 1:
@@ -317,7 +349,7 @@ async def test_a_revoked_refresh_token_is_auth_expired(pool: Any, sb: SandboxGma
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
     refresh = sb.credentials(grant)["refresh_token"]
-    tokens = TokenSource(pool, fernet, http)
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri)
     caplog.set_level(logging.DEBUG)
     token = await tokens.token(grant)
     sb.revoke(grant)
@@ -337,7 +369,7 @@ async def test_a_refused_oauth_client_is_auth_expired_and_says_so(
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet, client_secret="not-the-secret")
     with pytest.raises(AuthExpired, match="OAuth client .* was refused") as err:
-        await TokenSource(pool, fernet, http).token(grant)
+        await TokenSource(pool, fernet, http, token_uri=sb.token_uri).token(grant)
     assert err.value.error_type == "invalid_client"
 
 
@@ -345,7 +377,8 @@ async def test_no_stored_credentials_is_auth_expired(pool: Any, http: httpx.Asyn
     fernet = cipher(settings(KEY))
     await add_inbox(pool, "bare@example.com")
     with pytest.raises(AuthExpired, match="^no credentials stored for bare@example.com$"):
-        await TokenSource(pool, fernet, http).token("bare@example.com")
+        await TokenSource(pool, fernet, http, token_uri=GOOGLE_TOKEN_URI).token(
+            "bare@example.com")
 
 
 @pytest.mark.parametrize("fault", ["error_5xx", "html_error", "malformed"])
@@ -353,7 +386,7 @@ async def test_a_failing_token_endpoint_is_transient_then_recovers(
         pool: Any, sb: SandboxGmail, http: httpx.AsyncClient, fault: str) -> None:
     fernet = cipher(settings(KEY))
     grant = await gmail_inbox(pool, sb, fernet)
-    tokens = TokenSource(pool, fernet, http)
+    tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri)
     sb.inject_fault(fault, 1, endpoint="token")
     with pytest.raises(Transient):
         await tokens.token(grant)
@@ -367,14 +400,15 @@ async def test_an_unreachable_or_hanging_token_endpoint_is_transient(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    grant = await gmail_inbox(pool, sb, fernet, token_uri=f"http://127.0.0.1:{closed}/token")
+    down = f"http://127.0.0.1:{closed}/token"
+    grant = await gmail_inbox(pool, sb, fernet, token_uri=down)
     async with httpx.AsyncClient(timeout=0.5) as client:
         with pytest.raises(Transient, match="did not answer: ConnectError"):
-            await TokenSource(pool, fernet, client).token(grant)
+            await TokenSource(pool, fernet, client, token_uri=down).token(grant)
         other = await gmail_inbox(pool, sb, fernet, sb.users[1])
         sb.inject_fault("timeout", 1, endpoint="token")
         with pytest.raises(Transient, match="did not answer: ReadTimeout"):
-            await TokenSource(pool, fernet, client).token(other)
+            await TokenSource(pool, fernet, client, token_uri=sb.token_uri).token(other)
         sb.release_hangs()
 
 
@@ -419,7 +453,7 @@ async def test_a_new_refresh_token_in_the_answer_is_saved_encrypted(
         inbox = await add_inbox(pool, "rot@example.com")
         await save_credentials(pool, inbox, AuthorizedUser("c", "s", "rt-0", endpoint.url),
                                fernet)
-        tokens = TokenSource(pool, fernet, http)
+        tokens = TokenSource(pool, fernet, http, token_uri=endpoint.url)
         assert await tokens.token("rot@example.com") == "at-1"
         assert endpoint.forms[0] == {"grant_type": "refresh_token", "client_id": "c",
                                      "client_secret": "s", "refresh_token": "rt-0"}
@@ -430,5 +464,94 @@ async def test_a_new_refresh_token_in_the_answer_is_saved_encrypted(
         tokens.invalidate("rot@example.com")
         assert await tokens.token("rot@example.com") == "at-2"
         assert endpoint.forms[1]["refresh_token"] == "rt-1"
+    finally:
+        endpoint.close()
+
+
+# --- the token endpoint and what is sealed ----------------------------------------------------
+
+async def test_a_stored_token_uri_other_than_gmail_token_uri_is_refused_and_nothing_is_posted(
+        pool: Any, sb: SandboxGmail, http: httpx.AsyncClient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    fernet = cipher(settings(KEY))
+    collector = RotatingTokenEndpoint()  # whoever a forged token_uri names
+    try:
+        grant = await gmail_inbox(pool, sb, fernet, token_uri=collector.url)
+        refresh = sb.credentials(grant)["refresh_token"]
+        tokens = TokenSource(pool, fernet, http, token_uri=sb.token_uri)
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(CredentialsError) as err:
+            await tokens.token(grant)
+        message = str(err.value)
+        assert message.startswith(f"the stored credentials of {grant}: token_uri "
+                                  f"'{collector.url}' is not GMAIL_TOKEN_URI ({sb.token_uri})")
+        assert refresh not in message and refresh not in caplog.text
+        assert f"grant={grant} outcome=credentials_refused" in caplog.text
+        with pytest.raises(CredentialsError, match="GMAIL_TOKEN_URI"):
+            await load_credentials(pool, grant, fernet, token_uri=sb.token_uri)
+        assert collector.forms == [] and token_requests(sb) == 0
+    finally:
+        collector.close()
+
+
+async def test_a_token_uri_written_into_a_sealed_rows_columns_changes_nothing(
+        pool: Any, sb: SandboxGmail, http: httpx.AsyncClient) -> None:
+    fernet = cipher(settings(KEY))
+    grant = await gmail_inbox(pool, sb, fernet)
+    collector = RotatingTokenEndpoint()
+    try:
+        await pool.execute("UPDATE flux_inbox_credentials SET token_uri = $1,"
+                           " client_id = 'forged-client'", collector.url)
+        token = await TokenSource(pool, fernet, http, token_uri=sb.token_uri).token(grant)
+        assert await profile(http, sb, grant, token) == 200
+        assert collector.forms == [] and token_requests(sb) == 1
+    finally:
+        collector.close()
+
+
+def legacy_secret(fernet: Fernet, refresh_token: str) -> bytes:
+    """A ``secret`` as saves before migrations/0009 wrote it: the two secrets only."""
+    return fernet.encrypt(json.dumps({"client_secret": "s",
+                                      "refresh_token": refresh_token}).encode())
+
+
+LEGACY = ("INSERT INTO flux_inbox_credentials (inbox_id, client_id, token_uri, scopes, secret)"
+          " VALUES ($1, 'c-old', $2, '{}', $3)")
+
+
+async def test_a_row_saved_before_0009_is_read_and_sealed_whole_when_saved_again(
+        pool: Any, http: httpx.AsyncClient) -> None:
+    fernet = cipher(settings(KEY))
+    endpoint = RotatingTokenEndpoint()
+    try:
+        inbox = await add_inbox(pool, "legacy@example.com")
+        await pool.execute(LEGACY, inbox, endpoint.url, legacy_secret(fernet, "rt-0"))
+        assert await load_credentials(pool, "legacy@example.com", fernet) == AuthorizedUser(
+            "c-old", "s", "rt-0", endpoint.url)
+        tokens = TokenSource(pool, fernet, http, token_uri=endpoint.url)
+        assert await tokens.token("legacy@example.com") == "at-1"
+        assert endpoint.forms == [{"grant_type": "refresh_token", "client_id": "c-old",
+                                   "client_secret": "s", "refresh_token": "rt-0"}]
+        # the answer carried a new refresh token: saving it sealed the whole row
+        row = await pool.fetchrow("SELECT client_id, token_uri, secret"
+                                  " FROM flux_inbox_credentials WHERE inbox_id = $1", inbox)
+        assert (row["client_id"], row["token_uri"]) == (None, None)
+        assert json.loads(fernet.decrypt(row["secret"])) == {
+            "client_id": "c-old", "token_uri": endpoint.url, "client_secret": "s",
+            "refresh_token": "rt-1"}
+
+        # an old row naming another endpoint is refused when read; adding the inbox again
+        # (save_credentials, as `nova inbox add` does) replaces and seals it
+        other = await add_inbox(pool, "old-elsewhere@example.com")
+        await pool.execute(LEGACY, other, "https://collector.example/token",
+                           legacy_secret(fernet, "rt-x"))
+        with pytest.raises(CredentialsError, match="is not GMAIL_TOKEN_URI"):
+            await tokens.token("old-elsewhere@example.com")
+        await save_credentials(pool, other, AuthorizedUser("c-new", "s2", "rt-y", endpoint.url),
+                               fernet)
+        assert await pool.fetchval("SELECT count(*) FROM flux_inbox_credentials"
+                                   " WHERE client_id IS NOT NULL OR token_uri IS NOT NULL") == 0
+        assert await tokens.token("old-elsewhere@example.com") == "at-2"
+        assert endpoint.forms[1]["client_id"] == "c-new" and len(endpoint.forms) == 2
     finally:
         endpoint.close()

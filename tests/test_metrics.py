@@ -36,6 +36,7 @@ from nova.webhooks import WebhookProcessor
 from runtime_procs import LOG_TABLE, TEST_QUEUE, Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
+TICK = metrics.TICK_SECONDS + 0.5
 PROCESSES = ["nova.receiver", "nova.webhooks", "nova.backfill", "nova.threads",
              "nova.completion", "nova.attachments"]
 FLEET_SERIES = ["nova_queue_depth", "nova_queue_oldest_message_age_seconds",
@@ -75,9 +76,10 @@ def test_every_process_serves_metrics_and_health_and_exits_0_on_sigterm(
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
+    # NOVA_METRICS_HOST unset: loopback is the default
     env.update({"NOVA_DATABASE_URL": db_url, "NOVA_METRICS_PORT": str(port),
-                "NOVA_METRICS_HOST": "127.0.0.1", "NYLAS_API_KEY": "k",
-                "NYLAS_API_URI": "http://127.0.0.1:9", "NYLAS_WEBHOOK_SECRET": "s",
+                "NYLAS_API_KEY": "k", "NYLAS_API_URI": "http://127.0.0.1:9",
+                "NYLAS_WEBHOOK_SECRET": "metrics-test-secret",
                 "NOVA_RECEIVER_HOST": "127.0.0.1", "NOVA_RECEIVER_PORT": str(free_port()),
                 "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas"), "PYTHONPATH": str(ROOT)})
     proc = subprocess.Popen([sys.executable, "-m", module], env=env, text=True,
@@ -92,7 +94,7 @@ def test_every_process_serves_metrics_and_health_and_exits_0_on_sigterm(
                 break
             except httpx.TransportError:
                 time.sleep(0.1)
-        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.status_code == 200 and health.text == "ok"
         scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
         assert scraped.status_code == 200
         found = samples(scraped.text)
@@ -165,13 +167,24 @@ async def test_a_run_fills_every_series(db_url: str, pool: asyncpg.Pool) -> None
     answered = value(found, "nova_provider_requests_total", provider="nylas", status="200")
     assert answered is not None and answered - before["ok"] >= synced + 1  # listing + threads
     assert value(found, "nova_webhook_lag_seconds_count") == before["lag"] + 1
-    rate = value(found, "nova_provider_rate", grant=grant)
-    learned = await pool.fetchval("SELECT rate FROM provider_rate_limits WHERE grant_id = $1",
-                                  grant)
-    assert rate == (learned if learned is not None else s.provider_rate_limit)
+    learned = await pool.fetchval("SELECT coalesce(rate, $2) FROM provider_rate_limits"
+                                  " WHERE grant_id = $1", grant, s.provider_rate_limit)
+    assert value(found, "nova_provider_grants", provider="nylas") == 1
+    for stat in ("min", "median", "max"):  # one grant: each is its rate
+        assert value(found, "nova_provider_rate", provider="nylas", stat=stat) == learned
+    assert_no_grant_in_labels(found, grant)
     assert value(found, "nova_backfills", status="completed") == 1
     assert value(found, "nova_backfill_threads", status="completed") == 0  # none running
     assert value(found, "nova_queue_depth", queue="inbox_backfill_jobs") == 0
+
+
+def assert_no_grant_in_labels(found: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+                              *grants: str) -> None:
+    """No label of any series carries a grant id or an e-mail address."""
+    for name, labels in found:
+        for label, text in labels:
+            assert "@" not in text, (name, label, text)
+            assert not any(g.lower() in text.lower() for g in grants), (name, label, text)
 
 
 async def _completed(pool: asyncpg.Pool, config: uuid.UUID) -> bool:
@@ -201,10 +214,12 @@ def test_postgres_figures_are_the_queues_backfills_and_rates(db_url: str) -> Non
         for thread in ("t1", "t2", "t3"):
             c.execute("SELECT queue_thread_sync(%s, %s)", (config[0], thread))
         c.execute("UPDATE queued_threads SET status = 'completed' WHERE provider_thread_id = 't1'")
-        c.execute("INSERT INTO provider_rate_limits (grant_id, rate) VALUES ('g-learned', 42.5),"
-                  " ('g-new', NULL)")
+        c.execute("INSERT INTO provider_rate_limits (grant_id, rate, held_until) VALUES"
+                  " ('g-learned', 42.5, NULL), ('g-new', NULL, NULL),"
+                  " ('g-held', 2.5, now() + interval '1 minute'),"
+                  " ('gmail:Someone.Private@example.com', NULL, now() - interval '1 minute')")
 
-    collector = PostgresCollector(db_url, configured_rate=10.0)
+    collector = PostgresCollector(db_url, configured_rate=10.0, gmail_rate=240.0)
     try:
         found = {(s.name, tuple(sorted(s.labels.items()))): s.value
                  for family in collector.collect() for s in family.samples}
@@ -217,8 +232,17 @@ def test_postgres_figures_are_the_queues_backfills_and_rates(db_url: str) -> Non
     assert age is not None and age >= 90
     assert value(found, "nova_queue_dead_letters", queue="attachment_downloads") == 1
     assert value(found, "nova_queue_dead_letters", queue="thread_sync_jobs") == 0
-    assert value(found, "nova_provider_rate", grant="g-learned") == 42.5
-    assert value(found, "nova_provider_rate", grant="g-new") == 10.0  # not learned: configured
+    # by provider kind, never by grant: g-new is not learned yet (the configured 10/s)
+    assert value(found, "nova_provider_grants", provider="nylas") == 3
+    assert value(found, "nova_provider_grants_held", provider="nylas") == 1  # g-held
+    assert value(found, "nova_provider_rate", provider="nylas", stat="min") == 2.5
+    assert value(found, "nova_provider_rate", provider="nylas", stat="median") == 10.0
+    assert value(found, "nova_provider_rate", provider="nylas", stat="max") == 42.5
+    assert value(found, "nova_provider_grants", provider="gmail") == 1
+    assert value(found, "nova_provider_grants_held", provider="gmail") == 0  # hold is over
+    # Gmail's rate is never learned: its quota rate, not Nylas's configured one
+    assert value(found, "nova_provider_rate", provider="gmail", stat="max") == 240
+    assert_no_grant_in_labels(found, "g-learned", "g-new", "g-held", "someone.private")
     assert value(found, "nova_backfill_threads", status="queued") == 2
     assert value(found, "nova_backfill_threads", status="completed") == 1
     assert value(found, "nova_backfills", status="queued") == 1
@@ -275,28 +299,57 @@ def taken_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
-async def test_a_port_in_use_is_not_fatal_the_server_binds_another_and_says_so(
+async def test_a_port_in_use_is_fatal_and_never_moves_to_another_port(
         taken_port: int, caplog: pytest.LogCaptureFixture) -> None:
+    from nova.runtime import Fatal
+
     server = MetricsServer(taken_port, host="127.0.0.1")
-    with caplog.at_level(logging.INFO, logger="nova.metrics"):
-        task = asyncio.create_task(server.run())
-        await wait_for(lambda: _port(server), what="the server")
-        async with httpx.AsyncClient() as client:
-            health = await client.get(f"http://127.0.0.1:{server.port}/healthz")
-            scraped = await client.get(f"http://127.0.0.1:{server.port}/metrics")
-        server.stop()
-        await task
-    assert server.port != taken_port
-    assert health.status_code == 200 and health.json() == {"status": "ok", "component": "nova"}
-    assert "nova_webhook_lag_seconds_count" in scraped.text  # this process's own series
-    assert "nova_database_up" not in scraped.text  # no database given: no Postgres figures
-    assert f"NOVA_METRICS_PORT {taken_port} is not free" in caplog.text
-    with pytest.raises(httpx.TransportError):  # stopped: the port is closed
-        async with httpx.AsyncClient() as client:
-            await client.get(f"http://127.0.0.1:{server.port}/healthz", timeout=1)
+    with caplog.at_level(logging.INFO, logger="nova.metrics"), pytest.raises(Fatal) as err:
+        await server.run()
+    assert server.port is None  # nothing was bound instead
+    assert f"cannot serve metrics on 127.0.0.1:{taken_port}" in str(err.value)
+    assert "another process has it" in str(err.value)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and str(taken_port) in errors[0]
+    assert "serving /metrics" not in caplog.text
 
 
-async def test_healthz_is_503_when_the_event_loop_stops_turning(monkeypatch: Any) -> None:
+def test_a_process_whose_metrics_port_is_taken_exits_2_with_one_line(
+        db_url: str, taken_port: int) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
+    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_METRICS_PORT": str(taken_port),
+                "NYLAS_API_KEY": "k", "NYLAS_API_URI": "http://127.0.0.1:9",
+                "PYTHONPATH": str(ROOT)})
+    run = subprocess.run([sys.executable, "-m", "nova.backfill"], env=env, text=True,
+                         capture_output=True, timeout=60)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    # refused before any work: that line is all the process says
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    assert len(lines) == 1 and "[Metrics]" in lines[0], lines
+    assert f"cannot serve metrics on 127.0.0.1:{taken_port}" in lines[0]
+
+
+async def test_port_0_is_a_free_port_on_the_configured_host() -> None:
+    parts = metrics.server_parts(load_settings(metrics_port=0), "Test")
+    assert len(parts) == 1
+    server = parts[0]
+    assert server.host == "127.0.0.1" and server.port not in (None, 0)
+    task = asyncio.create_task(server.run())
+    await wait_for(lambda: _ready(server), what="the server")
+    async with httpx.AsyncClient() as client:
+        health = await client.get(f"http://127.0.0.1:{server.port}/healthz")
+    server.stop()
+    await task
+    assert health.status_code == 200 and health.text == "ok"
+
+
+async def _ready(server: MetricsServer) -> bool:
+    return server._ready.is_set()
+
+
+async def test_healthz_is_503_when_the_event_loop_stops_turning(
+        monkeypatch: Any, caplog: pytest.LogCaptureFixture) -> None:
     server = MetricsServer(0, host="127.0.0.1")
     task = asyncio.create_task(server.run())
     await wait_for(lambda: _port(server), what="the server")
@@ -305,10 +358,20 @@ async def test_healthz_is_503_when_the_event_loop_stops_turning(monkeypatch: Any
     monkeypatch.setattr(metrics, "HEALTH_STALE_SECONDS", 0.5)
     # Block the event loop as a job that never yields would; the server's thread answers.
     time.sleep(1.5)  # noqa: ASYNC251 - the point of the test
-    stalled = httpx.get(url, timeout=2)  # noqa: ASYNC210 - the loop is blocked on purpose
+    with caplog.at_level(logging.INFO, logger="nova.metrics"):
+        # the loop is blocked on purpose
+        stalled = [httpx.get(url, timeout=2) for _ in range(3)]  # noqa: ASYNC210
+        monkeypatch.setattr(metrics, "HEALTH_STALE_SECONDS", 15.0)
+        await asyncio.sleep(TICK)  # the loop turns again
+        again = await asyncio.to_thread(httpx.get, url, timeout=2)
     server.stop()
     await task
-    assert stalled.status_code == 503 and stalled.json()["status"] == "stalled"
+    # a bare status; why goes to the log, once per change (not per probe)
+    assert [(r.status_code, r.text) for r in stalled] == [(503, "unavailable")] * 3
+    assert (again.status_code, again.text) == (200, "ok")
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("has not turned for" in m for m in said) == 1
+    assert sum("answers 200 again" in m for m in said) == 1
 
 
 def test_the_healthcheck_command_asks_the_local_healthz() -> None:
@@ -331,4 +394,4 @@ def test_the_healthcheck_command_asks_the_local_healthz() -> None:
             await task
 
     up = asyncio.run(serve_and_check())
-    assert up.returncode == 0 and '"status": "ok"' in up.stdout
+    assert up.returncode == 0 and up.stdout.strip() == "ok"

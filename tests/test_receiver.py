@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from servers import ServerThread
 
 from nova.config import load_settings
-from nova.receiver import create_app
+from nova.receiver import Receiver, create_app
 
 SECRET = "receiver-test-secret"
 
@@ -173,7 +174,27 @@ def test_database_unreachable_is_503_and_health_says_so() -> None:
 
 def test_health_is_ok_with_a_database(receiver: str) -> None:
     r = httpx.get(f"{receiver}/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200 and r.text == "ok"
+
+
+def test_health_answers_a_bare_status_and_logs_why_once_per_change(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who can reach /healthz learns up or down, never the database's address or the
+    error; the operator's log says why, once when it changes, not at every probe."""
+    app = Receiver(settings(), database_url="postgresql://postgres@127.0.0.1:1/nowhere")
+    with caplog.at_level(logging.INFO, logger="nova.receiver"), ServerThread(app.app) as server:
+        down = [httpx.get(f"{server.url}/healthz", timeout=10) for _ in range(3)]
+        app.database_url = db_url  # the database is back
+        up = [httpx.get(f"{server.url}/healthz", timeout=10) for _ in range(2)]
+    assert [(r.status_code, r.text) for r in down] == [(503, "unavailable")] * 3
+    for r in down:
+        assert "127.0.0.1" not in r.text and "nowhere" not in r.text
+        assert r.headers["content-type"].startswith("text/plain")
+    assert [(r.status_code, r.text) for r in up] == [(200, "ok")] * 2
+    said = [rec.getMessage() for rec in caplog.records if "/healthz" in rec.getMessage()]
+    assert len(said) == 2, said
+    assert "answers 503" in said[0] and "127.0.0.1" in said[0]  # the detail, for the operator
+    assert "answers 200 again" in said[1]
 
 
 def test_receiver_refuses_to_start_without_a_secret() -> None:

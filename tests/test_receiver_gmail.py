@@ -7,10 +7,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,8 +30,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from nova import db as db_module
-from nova.config import load_settings
-from nova.gmail_push import CertsUnavailable, GoogleCerts, cache_seconds, parse_rfc3339
+from nova.config import ConfigError, load_settings
+from nova.gmail_push import (
+    CertsUnavailable,
+    GoogleCerts,
+    OidcVerifier,
+    cache_seconds,
+    check_push_settings,
+    parse_rfc3339,
+)
 from nova.receiver import create_app
 from nova.sandbox.gmail import SandboxGmail
 from nova.sandbox.gmail.auth import signing_key
@@ -37,13 +48,14 @@ ACCOUNT = "gmail-push@nova-test.iam.gserviceaccount.com"
 TOPIC = "projects/nova-sandbox/topics/gmail"
 USER = "alice.push@example.com"
 OIDC = {"gmail_push_audience": AUDIENCE, "gmail_push_service_account": ACCOUNT}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------- helpers
 def settings(**kw: Any) -> Any:
-    values: dict[str, Any] = {"nylas_webhook_secret": "unused", "gmail_push_audience": None,
-                              "gmail_push_service_account": None, "gmail_push_token": None,
-                              "receiver_max_body_bytes": 64 * 1024}
+    values: dict[str, Any] = {"nylas_webhook_secret": "unused-nylas-secret",
+                              "gmail_push_audience": None, "gmail_push_service_account": None,
+                              "gmail_push_token": None, "receiver_max_body_bytes": 64 * 1024}
     return load_settings(**{**values, **kw})
 
 
@@ -227,10 +239,10 @@ def test_nul_in_the_address_is_cleaned_and_the_grant_lowercased(oidc: str,
 
 
 def test_token_mode_stores_the_right_token_only(sandbox: SandboxGmail, db_url: str) -> None:
-    with receiver(db_url, sandbox, gmail_push_token="s3cret-token") as server:
-        ok = push(sandbox, server.url, auth="token", token="s3cret-token")
+    with receiver(db_url, sandbox, gmail_push_token="s3cret-push-token-value") as server:
+        ok = push(sandbox, server.url, auth="token", token="s3cret-push-token-value")
         assert ok["status"] == 200 and len(rows(db_url)) == 1
-        wrong = push(sandbox, server.url, auth="token", token="s3cret-tokeN")
+        wrong = push(sandbox, server.url, auth="token", token="s3cret-push-token-valuE")
         assert wrong["status"] == 401
         missing = post(server.url, envelope({"emailAddress": USER, "historyId": 7}))
         assert missing.status_code == 401
@@ -240,11 +252,41 @@ def test_token_mode_stores_the_right_token_only(sandbox: SandboxGmail, db_url: s
     assert len(rows(db_url)) == 1 and queued(db_url) == 1
 
 
-def test_any_service_account_passes_when_none_is_configured(sandbox: SandboxGmail,
-                                                            db_url: str) -> None:
-    with receiver(db_url, sandbox, gmail_push_audience=AUDIENCE) as server:
-        attempt = push(sandbox, server.url, service_account="other@x.iam.gserviceaccount.com")
-    assert attempt["status"] == 200 and len(rows(db_url)) == 1
+def test_an_audience_without_a_service_account_is_refused_at_start() -> None:
+    """Google signs a token for any project's subscription with whatever audience it names:
+    without GMAIL_PUSH_SERVICE_ACCOUNT a stranger's pushes would pass, so no receiver starts."""
+    with pytest.raises(ConfigError) as err:
+        create_app(settings(gmail_push_audience=AUDIENCE),
+                   database_url="postgresql://x@127.0.0.1:1/x")
+    message = str(err.value)
+    assert "GMAIL_PUSH_AUDIENCE is set but GMAIL_PUSH_SERVICE_ACCOUNT is not" in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError):  # a token besides does not change it
+        check_push_settings(settings(gmail_push_audience=AUDIENCE,
+                                     gmail_push_token="a-token-long-enough-to-use"))
+    check_push_settings(settings(**OIDC))  # both: fine
+    check_push_settings(settings(gmail_push_token="a-token-long-enough-to-use"))  # no OIDC
+    with pytest.raises(ValueError, match="service account"):  # nor can one be built by hand
+        OidcVerifier(GoogleCerts("http://127.0.0.1:1/certs"), AUDIENCE, "")
+
+
+@pytest.mark.parametrize("module", ["nova.receiver", "nova"])
+def test_a_process_with_an_audience_and_no_service_account_exits_2_with_one_line(
+        module: str, db: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
+    env.update({"NOVA_DATABASE_URL": db, "GMAIL_PUSH_AUDIENCE": AUDIENCE,
+                "NYLAS_API_KEY": "k", "NYLAS_API_URI": "http://127.0.0.1:9",
+                "NYLAS_WEBHOOK_SECRET": "a-nylas-secret-long-enough",
+                "NOVA_RECEIVER_HOST": "127.0.0.1", "NOVA_RECEIVER_PORT": "0",
+                "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas"), "PYTHONPATH": str(ROOT)})
+    run = subprocess.run([sys.executable, "-m", module], env=env, text=True,
+                         capture_output=True, timeout=120)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    refused = [line for line in (run.stdout + run.stderr).splitlines()
+               if "ERROR" in line or "Traceback" in line]
+    assert len(refused) == 1, refused
+    assert "GMAIL_PUSH_AUDIENCE is set but GMAIL_PUSH_SERVICE_ACCOUNT is not" in refused[0]
 
 
 # ---------------------------------------------------------------- refused
@@ -328,9 +370,9 @@ def test_refusals_never_log_the_token(sandbox: SandboxGmail, oidc: str, db_url: 
                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="nova")
     secret_jwt = google_jwt(aud="https://someone.else/")
-    with receiver(db_url, sandbox, gmail_push_token="sekrit-value-1") as token_server:
+    with receiver(db_url, sandbox, gmail_push_token="sekrit-value-long-1") as token_server:
         assert post(token_server.url, envelope({"emailAddress": USER, "historyId": 5}),
-                    params={"token": "sekrit-value-2"}).status_code == 401
+                    params={"token": "sekrit-value-long-2"}).status_code == 401
     assert post(oidc, envelope({"emailAddress": USER, "historyId": 5}),
                 token=secret_jwt).status_code == 403
     assert post(oidc, envelope({"emailAddress": USER, "historyId": 5}),
