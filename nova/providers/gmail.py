@@ -1,9 +1,9 @@
 """Gmail API v1 provider.
 
-Requests are built by google-api-python-client from its bundled discovery document
-(``static_discovery=True``: no network, the API's own parameter checks and URL templates) and
-sent with Nova's shared ``httpx.AsyncClient``, so they go through the per-user quota budget
-(nova.ratelimit) like every provider request, and never block the event loop. Each request
+Requests are built from the discovery document's paths and parameters (nova.providers.gmail_api,
+checked in the tests against google-api-python-client's discovery client) and sent with Nova's
+shared ``httpx.AsyncClient``, so they go through the per-user quota budget (nova.ratelimit)
+like every provider request, and never block the event loop. Each request
 carries its budget entry in ``request.extensions["nova_budget"]``: the user (``gmail:<email>``)
 and the quota units of its method.
 
@@ -38,11 +38,11 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any, Protocol
 
 import httpx
 
+from . import gmail_api
 from .clean import clean, loads
 from .errors import (
     AuthExpired,
@@ -132,16 +132,6 @@ def is_rate_refusal(status: int, body: bytes) -> bool:
     return status == 403 and bool(_reasons(body) & RATE_REASONS)
 
 
-@cache
-def _service(api_uri: str) -> Any:
-    """The discovery-built Gmail service: only its request builders are used."""
-    import httplib2
-    from googleapiclient.discovery import build
-
-    return build("gmail", "v1", http=httplib2.Http(), static_discovery=True, cache_discovery=False,
-                 client_options={"api_endpoint": api_uri})
-
-
 def _reasons(body: bytes) -> set[str]:
     err = _error_json(body)
     reasons = {str(e.get("reason")) for e in err.get("errors") or () if isinstance(e, dict)}
@@ -201,11 +191,16 @@ class GmailProvider:
         self.retry_backoff = retry_backoff
         self.timeout = timeout
         self._client = client
-        self._users = _service(self.api_uri).users()
 
     # --- transport --------------------------------------------------------------------------
+    async def _api(self, grant_id: str, method: str, /, body: Mapping[str, Any] | None = None,
+                   **params: Any) -> dict[str, Any]:
+        """Call ``method`` of the Gmail API (nova.providers.gmail_api) with ``params``."""
+        return await self._call(grant_id, method,
+                                gmail_api.build(self.api_uri, method, body, **params))
+
     async def _call(self, grant_id: str, method: str, built: Any) -> dict[str, Any]:
-        """Send a request built by the discovery client; JSON answer. Transient errors are
+        """Send a request (nova.providers.gmail_api); JSON answer. Transient errors are
         tried again ``transient_retries`` times; a 401 once more with a fresh token."""
         attempt = 0
         refreshed = False
@@ -270,8 +265,7 @@ class GmailProvider:
             params["q"] = " ".join(terms)
         if page_token:
             params["pageToken"] = page_token
-        data = await self._call(grant_id, "threads.list",
-                                self._users.threads().list(**params))
+        data = await self._api(grant_id, "threads.list", **params)
         threads = [_listed_thread(t, grant_id) for t in data.get("threads") or ()
                    if isinstance(t, dict) and t.get("id")]
         return Page(threads, _token(data))
@@ -281,8 +275,8 @@ class GmailProvider:
         return thread_of(thread_id, grant_id, messages)
 
     async def _thread_messages(self, grant_id: str, thread_id: str) -> list[Message]:
-        data = await self._call(grant_id, "threads.get", self._users.threads().get(
-            userId=grant_id, id=thread_id, format="full"))
+        data = await self._api(grant_id, "threads.get", userId=grant_id, id=thread_id,
+                               format="full")
         return parse_thread_messages(data, grant_id)
 
     async def list_messages_page(self, grant_id: str, *, thread_id: str | None = None,
@@ -296,7 +290,7 @@ class GmailProvider:
                                   "includeSpamTrash": True}
         if page_token:
             params["pageToken"] = page_token
-        data = await self._call(grant_id, "messages.list", self._users.messages().list(**params))
+        data = await self._api(grant_id, "messages.list", **params)
         ids = [str(m["id"]) for m in data.get("messages") or () if isinstance(m, dict)
                and m.get("id")]
         found = await asyncio.gather(*(self._get_or_none(grant_id, i) for i in ids))
@@ -315,8 +309,8 @@ class GmailProvider:
 
     async def _message(self, grant_id: str, message_id: str) -> dict[str, Any]:
         """The Message resource, format full (headers, labels and every part)."""
-        return await self._call(grant_id, "messages.get", self._users.messages().get(
-            userId=grant_id, id=message_id, format="full"))
+        return await self._api(grant_id, "messages.get", userId=grant_id, id=message_id,
+                               format="full")
 
     async def get_message(self, grant_id: str, message_id: str, *,
                           include_headers: bool = False) -> Message:
@@ -348,10 +342,8 @@ class GmailProvider:
         part = await self._part(grant_id, attachment_id, message_id)
         body: dict[str, Any] = part["body"] if isinstance(part.get("body"), dict) else {}
         if body.get("attachmentId"):
-            got = await self._call(grant_id, "messages.attachments.get",
-                                   self._users.messages().attachments().get(
-                                       userId=grant_id, messageId=message_id,
-                                       id=str(body["attachmentId"])))
+            got = await self._api(grant_id, "messages.attachments.get", userId=grant_id,
+                                  messageId=message_id, id=str(body["attachmentId"]))
             data = decode_body_data(str(got.get("data") or ""))
         else:
             data = decode_body_data(str(body.get("data") or ""))
@@ -373,8 +365,7 @@ class GmailProvider:
 
     # --- change feed and push ---------------------------------------------------------------
     async def profile(self, grant_id: str) -> dict[str, Any]:
-        return await self._call(grant_id, "getProfile",
-                                self._users.getProfile(userId=grant_id))
+        return await self._api(grant_id, "getProfile", userId=grant_id)
 
     async def current_cursor(self, grant_id: str) -> str:
         """Where a change feed read from now starts: the mailbox's current historyId."""
@@ -391,8 +382,7 @@ class GmailProvider:
         if page_token:
             params["pageToken"] = page_token
         try:
-            data = await self._call(grant_id, "history.list",
-                                    self._users.history().list(**params))
+            data = await self._api(grant_id, "history.list", **params)
         except NotFound as exc:
             raise CursorExpired(f"history from {cursor} is no longer available: {exc}",
                                 status=404, provider="gmail") from exc
@@ -402,9 +392,8 @@ class GmailProvider:
                            str(history_id) if str(history_id or "").isdigit() else None)
 
     async def watch(self, grant_id: str, topic: str) -> Watch:
-        data = await self._call(grant_id, "watch", self._users.watch(
-            userId=grant_id, body={"topicName": topic, "labelFilterBehavior": "exclude",
-                                   "labelIds": []}))
+        data = await self._api(grant_id, "watch", userId=grant_id, body={
+            "topicName": topic, "labelFilterBehavior": "exclude", "labelIds": []})
         expiration = str(data.get("expiration") or "")
         when = (datetime.fromtimestamp(int(expiration) / 1000, UTC)
                 if expiration.isdigit() else None)
@@ -412,7 +401,7 @@ class GmailProvider:
         return Watch(str(history_id) if history_id is not None else None, when, data)
 
     async def stop(self, grant_id: str) -> None:
-        await self._call(grant_id, "stop", self._users.stop(userId=grant_id))
+        await self._api(grant_id, "stop", userId=grant_id)
 
 
 class _Download:

@@ -1,14 +1,14 @@
 """Nylas v3 provider.
 
-Hot paths -- thread pages, thread messages, single messages, attachment metadata and
-attachment downloads -- go through ONE shared ``httpx.AsyncClient`` (HTTP keep-alive,
-bounded connection pool, one timeout policy).  The official ``nylas`` SDK is synchronous
-(``requests``), opens a connection per call, retries nothing and ignores ``Retry-After``, so
-it is used only where it serves:
-
-* ``get_grant`` calls ``nylas.Client(...).grants.find`` in ``asyncio.to_thread`` (rare,
-  administrative call) and maps ``NylasApiError`` / ``NylasSdkTimeoutError`` onto our errors;
-* the SDK's ``WebhookTriggers`` enum names triggers in :mod:`nova.providers.nylas_webhooks`.
+Every request -- thread pages, thread messages, single messages, attachment metadata and
+downloads, the grant -- goes through ONE shared ``httpx.AsyncClient`` (HTTP keep-alive, bounded
+connection pool, one timeout policy); the processors give it the budgeted client of
+:mod:`nova.ratelimit`, so every answer is paced, counted in the metrics and learned from. The
+official ``nylas`` SDK is not used for requests: it is synchronous (``requests``), opens a
+connection per call, retries nothing, ignores ``Retry-After`` and cannot share that async
+client, so its calls would bypass the budget and the metrics. The tests use it as the reference
+client the provider's answers are checked against, and the sandbox names its webhook triggers
+with the SDK's ``WebhookTriggers``.
 
 Nylas documentation relied on:
 
@@ -24,6 +24,9 @@ Nylas documentation relied on:
   (https://developer.nylas.com/docs/reference/api/messages/, SDK ``ListMessagesQueryParams``).
 * Attachments: ``GET /v3/grants/{g}/attachments/{id}?message_id=`` (metadata) and
   ``.../download?message_id=`` (bytes) (https://developer.nylas.com/docs/reference/api/attachments/).
+* Grants: ``GET /v3/grants/{grant_id}`` answers the grant, ``grant_status`` ``valid`` or
+  ``invalid`` (expired) (https://developer.nylas.com/docs/reference/api/manage-grants/; the
+  SDK's ``grants.find``).
 * Errors: ``{"request_id", "error": {"type", "message", "provider_error"?}}`` with the type
   table at https://developer.nylas.com/docs/api/errors/ (``grant.not_found`` 404,
   ``api.authentication_error`` 401, ``token.unauthorized_access`` 400 "Invalid API key",
@@ -441,30 +444,15 @@ class NylasProvider:
         except httpx.TransportError as exc:
             raise Transient(f"transport error: {exc!r}") from exc
 
-    # ------------------------------------------------------------------ grants (SDK)
+    # ------------------------------------------------------------------ grants
     async def get_grant(self, grant_id: str) -> Grant:
-        return await asyncio.to_thread(self._get_grant_sdk, grant_id)
-
-    def _get_grant_sdk(self, grant_id: str) -> Grant:
-        import requests
-        from nylas import Client
-        from nylas.models.errors import NylasApiError, NylasSdkTimeoutError
-
-        client = Client(self.api_key, self.api_uri, timeout=max(1, math.ceil(self.timeout)))
+        """The grant object, answered even for an expired grant (``grant_status`` says so).
+        An application call: it spends no grant's budget (:func:`grant_of`)."""
+        data = await self._get_json(self._g(grant_id))
         try:
-            found = client.grants.find(grant_id)
-        except NylasApiError as exc:
-            body = json.dumps({"request_id": exc.request_id,
-                               "error": {"type": exc.type, "message": str(exc)}}).encode()
-            headers = {str(k).lower(): v for k, v in (exc.headers or {}).items()}
-            raise error_from_response(exc.status_code or 500, body, headers) from exc
-        except NylasSdkTimeoutError as exc:
-            raise Transient(f"timeout after {self.timeout}s: GET grant") from exc
-        except requests.RequestException as exc:  # connection errors, non-JSON bodies
-            raise Transient(f"grant request failed: {exc!r}") from exc
-        except (KeyError, TypeError, ValueError) as exc:
+            return parse_grant(data["data"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise Transient(f"malformed grant: {exc!r}") from exc
-        return parse_grant(found.data.to_dict())
 
     # ------------------------------------------------------------------ misc
     @staticmethod

@@ -17,12 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nylas.models.webhooks import WebhookTriggers
-
 from .clean import loads
 from .errors import Permanent
-
-KNOWN_TRIGGERS = frozenset(t.value for t in WebhookTriggers)
 
 
 def verify_signature(body: bytes, signature: str | None, secret: str) -> bool:
@@ -43,10 +39,6 @@ class WebhookEvent:
     grant_id: str | None
     object: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
-
-    @property
-    def known(self) -> bool:
-        return self.trigger in KNOWN_TRIGGERS
 
 
 # Nylas appends these to a trigger name, alone or combined ("message.updated.truncated",

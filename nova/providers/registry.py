@@ -63,7 +63,7 @@ def _gmail(settings: Settings, client: httpx.AsyncClient, transient_retries: int
            pool: Any) -> MailProvider:
     from nova.credentials import TokenSource, cipher
 
-    tokens = TokenSource(pool, cipher(settings), client)
+    tokens = TokenSource(pool, cipher(settings), client, token_uri=settings.gmail_token_uri)
     return gmail.GmailProvider(tokens, settings.gmail_api_uri, client=client,
                                costs=settings.gmail_costs, transient_retries=transient_retries)
 
