@@ -5,10 +5,12 @@ page (the Nylas maximum), starting from the checkpoint saved on the configuratio
 or a retry resumes where it stopped instead of at page one. Each page commits in ONE
 transaction of its own: `queue_discovered_threads` adds the new threads and sends their
 `thread_sync_jobs` (thread sync starts while discovery goes on), and
-`update_backfill_orchestration_progress` saves the checkpoint. Only one page is in memory at a
-time. The job's own message stays in the queue (kept invisible by the runtime's heartbeat)
-until discovery ends: the last page commits with `transition_to_thread_sync` and the message's
-delete.
+`update_backfill_orchestration_progress` saves the checkpoint. Its rows are taken in the one
+lock order (sql/030_backfill.sql): the configuration, the thread rows the listing describes (in
+id order), then the queued threads (in id order); the counters take no lock. Only one page is
+in memory at a time. The job's own message stays in the queue (kept invisible by the runtime's
+heartbeat) until discovery ends: the last page commits with `transition_to_thread_sync` and the
+message's delete.
 
 Threads that move. Nylas lists threads by their latest message, so a thread on a later page
 that gets a reply while discovery runs jumps to page one, already read, and would never be
@@ -74,13 +76,15 @@ SELECT c.id, c.inbox_id, c.backfill_status, c.backfill_kind, c.backfill_since, c
 FROM flux_inbox_configurations c JOIN flux_inboxes i ON i.id = c.inbox_id
 WHERE c.id = $1 AND c.deleted_at IS NULL
 """
+# The page's first lock (the lock order of sql/030_backfill.sql): FOR NO KEY UPDATE excludes
+# another orchestrator of this backfill, but not a webhook or history sync adding a thread to it.
 LOCK_CHECKPOINT = """
 SELECT backfill_status, checkpoint_pages_done FROM flux_inbox_configurations
-WHERE id = $1 FOR UPDATE
+WHERE id = $1 FOR NO KEY UPDATE
 """
 QUEUE_PAGE = "SELECT count(*) FROM queue_discovered_threads($1, $2::text[], $3, $4::text[])"
 CHECKPOINT = "SELECT 1 FROM update_backfill_orchestration_progress($1, $2, $3, $4)"
-FOUND = "SELECT threads_queued FROM inbox_sync_stats WHERE config_id = $1"
+FOUND = "SELECT threads_queued FROM get_sync_progress($1)"
 SAVE_ROUNDS = """
 UPDATE flux_inbox_configurations
 SET changes_since = $2, changes_rounds = $3, changes_round_started_at = $4

@@ -178,6 +178,7 @@ async def prepare_messages(messages: Sequence[Message]) -> list[PreparedMessage]
 _ENSURE_THREADS = """
 INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
 SELECT DISTINCT $1::uuid, t FROM unnest($2::text[]) AS t
+ORDER BY 2
 ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING
 """
 _LOCK_THREADS = """
@@ -324,6 +325,11 @@ async def upsert_threads(conn: Any, inbox_id: uuid.UUID, threads: Sequence[Threa
     a thread's messages afterwards re-derives its summary columns from them."""
     if not threads:
         return {}
+    # Locked in id order first, as every writer of threads takes them (see _LOCK_THREADS): the
+    # upsert then visits the page's rows in its own order without waiting for any of them.
+    ids = sorted({t.id for t in threads})
+    await conn.execute(_ENSURE_THREADS, inbox_id, ids)
+    await conn.execute(_LOCK_THREADS, inbox_id, ids)
     rows = [{"provider_thread_id": t.id, "subject": t.subject, "snippet": t.snippet,
              "participants": _people(t.participants), "folders": list(t.folders),
              "unread": t.unread, "starred": t.starred, "has_attachments": t.has_attachments,

@@ -1,4 +1,26 @@
 -- Backfill orchestration, queued threads and the counters behind get_sync_progress.
+--
+-- One lock order (DESIGN.md). Every transaction that touches them takes, in this order:
+--   1. the configuration row (flux_inbox_configurations). A discovery page and the functions
+--      that decide on a backfill's state take it FOR NO KEY UPDATE (nova_lock_config). Adding
+--      or re-opening a queued thread takes it FOR KEY SHARE (the foreign key check of the
+--      insert, or queue_thread_sync), which no NO KEY UPDATE waits for: that is why a webhook
+--      or a page of history may take it after its thread rows. FOR UPDATE, which does wait for
+--      those, is taken only where no thread row is taken after it: completion
+--      (complete_backfill_if_done, recover_premature_completions) and a new backfill
+--      (queue_inbox_backfill, queue_catchup_backfill).
+--   2. thread rows (flux_email_threads): missing ones inserted sorted by provider id, then all
+--      of them locked in id order before any message is written (nova/store.py).
+--   3. queued_threads rows: several at once sorted by id (queue_discovered_threads locks the
+--      known rows of its page in id order before it writes any; new rows are inserted sorted
+--      by provider thread id). A thread sync writes its messages first and only then
+--      completes its queued thread (nova/threads.py).
+--   4. the progress counters: no lock at all for a job. The counter triggers append rows to
+--      inbox_sync_stats_deltas (insert-only); get_sync_progress adds them to the base row in
+--      inbox_sync_stats, which only the completion monitor's fold and recount lock
+--      (fold_sync_stats_deltas, initialize_sync_stats), plus a status change of the
+--      configuration (its mirror trigger), after everything above.
+--   5. the job's own queue message, deleted at commit (nova.runtime).
 
 CREATE OR REPLACE FUNCTION nova_require_config(p_config_id uuid)
 RETURNS flux_inbox_configurations
@@ -15,8 +37,9 @@ BEGIN
 END;
 $$;
 
--- The same, locked FOR UPDATE: for functions that decide on the current row, not on what
--- they read before waiting for a concurrent writer.
+-- The same, locked: for functions that decide on the current row, not on what they read
+-- before waiting for a concurrent writer. FOR NO KEY UPDATE excludes every other such lock,
+-- but not the FOR KEY SHARE of a transaction adding a queued thread (see the lock order).
 CREATE OR REPLACE FUNCTION nova_lock_config(p_config_id uuid)
 RETURNS flux_inbox_configurations
 LANGUAGE plpgsql AS $$
@@ -24,7 +47,7 @@ DECLARE
     v_config flux_inbox_configurations;
 BEGIN
     SELECT * INTO v_config FROM flux_inbox_configurations
-    WHERE id = p_config_id AND deleted_at IS NULL FOR UPDATE;
+    WHERE id = p_config_id AND deleted_at IS NULL FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no inbox configuration %', coalesce(p_config_id::text, 'NULL')
             USING ERRCODE = 'no_data_found';
@@ -91,10 +114,17 @@ BEGIN
         backfill_attempts = 0, last_error = NULL, updated_at = now()
     WHERE id = v_config.id;
 
-    -- Each backfill has a work list of its own: the threads of an earlier one (done, failed
-    -- or abandoned) are dropped, so this one syncs every thread it lists again and its
-    -- counters count only its own. A leftover sync job finds its row gone and ends.
-    DELETE FROM queued_threads WHERE config_id = v_config.id;
+    -- The earlier backfill's work list. Its completed threads go: this backfill syncs again
+    -- whatever it lists. What was not done stays, as this backfill's work, so nothing deletes
+    -- the only record of it: threads still queued or being synced get a job of this backfill
+    -- (the earlier job finds itself superseded); failed ones keep their error and their retry
+    -- rounds (the monitor retries them when due, retry_failed_threads), and discovery queues
+    -- again any of them it lists (queue_discovered_threads).
+    DELETE FROM queued_threads WHERE config_id = v_config.id AND status = 'completed';
+    PERFORM nova_send_thread_jobs(ARRAY(
+        SELECT q.id FROM queued_threads q
+        WHERE q.config_id = v_config.id AND q.status IN ('queued', 'processing')
+        ORDER BY q.id FOR UPDATE), false);
 
     PERFORM initialize_sync_stats(v_config.id);
     UPDATE inbox_sync_stats SET sync_started_at = now(), sync_completed_at = NULL
@@ -208,6 +238,10 @@ BEGIN
         RAISE EXCEPTION 'queue_thread_sync: delay must be >= 0, got %', p_delay_seconds
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The configuration before the queued thread (the lock order), FOR KEY SHARE as an insert's
+    -- key check takes it: a completion deciding on this backfill (FOR UPDATE) waits until this
+    -- thread is queued, or this waits until it is decided; it never counts without it.
+    PERFORM 1 FROM flux_inbox_configurations WHERE id = p_config_id FOR KEY SHARE;
     PERFORM insert_queued_thread_idempotent(p_config_id, p_provider_thread_id);
     SELECT * INTO v_row FROM queued_threads
     WHERE config_id = p_config_id AND provider_thread_id = p_provider_thread_id FOR UPDATE;
@@ -220,14 +254,48 @@ BEGIN
 END;
 $$;
 
+-- Sends one thread_sync_jobs message for each of the queued threads p_ids (rows the caller
+-- has locked, in id order) and sets each waiting for it: 'queued', attempts from 0, the error,
+-- times and any retry watch cleared; p_fresh also gives back its retry rounds (a thread listed
+-- again is new work, not a retry). Returns the threads and their message ids.
+CREATE OR REPLACE FUNCTION nova_send_thread_jobs(p_ids bigint[], p_fresh boolean)
+RETURNS TABLE (queued_thread_id bigint, provider_thread_id text, msg_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids     bigint[];
+    v_threads text[];
+    v_jobs    jsonb[];
+    v_msgs    bigint[];
+BEGIN
+    SELECT array_agg(q.id ORDER BY q.id), array_agg(q.provider_thread_id ORDER BY q.id),
+           array_agg(nova_thread_job(q) ORDER BY q.id)
+    INTO v_ids, v_threads, v_jobs
+    FROM queued_threads q WHERE q.id = ANY (p_ids);
+    IF v_ids IS NULL THEN
+        RETURN;   -- nothing to send: pgmq.send_batch rejects an empty batch
+    END IF;
+    SELECT array_agg(s.id ORDER BY s.n) INTO v_msgs
+    FROM pgmq.send_batch('thread_sync_jobs', v_jobs, 0) WITH ORDINALITY AS s(id, n);
+    UPDATE queued_threads q
+    SET status = 'queued', queue_msg_id = m.msg, attempts = 0, error_message = NULL,
+        started_at = NULL, processed_at = NULL, retry_at = NULL,
+        retry_rounds = CASE WHEN p_fresh THEN 0 ELSE q.retry_rounds END
+    FROM unnest(v_ids, v_msgs) AS m(id, msg)
+    WHERE q.id = m.id;
+    RETURN QUERY SELECT u.id, u.thread, u.msg FROM unnest(v_ids, v_threads, v_msgs) AS u(id, thread, msg);
+END;
+$$;
+
 -- One page of discovery: adds the threads not yet known and queues exactly those, in the
--- caller's transaction, recording each one's message id. With p_requeue_known (discovery's
--- rounds of changed threads), threads of this configuration already completed, failed or
--- being synced are queued again too: they changed since, so they must be synced again (a
--- sync already running then finds its job superseded and commits nothing). Threads in
--- p_done_thread_ids came whole with the listing and were written by the caller: they are
--- recorded completed (one message) and get no job. Returns the threads it queued (none when
--- the whole page was known already).
+-- caller's transaction, recording each one's message id. A known thread that failed before
+-- this backfill was queued (work an earlier backfill left, queue_inbox_backfill) is queued
+-- again too: this backfill lists it. With p_requeue_known (discovery's rounds of changed
+-- threads), threads of this configuration already completed, failed or being synced are
+-- queued again too: they changed since, so they must be synced again (a sync already running
+-- then finds its job superseded and commits nothing). Threads in p_done_thread_ids came whole
+-- with the listing and were written by the caller: they are recorded completed (one message)
+-- and get no job. Returns the threads it queued (none when the whole page was known already).
 -- Dropped first: adding a defaulted parameter must not leave an ambiguous overload.
 DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[]);
 DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[], boolean);
@@ -244,9 +312,6 @@ DECLARE
     v_config  flux_inbox_configurations;
     v_grant   text;
     v_ids     bigint[];
-    v_threads text[];
-    v_jobs    jsonb[];
-    v_msgs    bigint[];
 BEGIN
     IF p_provider_thread_ids IS NULL OR array_position(p_provider_thread_ids, NULL) IS NOT NULL
        OR array_position(p_provider_thread_ids, '') IS NOT NULL THEN
@@ -260,6 +325,12 @@ BEGIN
     END IF;
     v_config := nova_require_config(p_config_id);
     SELECT i.grant_id INTO v_grant FROM flux_inboxes i WHERE i.id = v_config.inbox_id;
+    -- The page's known rows, locked in id order before any is written: the statements below
+    -- then wait for no row of them, whatever order they visit them in.
+    PERFORM 1 FROM queued_threads q
+    WHERE q.config_id = p_config_id
+      AND q.provider_thread_id = ANY (p_provider_thread_ids || p_done_thread_ids)
+    ORDER BY q.id FOR UPDATE;
     IF cardinality(p_done_thread_ids) > 0 THEN
         -- A job of such a thread already running (a webhook queued it) is superseded: its row
         -- names no job any more.
@@ -270,7 +341,7 @@ BEGIN
         ORDER BY t
         ON CONFLICT (config_id, provider_thread_id) DO UPDATE
         SET status = 'completed', message_count = 1, processed_at = now(), queue_msg_id = NULL,
-            error_message = NULL
+            error_message = NULL, retry_at = NULL
         WHERE q.status <> 'completed' OR p_requeue_known;
     END IF;
     WITH added AS (
@@ -279,32 +350,20 @@ BEGIN
         FROM (SELECT DISTINCT unnest(p_provider_thread_ids) AS t) ids
         ORDER BY t
         ON CONFLICT (config_id, provider_thread_id) DO NOTHING
-        RETURNING *
-    ), requeued AS (
+        RETURNING id
+    ), again AS (
         -- Sees the rows as they were before this statement: never the ones just added.
-        UPDATE queued_threads q
-        SET status = 'queued', attempts = 0, error_message = NULL, started_at = NULL,
-            processed_at = NULL
-        WHERE p_requeue_known AND q.config_id = p_config_id
-          AND q.provider_thread_id = ANY (p_provider_thread_ids)
-          AND q.status IN ('completed', 'failed', 'processing')
-        RETURNING q.*
-    ), work AS (
-        SELECT * FROM added UNION ALL SELECT * FROM requeued
+        SELECT q.id FROM queued_threads q
+        WHERE q.config_id = p_config_id AND q.provider_thread_id = ANY (p_provider_thread_ids)
+          AND ((p_requeue_known AND q.status IN ('completed', 'failed', 'processing'))
+               OR (q.status = 'failed' AND q.processed_at < v_config.discovery_cutoff))
     )
-    SELECT array_agg(a.id ORDER BY a.id), array_agg(a.provider_thread_id ORDER BY a.id),
-           array_agg(nova_thread_job(a::queued_threads) ORDER BY a.id)
-    INTO v_ids, v_threads, v_jobs
-    FROM work a;
+    SELECT array_agg(w.id) INTO v_ids
+    FROM (SELECT id FROM added UNION ALL SELECT id FROM again) w;
     IF v_ids IS NULL THEN
-        RETURN;   -- nothing new: pgmq.send_batch rejects an empty batch
+        RETURN;
     END IF;
-    SELECT array_agg(s.id ORDER BY s.n) INTO v_msgs
-    FROM pgmq.send_batch('thread_sync_jobs', v_jobs, 0) WITH ORDINALITY AS s(id, n);
-    UPDATE queued_threads q SET queue_msg_id = m.msg
-    FROM unnest(v_ids, v_msgs) AS m(id, msg)
-    WHERE q.id = m.id;
-    RETURN QUERY SELECT u.id, u.thread, u.msg FROM unnest(v_ids, v_threads, v_msgs) AS u(id, thread, msg);
+    RETURN QUERY SELECT * FROM nova_send_thread_jobs(v_ids, true);
 END;
 $$;
 
@@ -336,9 +395,12 @@ BEGIN
 END;
 $$;
 
--- Creates the counters of a configuration, or re-derives them from the real rows. Taking the
--- stats row lock first makes the recount exact even while threads change status: a writer
--- that committed before the lock is counted, one that commits after adds its delta on top.
+-- Creates the counters of a configuration, or re-derives them from the real rows. The base
+-- row is locked first, which keeps the monitor's fold away from this configuration's delta
+-- rows (it skips a locked base row); then one statement, on one snapshot, counts the rows and
+-- deletes exactly the deltas that snapshot sees, whose changes the count includes. A change
+-- not yet committed is in neither: its delta row adds it on top once it commits. Nothing here
+-- waits for a job.
 CREATE OR REPLACE FUNCTION initialize_sync_stats(p_config_id uuid)
 RETURNS inbox_sync_stats
 LANGUAGE plpgsql AS $$
@@ -351,25 +413,115 @@ BEGIN
     VALUES (p_config_id, v_config.inbox_id, v_config.backfill_status)
     ON CONFLICT (config_id) DO NOTHING;
     PERFORM 1 FROM inbox_sync_stats WHERE config_id = p_config_id FOR UPDATE;
+    WITH folded AS (
+        DELETE FROM inbox_sync_stats_deltas d WHERE d.config_id = p_config_id RETURNING d.id
+    )
     UPDATE inbox_sync_stats s
     SET threads_queued = c.total, threads_pending = c.pending, threads_processing = c.processing,
         threads_completed = c.completed, threads_failed = c.failed, messages_synced = c.messages,
+        threads_retry_waiting = c.retry_waiting,
         backfill_status = v_config.backfill_status, last_updated_at = now()
     FROM (SELECT count(*) AS total,
                  count(*) FILTER (WHERE status = 'queued') AS pending,
                  count(*) FILTER (WHERE status = 'processing') AS processing,
                  count(*) FILTER (WHERE status = 'completed') AS completed,
                  count(*) FILTER (WHERE status = 'failed') AS failed,
-                 coalesce(sum(message_count) FILTER (WHERE status = 'completed'), 0) AS messages
-          FROM queued_threads WHERE config_id = p_config_id) c
+                 coalesce(sum(message_count) FILTER (WHERE status = 'completed'), 0) AS messages,
+                 count(*) FILTER (WHERE status = 'failed' AND retry_at IS NOT NULL)
+                     AS retry_waiting
+          FROM queued_threads WHERE config_id = p_config_id) c,
+         (SELECT count(*) FROM folded) f
     WHERE s.config_id = p_config_id
     RETURNING s.* INTO v_stats;
     RETURN v_stats;
 END;
 $$;
 
--- Progress from the counters alone: two primary-key lookups whatever the mailbox size.
--- percent_complete stays NULL while discovery runs, as the total is not known yet.
+-- Folds delta rows into the base rows of inbox_sync_stats, up to p_configs configurations a
+-- call; returns the number of delta rows folded. Run by the completion monitor on every
+-- check, so a configuration never has more delta rows than one interval's changes. A base row
+-- locked (a recount, another fold) is skipped until the next call; the fold waits for
+-- nothing. Deltas of a configuration with no base row yet wait for the recount that makes it
+-- (queue_inbox_backfill makes one for every backfill); those of a configuration that no
+-- longer exists are dropped.
+CREATE OR REPLACE FUNCTION fold_sync_stats_deltas(p_configs integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_configs uuid[];
+    v_rows    bigint;
+BEGIN
+    DELETE FROM inbox_sync_stats_deltas d
+    WHERE NOT EXISTS (SELECT 1 FROM flux_inbox_configurations c WHERE c.id = d.config_id);
+    SELECT array_agg(b.config_id ORDER BY b.config_id) INTO v_configs
+    FROM (SELECT s.config_id FROM inbox_sync_stats s
+          WHERE s.config_id IN (SELECT DISTINCT d.config_id FROM inbox_sync_stats_deltas d)
+          ORDER BY s.config_id LIMIT p_configs
+          FOR UPDATE SKIP LOCKED) b;
+    IF v_configs IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM inbox_sync_stats_deltas d WHERE d.config_id = ANY (v_configs)
+        RETURNING d.*
+    ), sums AS (
+        SELECT g.config_id, count(*) AS n, sum(g.threads_queued) AS queued,
+               sum(g.threads_pending) AS pending, sum(g.threads_processing) AS processing,
+               sum(g.threads_completed) AS completed, sum(g.threads_failed) AS failed,
+               sum(g.messages_synced) AS messages, sum(g.threads_retry_waiting) AS retry_waiting,
+               max(g.created_at) AS last_at
+        FROM gone g GROUP BY g.config_id
+    ), folded AS (
+        UPDATE inbox_sync_stats s
+        SET threads_queued = s.threads_queued + sums.queued,
+            threads_pending = s.threads_pending + sums.pending,
+            threads_processing = s.threads_processing + sums.processing,
+            threads_completed = s.threads_completed + sums.completed,
+            threads_failed = s.threads_failed + sums.failed,
+            messages_synced = s.messages_synced + sums.messages,
+            threads_retry_waiting = s.threads_retry_waiting + sums.retry_waiting,
+            last_updated_at = greatest(s.last_updated_at, sums.last_at)
+        FROM sums WHERE s.config_id = sums.config_id
+        RETURNING sums.n
+    )
+    SELECT coalesce(sum(n), 0) INTO v_rows FROM folded;
+    RETURN v_rows;
+END;
+$$;
+
+-- inbox_sync_stats as it is right now: each base row plus its delta rows not folded yet. For
+-- readers that want exact counters between two folds of the monitor (metrics, listings,
+-- the seed's monitoring queries); the table itself lags by at most one check interval.
+CREATE OR REPLACE VIEW inbox_sync_stats_current AS
+SELECT s.config_id, s.inbox_id, s.backfill_status,
+       s.threads_queued + d.queued AS threads_queued,
+       s.threads_pending + d.pending AS threads_pending,
+       s.threads_processing + d.processing AS threads_processing,
+       s.threads_completed + d.completed AS threads_completed,
+       s.threads_failed + d.failed AS threads_failed,
+       s.messages_synced + d.messages AS messages_synced,
+       s.sync_started_at, s.sync_completed_at,
+       greatest(s.last_updated_at, d.last_at) AS last_updated_at,
+       s.threads_retry_waiting + d.retry_waiting AS threads_retry_waiting
+FROM inbox_sync_stats s
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(x.threads_queued), 0)::bigint AS queued,
+           coalesce(sum(x.threads_pending), 0)::bigint AS pending,
+           coalesce(sum(x.threads_processing), 0)::bigint AS processing,
+           coalesce(sum(x.threads_completed), 0)::bigint AS completed,
+           coalesce(sum(x.threads_failed), 0)::bigint AS failed,
+           coalesce(sum(x.messages_synced), 0)::bigint AS messages,
+           coalesce(sum(x.threads_retry_waiting), 0)::bigint AS retry_waiting,
+           max(x.created_at) AS last_at
+    FROM inbox_sync_stats_deltas x WHERE x.config_id = s.config_id) d;
+
+-- Progress from the counters alone: the base row plus the delta rows not folded yet (one
+-- interval's changes), read in one statement, so on one snapshot: a fold that commits
+-- meanwhile is seen whole or not at all. percent_complete stays NULL while discovery runs, as
+-- the total is not known yet. threads_retry_waiting counts the failed threads (of
+-- threads_failed) waiting for a retry round; next_retry_at is when the first is due.
+-- Dropped first: a function's result columns cannot change in place.
+DROP FUNCTION IF EXISTS get_sync_progress(uuid);
 CREATE OR REPLACE FUNCTION get_sync_progress(p_config_id uuid)
 RETURNS TABLE (config_id uuid, inbox_id uuid, backfill_status text, backfill_kind text,
                discovery_complete boolean, pages_done integer, threads_discovered integer,
@@ -377,57 +529,73 @@ RETURNS TABLE (config_id uuid, inbox_id uuid, backfill_status text, backfill_kin
                threads_completed bigint, threads_failed bigint, messages_synced bigint,
                percent_complete numeric, backfill_started_at timestamptz,
                discovery_completed_at timestamptz, backfill_completed_at timestamptz,
-               last_updated_at timestamptz)
+               last_updated_at timestamptz, threads_retry_waiting bigint,
+               next_retry_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_config flux_inbox_configurations;
 BEGIN
     v_config := nova_require_config(p_config_id);
     RETURN QUERY
+    WITH n AS (
+        SELECT coalesce(s.threads_queued, 0) + d.queued AS queued,
+               coalesce(s.threads_pending, 0) + d.pending AS pending,
+               coalesce(s.threads_processing, 0) + d.processing AS processing,
+               coalesce(s.threads_completed, 0) + d.completed AS completed,
+               coalesce(s.threads_failed, 0) + d.failed AS failed,
+               coalesce(s.messages_synced, 0) + d.messages AS messages,
+               coalesce(s.threads_retry_waiting, 0) + d.retry_waiting AS retry_waiting,
+               greatest(s.last_updated_at, d.last_at) AS last_at
+        FROM (SELECT 1) one
+        LEFT JOIN inbox_sync_stats s ON s.config_id = v_config.id
+        CROSS JOIN (
+            SELECT coalesce(sum(x.threads_queued), 0)::bigint AS queued,
+                   coalesce(sum(x.threads_pending), 0)::bigint AS pending,
+                   coalesce(sum(x.threads_processing), 0)::bigint AS processing,
+                   coalesce(sum(x.threads_completed), 0)::bigint AS completed,
+                   coalesce(sum(x.threads_failed), 0)::bigint AS failed,
+                   coalesce(sum(x.messages_synced), 0)::bigint AS messages,
+                   coalesce(sum(x.threads_retry_waiting), 0)::bigint AS retry_waiting,
+                   max(x.created_at) AS last_at
+            FROM inbox_sync_stats_deltas x WHERE x.config_id = v_config.id) d
+    )
     SELECT v_config.id, v_config.inbox_id, v_config.backfill_status, v_config.backfill_kind,
            v_config.discovery_completed_at IS NOT NULL,
            v_config.checkpoint_pages_done, v_config.checkpoint_threads_found,
-           coalesce(s.threads_queued, 0), coalesce(s.threads_pending, 0),
-           coalesce(s.threads_processing, 0), coalesce(s.threads_completed, 0),
-           coalesce(s.threads_failed, 0), coalesce(s.messages_synced, 0),
+           n.queued, n.pending, n.processing, n.completed, n.failed, n.messages,
            CASE
                WHEN v_config.discovery_completed_at IS NULL THEN NULL
-               WHEN coalesce(s.threads_queued, 0) = 0 THEN 100.00
-               ELSE round((s.threads_completed + s.threads_failed) * 100.0 / s.threads_queued, 2)
+               WHEN n.queued = 0 THEN 100.00
+               ELSE round((n.completed + n.failed) * 100.0 / n.queued, 2)
            END,
            v_config.backfill_started_at, v_config.discovery_completed_at,
-           v_config.backfill_completed_at, coalesce(s.last_updated_at, v_config.updated_at)
-    FROM (SELECT 1) one
-    LEFT JOIN inbox_sync_stats s ON s.config_id = v_config.id;
+           v_config.backfill_completed_at, coalesce(n.last_at, v_config.updated_at),
+           n.retry_waiting,
+           (SELECT min(q.retry_at) FROM queued_threads q
+            WHERE q.config_id = v_config.id AND q.retry_at IS NOT NULL AND q.status = 'failed')
+    FROM n;
 END;
 $$;
 
--- Counter maintenance. Statement-level triggers with transition tables fold a whole statement
--- (a page of 200 inserted threads, a bulk recovery update) into one update per configuration.
+-- Counter maintenance. Statement-level triggers with transition tables turn a whole statement
+-- (a page of 200 inserted threads, a bulk recovery update) into one delta row per
+-- configuration, appended: no row is locked that another transaction writes.
 CREATE OR REPLACE FUNCTION queued_threads_count_insert()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO inbox_sync_stats AS s
-        (config_id, inbox_id, threads_queued, threads_pending, threads_processing,
-         threads_completed, threads_failed, messages_synced)
-    SELECT n.config_id, (array_agg(n.inbox_id))[1], count(*),
+    INSERT INTO inbox_sync_stats_deltas
+        (config_id, threads_queued, threads_pending, threads_processing, threads_completed,
+         threads_failed, messages_synced, threads_retry_waiting)
+    SELECT n.config_id, count(*),
            count(*) FILTER (WHERE n.status = 'queued'),
            count(*) FILTER (WHERE n.status = 'processing'),
            count(*) FILTER (WHERE n.status = 'completed'),
            count(*) FILTER (WHERE n.status = 'failed'),
-           coalesce(sum(n.message_count) FILTER (WHERE n.status = 'completed'), 0)
+           coalesce(sum(n.message_count) FILTER (WHERE n.status = 'completed'), 0),
+           count(*) FILTER (WHERE n.status = 'failed' AND n.retry_at IS NOT NULL)
     FROM new_rows n
-    GROUP BY n.config_id
-    ORDER BY n.config_id
-    ON CONFLICT (config_id) DO UPDATE
-    SET threads_queued = s.threads_queued + EXCLUDED.threads_queued,
-        threads_pending = s.threads_pending + EXCLUDED.threads_pending,
-        threads_processing = s.threads_processing + EXCLUDED.threads_processing,
-        threads_completed = s.threads_completed + EXCLUDED.threads_completed,
-        threads_failed = s.threads_failed + EXCLUDED.threads_failed,
-        messages_synced = s.messages_synced + EXCLUDED.messages_synced,
-        last_updated_at = now();
+    GROUP BY n.config_id;
     RETURN NULL;
 END;
 $$;
@@ -436,27 +604,24 @@ CREATE OR REPLACE FUNCTION queued_threads_count_update()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    WITH d AS (
-        SELECT n.config_id,
-               sum((n.status = 'queued')::int - (o.status = 'queued')::int) AS pending,
-               sum((n.status = 'processing')::int - (o.status = 'processing')::int) AS processing,
-               sum((n.status = 'completed')::int - (o.status = 'completed')::int) AS completed,
-               sum((n.status = 'failed')::int - (o.status = 'failed')::int) AS failed,
-               sum(CASE WHEN n.status = 'completed' THEN n.message_count ELSE 0 END
-                   - CASE WHEN o.status = 'completed' THEN o.message_count ELSE 0 END) AS messages
-        FROM new_rows n JOIN old_rows o ON o.id = n.id
-        WHERE n.status <> o.status OR n.message_count <> o.message_count
-        GROUP BY n.config_id
-    )
-    UPDATE inbox_sync_stats s
-    SET threads_pending = s.threads_pending + d.pending,
-        threads_processing = s.threads_processing + d.processing,
-        threads_completed = s.threads_completed + d.completed,
-        threads_failed = s.threads_failed + d.failed,
-        messages_synced = s.messages_synced + d.messages,
-        last_updated_at = now()
-    FROM d
-    WHERE s.config_id = d.config_id;
+    INSERT INTO inbox_sync_stats_deltas
+        (config_id, threads_pending, threads_processing, threads_completed, threads_failed,
+         messages_synced, threads_retry_waiting)
+    SELECT n.config_id,
+           sum((n.status = 'queued')::int - (o.status = 'queued')::int),
+           sum((n.status = 'processing')::int - (o.status = 'processing')::int),
+           sum((n.status = 'completed')::int - (o.status = 'completed')::int),
+           sum((n.status = 'failed')::int - (o.status = 'failed')::int),
+           sum(CASE WHEN n.status = 'completed' THEN n.message_count ELSE 0 END
+               - CASE WHEN o.status = 'completed' THEN o.message_count ELSE 0 END),
+           sum((n.status = 'failed' AND n.retry_at IS NOT NULL)::int
+               - (o.status = 'failed' AND o.retry_at IS NOT NULL)::int)
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    -- only rows that move a counter: a new job id or a retry watch pushed on leaves no delta
+    WHERE n.status <> o.status
+       OR (n.status = 'completed' AND n.message_count <> o.message_count)
+       OR (n.status = 'failed' AND (n.retry_at IS NULL) <> (o.retry_at IS NULL))
+    GROUP BY n.config_id;
     RETURN NULL;
 END;
 $$;
@@ -465,25 +630,18 @@ CREATE OR REPLACE FUNCTION queued_threads_count_delete()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    WITH d AS (
-        SELECT o.config_id, count(*) AS total,
-               count(*) FILTER (WHERE o.status = 'queued') AS pending,
-               count(*) FILTER (WHERE o.status = 'processing') AS processing,
-               count(*) FILTER (WHERE o.status = 'completed') AS completed,
-               count(*) FILTER (WHERE o.status = 'failed') AS failed,
-               coalesce(sum(o.message_count) FILTER (WHERE o.status = 'completed'), 0) AS messages
-        FROM old_rows o GROUP BY o.config_id
-    )
-    UPDATE inbox_sync_stats s
-    SET threads_queued = s.threads_queued - d.total,
-        threads_pending = s.threads_pending - d.pending,
-        threads_processing = s.threads_processing - d.processing,
-        threads_completed = s.threads_completed - d.completed,
-        threads_failed = s.threads_failed - d.failed,
-        messages_synced = s.messages_synced - d.messages,
-        last_updated_at = now()
-    FROM d
-    WHERE s.config_id = d.config_id;
+    INSERT INTO inbox_sync_stats_deltas
+        (config_id, threads_queued, threads_pending, threads_processing, threads_completed,
+         threads_failed, messages_synced, threads_retry_waiting)
+    SELECT o.config_id, -count(*),
+           -count(*) FILTER (WHERE o.status = 'queued'),
+           -count(*) FILTER (WHERE o.status = 'processing'),
+           -count(*) FILTER (WHERE o.status = 'completed'),
+           -count(*) FILTER (WHERE o.status = 'failed'),
+           -coalesce(sum(o.message_count) FILTER (WHERE o.status = 'completed'), 0),
+           -count(*) FILTER (WHERE o.status = 'failed' AND o.retry_at IS NOT NULL)
+    FROM old_rows o
+    GROUP BY o.config_id;
     RETURN NULL;
 END;
 $$;

@@ -43,12 +43,16 @@ $$;
 -- A catch-up after an outage (grant re-authenticated, webhooks missed): a 'catch_up' backfill
 -- from p_since (kept within the one-year limit). Returns the configuration id, or NULL when a
 -- backfill of the inbox is already running (it covers the gap; parked threads are recovered).
--- A failed full backfill is resumed instead of being replaced by a narrower catch-up.
+-- A failed full backfill is resumed instead of being replaced by a narrower catch-up. A failed
+-- catch-up left its gap open: the new one starts where the earlier one did, if that is
+-- earlier, so one outage's gap is never dropped for the next one's (its failed and unfinished
+-- threads stay as work of the new one, queue_inbox_backfill).
 CREATE OR REPLACE FUNCTION queue_catchup_backfill(p_inbox_id uuid, p_since timestamptz)
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
     v_config flux_inbox_configurations;
+    v_since  timestamptz := coalesce(p_since, now() - interval '1 day');
 BEGIN
     SELECT * INTO v_config FROM flux_inbox_configurations
     WHERE inbox_id = p_inbox_id AND deleted_at IS NULL FOR UPDATE;
@@ -59,17 +63,23 @@ BEGIN
         PERFORM resume_inbox_backfill(v_config.id);
         RETURN v_config.id;
     END IF;
+    IF FOUND AND v_config.backfill_status = 'failed' AND v_config.backfill_since IS NOT NULL THEN
+        v_since := least(v_since, v_config.backfill_since);
+    END IF;
     RETURN queue_inbox_backfill(p_inbox_id,
-                                least(greatest(coalesce(p_since, now() - interval '1 day'),
-                                               now() - interval '1 year'),
+                                least(greatest(v_since, now() - interval '1 year'),
                                       now() - interval '1 minute'),
                                 NULL, 'catch_up');
 END;
 $$;
 
--- Marks a backfill completed when discovery is over and every thread is completed or failed,
--- judged on counters re-derived from the rows (initialize_sync_stats) under the configuration's
--- row lock. Returns 'completed', or 'waiting' with the real counts still open.
+-- Marks a backfill completed when discovery is over and every thread is completed or failed
+-- (a failed thread waiting for a retry round counts as failed: one bad thread never holds a
+-- backfill up), judged on counters re-derived from the rows (initialize_sync_stats) under the
+-- configuration's row lock. FOR UPDATE, not nova_lock_config: it also waits for every
+-- transaction that is adding or re-opening a thread of this backfill (they hold the row FOR
+-- KEY SHARE), so the count includes them. Returns 'completed', or 'waiting' with the real
+-- counts still open.
 CREATE OR REPLACE FUNCTION complete_backfill_if_done(p_config_id uuid)
 RETURNS TABLE (outcome text, threads_queued bigint, threads_open bigint)
 LANGUAGE plpgsql AS $$
@@ -78,7 +88,12 @@ DECLARE
     v_config flux_inbox_configurations;
     v_stats  inbox_sync_stats;
 BEGIN
-    v_config := nova_lock_config(p_config_id);
+    SELECT * INTO v_config FROM flux_inbox_configurations
+    WHERE id = p_config_id AND deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no inbox configuration %', coalesce(p_config_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
     IF v_config.backfill_status <> 'thread_sync' OR v_config.discovery_completed_at IS NULL THEN
         RETURN QUERY SELECT 'not_ready'::text, NULL::bigint, NULL::bigint;
         RETURN;
@@ -98,7 +113,8 @@ END;
 $$;
 
 -- Completed backfills that still have queued or processing threads go back to thread_sync,
--- with their completion timestamps cleared. Returns what it repaired.
+-- with their completion timestamps cleared. Returns what it repaired. A thread on a retry
+-- round (retry_at set) is not one: it is retried on its own, after its backfill completed.
 CREATE OR REPLACE FUNCTION recover_premature_completions()
 RETURNS TABLE (config_id uuid, threads_open bigint, completed_at timestamptz)
 LANGUAGE plpgsql AS $$
@@ -108,11 +124,13 @@ BEGIN
     WITH bad AS (
         SELECT c.id, c.backfill_completed_at,
                (SELECT count(*) FROM queued_threads q
-                WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')) AS open
+                WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')
+                  AND q.retry_at IS NULL) AS open
         FROM flux_inbox_configurations c
         WHERE c.backfill_status = 'completed' AND c.deleted_at IS NULL
           AND EXISTS (SELECT 1 FROM queued_threads q
-                      WHERE q.config_id = c.id AND q.status IN ('queued', 'processing'))
+                      WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')
+                        AND q.retry_at IS NULL)
         FOR UPDATE OF c SKIP LOCKED
     ), fixed AS (
         UPDATE flux_inbox_configurations c
@@ -150,7 +168,9 @@ BEGIN
                                 WHERE m.msg_id = q.queue_msg_id AND m.vt > clock_timestamp())))
         ORDER BY q.id
         LIMIT p_limit
-        FOR UPDATE OF q SKIP LOCKED
+        -- the configuration FOR KEY SHARE too, as queue_thread_sync takes it: nothing taken
+        -- here is waited for, so a completion or a new backfill holding it never waits on us
+        FOR UPDATE OF q SKIP LOCKED FOR KEY SHARE OF c SKIP LOCKED
     LOOP
         RETURN QUERY SELECT v_row.config_id, v_row.provider_thread_id, v_row.status::text,
                             queue_thread_sync(v_row.config_id, v_row.provider_thread_id);
@@ -239,4 +259,93 @@ BEGIN
         RETURN QUERY SELECT v_config.id, v_config.auto_resumes + 1, v_config.last_error;
     END LOOP;
 END;
+$$;
+
+-- Retry rounds of failed threads. A thread that failed its attempts waits for its next round
+-- (queued_threads.retry_at, set by nova.threads from NOVA_THREAD_RETRY_ROUNDS and
+-- NOVA_THREAD_RETRY_SECONDS). When it is due, the round starts: retry_rounds + 1 and a new
+-- job, attempts from 0, whatever its backfill's state: a backfill that completed meanwhile
+-- stays completed while its thread is retried on its own. A round's retry_at then becomes a
+-- watch, p_watch ahead: should its job vanish before the thread completes or fails again, the
+-- thread is queued again. Threads of an inbox that is not active are looked at again after
+-- p_idle (its re-activation takes them back sooner); those of a backfill an operator
+-- cancelled, of a removed inbox, and completed ones are left alone (retry_at cleared).
+--
+-- O(due): driven by the index of retry_at, at most p_limit threads a call. Each configuration
+-- is taken FOR KEY SHARE before its threads (the lock order, sql/030_backfill.sql); one that a
+-- completion or a new backfill holds right now is skipped until the next pass.
+CREATE OR REPLACE FUNCTION retry_failed_threads(p_watch interval, p_idle interval,
+                                                p_limit integer DEFAULT 500)
+RETURNS TABLE (config_id uuid, provider_thread_id text, was text, retry_round integer,
+               msg_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_config uuid;
+    v_row    record;
+    v_left   integer := p_limit;
+    v_msg    bigint;
+BEGIN
+    FOR v_config IN
+        SELECT DISTINCT due.config_id
+        FROM (SELECT q.config_id FROM queued_threads q
+              WHERE q.retry_at <= now() ORDER BY q.retry_at LIMIT p_limit) due
+    LOOP
+        EXIT WHEN v_left <= 0;
+        PERFORM 1 FROM flux_inbox_configurations c WHERE c.id = v_config
+        FOR KEY SHARE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        FOR v_row IN
+            SELECT q.id, q.provider_thread_id, q.status, q.retry_rounds, q.queue_msg_id,
+                   i.status AS inbox_status,
+                   (i.deleted_at IS NOT NULL OR c.deleted_at IS NOT NULL
+                    OR (c.backfill_status = 'failed'
+                        AND c.last_error = 'cancelled by an operator')) AS left_alone
+            FROM queued_threads q
+            JOIN flux_inbox_configurations c ON c.id = q.config_id
+            JOIN flux_inboxes i ON i.id = q.inbox_id
+            WHERE q.config_id = v_config AND q.retry_at <= now()
+            ORDER BY q.id
+            LIMIT v_left
+            FOR UPDATE OF q SKIP LOCKED
+        LOOP
+            v_left := v_left - 1;
+            IF v_row.status = 'completed' OR v_row.left_alone THEN
+                UPDATE queued_threads SET retry_at = NULL WHERE id = v_row.id;
+            ELSIF v_row.inbox_status <> 'active' THEN
+                UPDATE queued_threads SET retry_at = now() + p_idle WHERE id = v_row.id;
+            ELSIF v_row.status = 'failed' THEN
+                UPDATE queued_threads
+                SET retry_rounds = retry_rounds + 1, retry_at = now() + p_watch
+                WHERE id = v_row.id;
+                v_msg := queue_thread_sync(v_config, v_row.provider_thread_id);
+                RETURN QUERY SELECT v_config, v_row.provider_thread_id, 'failed'::text,
+                                    v_row.retry_rounds + 1, v_msg;
+            ELSIF EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
+                          WHERE m.msg_id = v_row.queue_msg_id) THEN
+                UPDATE queued_threads SET retry_at = now() + p_watch WHERE id = v_row.id;
+            ELSE
+                UPDATE queued_threads SET retry_at = now() + p_watch WHERE id = v_row.id;
+                v_msg := queue_thread_sync(v_config, v_row.provider_thread_id);
+                RETURN QUERY SELECT v_config, v_row.provider_thread_id, v_row.status::text,
+                                    v_row.retry_rounds, v_msg;
+            END IF;
+        END LOOP;
+    END LOOP;
+END;
+$$;
+
+-- Failed threads, latest failure first (`nova failures`): each with its error, the rounds it
+-- had and when the next is due (NULL: none left, or none wanted).
+CREATE OR REPLACE FUNCTION nova_failed_threads(p_limit integer DEFAULT 1000)
+RETURNS TABLE (queued_thread_id bigint, config_id uuid, inbox_id uuid, provider_thread_id text,
+               attempts integer, retry_rounds integer, next_retry_at timestamptz,
+               failed_at timestamptz, error_message text)
+LANGUAGE sql STABLE AS $$
+    SELECT q.id, q.config_id, q.inbox_id, q.provider_thread_id, q.attempts, q.retry_rounds,
+           q.retry_at, q.processed_at, q.error_message
+    FROM queued_threads q
+    WHERE q.status = 'failed'
+    ORDER BY q.processed_at DESC   -- queued_threads_failed_idx
+    LIMIT p_limit;
 $$;

@@ -142,11 +142,36 @@ def real_counts(conn: psycopg.Connection[Any], config_id: uuid.UUID) -> dict[str
 
 
 def counters(conn: psycopg.Connection[Any], config_id: uuid.UUID) -> dict[str, int]:
-    stats = sync_stats(conn, config_id)
-    return {k: int(stats[k]) for k in COUNTERS}
+    """The counters as a reader sees them: get_sync_progress, the base row of inbox_sync_stats
+    plus the delta rows the monitor has not folded into it yet."""
+    progress = one(conn, "SELECT * FROM get_sync_progress(%s)", (config_id,))
+    return {k: int(progress[k]) for k in COUNTERS}
+
+
+def fold(conn: psycopg.Connection[Any]) -> int:
+    """Fold every delta row into the base rows (the completion monitor's step)."""
+    return int(scalar(conn, "SELECT fold_sync_stats_deltas()"))
+
+
+def retry_waiting(conn: psycopg.Connection[Any], config_id: uuid.UUID) -> tuple[int, int]:
+    """(failed threads waiting for a retry round) as counted, and as the rows say."""
+    counted = scalar(conn, "SELECT threads_retry_waiting FROM get_sync_progress(%s)",
+                     (config_id,))
+    real = scalar(conn, "SELECT count(*) FROM queued_threads WHERE config_id = %s"
+                        " AND status = 'failed' AND retry_at IS NOT NULL", (config_id,))
+    return int(counted), int(real)
 
 
 def assert_stats_exact(conn: psycopg.Connection[Any], config_id: uuid.UUID) -> dict[str, int]:
+    """The counters agree with the rows, and still agree once the deltas are folded."""
     expected = real_counts(conn, config_id)
     assert counters(conn, config_id) == expected
+    counted, real = retry_waiting(conn, config_id)
+    assert counted == real
+    fold(conn)
+    assert counters(conn, config_id) == expected
+    if one(conn, "SELECT count(*) AS n FROM inbox_sync_stats WHERE config_id = %s",
+           (config_id,))["n"]:
+        assert {k: int(v) for k, v in sync_stats(conn, config_id).items()
+                if k in COUNTERS} == expected
     return expected

@@ -20,6 +20,7 @@ from factories import (
     assert_rejected,
     assert_stats_exact,
     counters,
+    fold,
     one,
     queue_depth,
     queue_messages,
@@ -700,13 +701,18 @@ def test_insert_trigger_counts_rows_inserted_in_any_status(
                  "threads_completed": 2, "threads_failed": 1, "messages_synced": 10}
 
 
-def test_insert_trigger_creates_the_counters_row_when_missing(
+def test_threads_of_a_configuration_without_a_counters_row_are_counted_from_their_deltas(
     conn: Conn, inbox: uuid.UUID,
 ) -> None:
     cfg = add_config(conn, inbox, "discovering")
     insert_thread(conn, cfg, "t1")
-    s = sync_stats(conn, cfg)
-    assert s["inbox_id"] == inbox
+    assert scalar(conn, "SELECT count(*) FROM inbox_sync_stats") == 0
+    assert counters(conn, cfg)["threads_queued"] == 1
+    fold(conn)  # nothing to fold into yet: the delta waits
+    assert counters(conn, cfg)["threads_queued"] == 1
+    got = one(conn, "SELECT * FROM initialize_sync_stats(%s)", (cfg,))
+    assert got["inbox_id"] == inbox and got["threads_queued"] == 1
+    assert scalar(conn, "SELECT count(*) FROM inbox_sync_stats_deltas") == 0
     assert assert_stats_exact(conn, cfg)["threads_queued"] == 1
 
 
@@ -786,6 +792,47 @@ def test_deleting_an_inbox_cascades_through_threads_and_counters(
     conn.execute("DELETE FROM flux_inboxes WHERE id = %s", (inbox,))
     for table in ("flux_inbox_configurations", "queued_threads", "inbox_sync_stats"):
         assert scalar(conn, f"SELECT count(*) FROM {table}") == 0
+    # The delta rows have no key to cascade through (it would lock the configuration in every
+    # job): the next fold drops them.
+    assert scalar(conn, "SELECT count(*) FROM inbox_sync_stats_deltas") > 0
+    fold(conn)
+    assert scalar(conn, "SELECT count(*) FROM inbox_sync_stats_deltas") == 0
+
+
+def test_a_fold_moves_the_deltas_into_the_base_row_and_readers_see_the_same_counts(
+    conn: Conn, cfg: uuid.UUID,
+) -> None:
+    discover(conn, cfg, ["a", "b", "c"])
+    set_threads(conn, cfg, "completed", ["a"], 3)
+    set_threads(conn, cfg, "failed", ["b"])
+    current = one(conn, "SELECT * FROM inbox_sync_stats_current WHERE config_id = %s", (cfg,))
+    live = counters(conn, cfg)
+    assert {k: current[k] for k in live} == live == {
+        "threads_queued": 3, "threads_pending": 1, "threads_processing": 0,
+        "threads_completed": 1, "threads_failed": 1, "messages_synced": 3}
+    assert sync_stats(conn, cfg)["threads_queued"] == 0     # not folded yet: the base lags
+    assert fold(conn) == 3   # the page's insert and the two updates: a row per statement
+    assert scalar(conn, "SELECT count(*) FROM inbox_sync_stats_deltas") == 0
+    assert {k: sync_stats(conn, cfg)[k] for k in live} == live == counters(conn, cfg)
+    assert fold(conn) == 0
+
+
+def test_due_retries_are_found_through_their_index_not_a_scan_of_history(
+    conn: Conn, cfg: uuid.UUID,
+) -> None:
+    discover(conn, cfg, [f"t{i:05d}" for i in range(5000)])
+    conn.execute("UPDATE queued_threads SET status = 'completed'")
+    conn.execute("UPDATE queued_threads SET status = 'failed', retry_at = now()"
+                 " WHERE provider_thread_id IN ('t00007', 't04000')")
+    conn.execute("ANALYZE queued_threads")
+    plan = "\n".join(r["QUERY PLAN"] for r in rows(
+        conn, "EXPLAIN SELECT q.config_id FROM queued_threads q WHERE q.retry_at <= now()"
+              " ORDER BY q.retry_at LIMIT 500"))
+    assert "queued_threads_retry_due_idx" in plan, plan
+    plan = "\n".join(r["QUERY PLAN"] for r in rows(
+        conn, "EXPLAIN SELECT min(q.retry_at) FROM queued_threads q WHERE q.config_id = %s"
+              " AND q.retry_at IS NOT NULL AND q.status = 'failed'", (cfg,)))
+    assert "Seq Scan" not in plan and "Index" in plan, plan
 
 
 def test_rolled_back_status_change_leaves_counters_unchanged(conn: Conn, cfg: uuid.UUID) -> None:

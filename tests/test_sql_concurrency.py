@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 from factories import (
     add_inbox,
     assert_stats_exact,
+    counters,
     one,
     queue_depth,
     queue_messages,
@@ -385,7 +386,7 @@ def test_recount_running_concurrently_with_status_changes_ends_exact(
     assert_stats_exact(conn, cfg)
 
 
-def test_recount_waits_for_an_uncommitted_counter_update_and_includes_it(
+def test_recount_never_waits_for_an_uncommitted_status_change_whose_delta_adds_on_top(
     conn: Conn, sessions: Callable[[], Conn], pool: ThreadPoolExecutor,
 ) -> None:
     cfg, ids = _seed_threads(conn, 5)
@@ -393,25 +394,59 @@ def test_recount_waits_for_an_uncommitted_counter_update_and_includes_it(
     with writer.transaction():
         writer.execute("UPDATE queued_threads SET status = 'completed', message_count = 4"
                        " WHERE id = %s", (ids[0],))
+        # The writer holds no counter row: the recount goes through, counting what is
+        # committed (the change is not yet).
         fut = pool.submit(scalar, recounter,
                           "SELECT threads_completed FROM initialize_sync_stats(%s)", (cfg,))
-        wait_until_blocked_on_lock(conn, recounter, fut)
-    assert fut.result(timeout=10) == 1
+        assert fut.result(timeout=5) == 0
     assert assert_stats_exact(conn, cfg)["messages_synced"] == 4
 
 
-def test_status_change_waiting_behind_a_recount_adds_its_change_on_top(
+def test_a_status_change_never_waits_for_a_recount_or_a_fold(
     conn: Conn, sessions: Callable[[], Conn], pool: ThreadPoolExecutor,
 ) -> None:
     cfg, ids = _seed_threads(conn, 5)
     writer, recounter = sessions(), sessions()
     with recounter.transaction():
-        recounter.execute("SELECT initialize_sync_stats(%s)", (cfg,))
+        recounter.execute("SELECT initialize_sync_stats(%s)", (cfg,))   # base row locked
+        recounter.execute("SELECT fold_sync_stats_deltas()")
         fut = pool.submit(writer.execute, "UPDATE queued_threads SET status = 'failed'"
                                           " WHERE id = ANY(%s)", (ids[:2],))
-        wait_until_blocked_on_lock(conn, writer, fut)
-    fut.result(timeout=10)
+        fut.result(timeout=5)
+        assert counters(conn, cfg)["threads_failed"] == 2   # committed: counted already
     assert assert_stats_exact(conn, cfg)["threads_failed"] == 2
+
+
+def test_folds_running_concurrently_with_status_changes_and_recounts_end_exact(
+    conn: Conn, sessions: Callable[[], Conn], pool: ThreadPoolExecutor,
+) -> None:
+    cfg, ids = _seed_threads(conn, 100)
+    workers = [sessions() for _ in range(5)]
+    folder, recounter = sessions(), sessions()
+    barrier = threading.Barrier(len(workers) + 2)
+    over = threading.Event()
+    folded: list[int] = []
+
+    def fold_loop() -> None:
+        barrier.wait()
+        while not over.is_set():
+            folded.append(scalar(folder, "SELECT fold_sync_stats_deltas()"))
+
+    def recount() -> None:
+        barrier.wait()
+        for _ in range(30):
+            recounter.execute("SELECT initialize_sync_stats(%s)", (cfg,))
+            time.sleep(0.005)
+
+    futures = [pool.submit(_churn, c, cfg, ids, 300 + seed, 150, barrier)
+               for seed, c in enumerate(workers)]
+    folding, recounting = pool.submit(fold_loop), pool.submit(recount)
+    totals = sum((f.result(timeout=60) for f in futures), Counter())
+    recounting.result(timeout=30)
+    over.set()
+    folding.result(timeout=30)
+    assert totals["commit"] > 5 * 150 * 0.7 and sum(folded) > 0
+    assert_stats_exact(conn, cfg)
 
 
 # --- get_sync_progress while a backfill runs ----------------------------------------------------
