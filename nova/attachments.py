@@ -67,11 +67,9 @@ from nova.logs import setup_logging
 from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import AuthExpired, GrantNotFound, NotFound, Permanent, Transient
 from nova.providers.nylas import parse_retry_after
-from nova.providers.registry import KINDS
 from nova.runtime import (
     DATABASE_ERRORS,
     MAX_BACKOFF,
-    Fatal,
     GiveUp,
     Job,
     JobContext,
@@ -239,10 +237,7 @@ class AttachmentProcessor(ProviderProcessor):
             return await self._skip(ctx, job, row_id, reason)
         via_provider = bool(row["grant_id"] and row["provider_attachment_id"])
         if via_provider:
-            kind = row["provider"]
-            if self.provider is None and kind not in self.providers:
-                setting = KINDS[kind].setting if kind in KINDS else f"provider {kind}"
-                raise Fatal(f"{setting} is not set: attachment {row_id} needs the {kind} API")
+            self.provider_for(row["provider"])  # not configured here: the job waits, untouched
             if row["inbox_status"] == "revoked":
                 raise GiveUp("inbox revoked: attachment not downloaded")
             if row["inbox_status"] != "active" or row["inbox_deleted"]:

@@ -75,8 +75,8 @@ def _url(settings: Settings, args: argparse.Namespace) -> str:
 def _connect(settings: Settings, args: argparse.Namespace) -> psycopg.Connection[Any]:
     url = _url(settings, args)
     try:
-        return psycopg.connect(url, autocommit=True, row_factory=dict_row,  # type: ignore[arg-type]
-                               connect_timeout=CONNECT_TIMEOUT)
+        return db.connect(url, autocommit=True, row_factory=dict_row,
+                          connect_timeout=CONNECT_TIMEOUT)
     except psycopg.OperationalError as exc:
         raise Unreachable(f"{db.describe(url)}: {_one_line(str(exc))}") from None
 
@@ -94,15 +94,60 @@ def cmd_inbox_add(settings: Settings, args: argparse.Namespace) -> int:
         args.usage("--grant-id is required for --provider nylas")
     if args.credentials is not None:
         args.usage("--credentials is for --provider gmail")
-    with _connect(settings, args) as conn:
+    with _connect(settings, args) as conn, conn.transaction():
         row = conn.execute(
             "INSERT INTO flux_inboxes (provider, grant_id, email) VALUES (%s, %s, %s)"
             " ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL"
             " DO UPDATE SET email = EXCLUDED.email, updated_at = now() RETURNING id",
             (args.provider, args.grant_id, args.email),
         ).fetchone()
-    assert row is not None
+        assert row is not None
+        changed = _reactivate(conn, settings, row["id"])
     print(row["id"])
+    _say_reactivated(row["id"], args.email, changed)
+    return 0
+
+
+REACTIVATE = "SELECT * FROM nova_reactivate_inbox(%s, make_interval(secs => %s))"
+
+
+def _reactivate(conn: psycopg.Connection[Any], settings: Settings,
+                inbox_id: uuid.UUID) -> dict[str, Any]:
+    """The operator's word: the inbox is active again, with a catch-up of what it missed
+    (nova_reactivate_inbox, sql/020_webhooks.sql). Nothing happens to an active one."""
+    row = conn.execute(REACTIVATE, (inbox_id, settings.catchup_overlap_seconds)).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def _say_reactivated(inbox_id: object, email: str, changed: dict[str, Any]) -> None:
+    if changed["was"] == changed["status"]:
+        return
+    config = changed["catchup_config_id"]
+    more = (f"; catch-up backfill {config} queued" if config
+            else "; the running backfill takes the threads it had lost")
+    print(f"inbox {inbox_id} ({email}) was {changed['was']}, active again{more}",
+          file=sys.stderr)
+
+
+def cmd_inbox_reactivate(settings: Settings, args: argparse.Namespace) -> int:
+    """`nova inbox reactivate INBOX`: undo `revoked` (or auth_expired, disabled) by hand."""
+    with _connect(settings, args) as conn, conn.transaction():
+        rows = conn.execute(
+            "SELECT id, email, status FROM flux_inboxes WHERE deleted_at IS NULL"
+            " AND (id::text = %s OR grant_id = %s OR lower(email) = lower(%s))",
+            (args.inbox, args.inbox, args.inbox)).fetchall()
+        if len(rows) != 1:
+            what = "no inbox" if not rows else f"{len(rows)} inboxes match"
+            print(f"nova: {what} {args.inbox!r} (give its id, grant id or email)",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        inbox = rows[0]
+        changed = _reactivate(conn, settings, inbox["id"])
+    if changed["was"] == changed["status"]:
+        print(f"inbox {inbox['id']} ({inbox['email']}) is already {changed['status']}")
+    else:
+        _say_reactivated(inbox["id"], inbox["email"], changed)
     return 0
 
 
@@ -137,7 +182,8 @@ def _inbox_add_gmail(settings: Settings, args: argparse.Namespace) -> int:
         args.usage("--credentials FILE is required for --provider gmail")
     try:
         fernet = credentials.cipher(settings)
-        user = credentials.load_authorized_user(args.credentials, account=email)
+        user = credentials.load_authorized_user(args.credentials, account=email,
+                                                token_uri=settings.gmail_token_uri)
     except credentials.CredentialsError as exc:
         print(f"nova: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -147,47 +193,37 @@ def _inbox_add_gmail(settings: Settings, args: argparse.Namespace) -> int:
               f"https://www.googleapis.com/auth/gmail.readonly", file=sys.stderr)
         return EXIT_USAGE
     try:
-        inbox_id, was, now, catchup = asyncio.run(
-            _save_gmail(_url(settings, args), grant, email, user, fernet))
+        inbox_id, changed = asyncio.run(_save_gmail(_url(settings, args), grant, email, user,
+                                                    fernet, settings.catchup_overlap_seconds))
     except _Refused as exc:
         print(f"nova: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(inbox_id)
-    if was == "auth_expired" and now == "active":
-        more = f"; catch-up backfill {catchup} queued" if catchup else ""
-        print(f"inbox {inbox_id} ({email}) was auth_expired, active again{more}",
-              file=sys.stderr)
-    elif was != "active":
-        print(f"inbox {inbox_id} ({email}): credentials saved, status stays {now}",
-              file=sys.stderr)
+    _say_reactivated(inbox_id, email, changed)
     return 0
 
 
-async def _save_gmail(url: str, grant: str, email: str, user: Any,
-                      fernet: Any) -> tuple[uuid.UUID, str, str, uuid.UUID | None]:
+async def _save_gmail(url: str, grant: str, email: str, user: Any, fernet: Any,
+                      overlap: float) -> tuple[uuid.UUID, dict[str, Any]]:
     import asyncpg
 
     from nova.credentials import save_credentials
 
     try:
-        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+        # One transaction, each statement run once: a statement cache would gain nothing, and
+        # its named statements would stay behind on a pooler's server connection.
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, statement_cache_size=0)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Unreachable(f"{db.describe(url)}: {_one_line(str(exc)) or type(exc).__name__}"
                           ) from None
     try:
         async with conn.transaction():
             row = await conn.fetchrow(GMAIL_UPSERT, grant, email)
-            if row["status"] == "revoked":
-                raise _Refused(f"inbox {row['id']} ({email}) is revoked, which is final; "
-                               f"nothing was written")
             await save_credentials(conn, row["id"], user, fernet)
-            was = now = row["status"]
-            catchup = None
-            if was == "auth_expired":
-                changed = await conn.fetchrow(
-                    "SELECT * FROM nova_set_inbox_status($1, 'active')", row["id"])
-                now, catchup = changed["status"], changed["catchup_config_id"]
-        return row["id"], was, now, catchup
+            changed = await conn.fetchrow(  # new credentials: the operator's word
+                "SELECT * FROM nova_reactivate_inbox($1, make_interval(secs => $2))",
+                row["id"], float(overlap))
+        return row["id"], dict(changed)
     except asyncpg.PostgresError as exc:
         raise _Refused(_one_line(str(exc))) from None
     finally:
@@ -200,7 +236,7 @@ SELECT i.id, i.email, i.provider, i.grant_id, i.status, i.created_at, i.last_eve
        s.threads_queued, s.threads_completed, s.threads_failed, s.messages_synced
 FROM flux_inboxes i
 LEFT JOIN flux_inbox_configurations c ON c.inbox_id = i.id AND c.deleted_at IS NULL
-LEFT JOIN inbox_sync_stats s ON s.config_id = c.id
+LEFT JOIN inbox_sync_stats_current s ON s.config_id = c.id
 WHERE i.deleted_at IS NULL
 ORDER BY i.created_at, i.id
 """
@@ -262,6 +298,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.database_url:
         settings = settings.model_copy(update={"database_url": args.database_url})
+    if args.command == "demo":
+        settings = settings.model_copy(update={"demo": True})
     return serve(settings)
 
 
@@ -340,15 +378,54 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
+    from nova.threads import retry_schedule
+
+    def _int(value: Any) -> int | None:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    def _retry(done: int, rounds: int, next_at: dt.datetime | None) -> str:
+        """Where a thread's retry rounds stand: the next one's number and time, or none."""
+        if next_at is not None:
+            return f"{done + 1}/{max(rounds, done + 1)}@{next_at:%Y-%m-%d %H:%M:%S}"
+        return f"none-left({done}/{rounds})" if done >= rounds else "none"
+
     with _connect(settings, args) as conn:
         rows = conn.execute("SELECT * FROM nova_dead_letters(%s)", (args.queue,)).fetchall()
+        # Failed threads, with where their retry rounds stand: a thread's dead letter is not
+        # the end of it (retry_failed_threads), and one failed with its inbox revoked has none.
+        failed = conn.execute("SELECT * FROM nova_failed_threads()").fetchall() \
+            if args.queue in (None, "thread_sync_jobs") else []
+    rounds = len(retry_schedule(settings))
+    by_row = {t["queued_thread_id"]: t for t in failed}
+    for r in rows:
+        thread = by_row.get(_int((r["message"] or {}).get("queued_thread_id")))
+        if r["queue_name"] == "thread_sync_jobs" and thread is not None:
+            r["thread_failed"] = True
+            r["retry_rounds"] = thread["retry_rounds"]
+            r["next_retry_at"] = thread["next_retry_at"]
     if args.json:
         print(json.dumps(rows, default=_json_default, indent=2))
         return 0
     for r in rows:
+        retry = ""
+        if r.get("thread_failed"):
+            retry = f" retry={_retry(r['retry_rounds'], rounds, r['next_retry_at'])}"
         print(f"{r['queue_name']:<28} msg={r['msg_id']:<8} attempts={r['read_ct']}"
-              f" archived={r['archived_at']:%Y-%m-%d %H:%M:%S} {json.dumps(r['message'])}")
+              f" archived={r['archived_at']:%Y-%m-%d %H:%M:%S}{retry} {json.dumps(r['message'])}")
     print(f"{len(rows)} dead letter(s)")
+    if failed:
+        waiting = [t["next_retry_at"] for t in failed if t["next_retry_at"] is not None]
+        due = f", next due {min(waiting):%Y-%m-%d %H:%M:%S}" if waiting else ""
+        print(f"{len(failed)} failed thread(s), {len(waiting)} waiting for a retry round{due}:")
+        for t in failed:
+            failed_at = f"{t['failed_at']:%Y-%m-%d %H:%M:%S}" if t["failed_at"] else "-"
+            print(f"  thread={t['provider_thread_id']} config={t['config_id']}"
+                  f" attempts={t['attempts']} failed={failed_at}"
+                  f" retry={_retry(t['retry_rounds'], rounds, t['next_retry_at'])}"
+                  f" error={_one_line(t['error_message'] or '')[:200]}")
     return 0
 
 
@@ -406,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gmail: the user's authorized_user JSON (client_id, client_secret, "
                         "refresh_token)")
     p.set_defaults(func=cmd_inbox_add, usage=p.error)
+    p = inbox.add_parser("reactivate", help="make a revoked (or expired, disabled) mailbox "
+                                            "active again, with a catch-up of what it missed")
+    p.add_argument("inbox", help="the inbox id, or its grant id or email")
+    p.set_defaults(func=cmd_inbox_reactivate)
     p = inbox.add_parser("list", help="every mailbox, its status and its backfill")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inbox_list)
@@ -427,7 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backfill_cancel)
 
     p = sub.add_parser("run", help="every processor and the receiver in one process"
-                                   " (a Nylas sandbox when NYLAS_API_KEY is unset)")
+                                   " (the demo when nothing is configured)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="python -m nova against the Nylas and Gmail sandboxes"
+                                    " (NOVA_DEMO=1); refuses a database with real inboxes")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("progress", help="backfill progress: live bars on a terminal until it "

@@ -14,6 +14,12 @@ Not a queue processor: a loop.
   no worker will pick up again (queued without a live queue message, or processing past the
   visibility timeout plus a margin) are re-queued; running backfills whose job message vanished
   get it back. Each repair is logged.
+- Every check, first: the progress counters' delta rows (appended by the triggers on
+  `queued_threads`; no job transaction locks a counter row) are folded into `inbox_sync_stats`
+  (`fold_sync_stats_deltas`), so `get_sync_progress` sums at most one interval's changes.
+- Every RECOVERY_CHECK_INTERVAL_MS, with ENABLE_AUTO_RECOVERY and NOVA_THREAD_RETRY_ROUNDS > 0:
+  failed threads whose next retry round is due get a new job (`retry_failed_threads`, driven by
+  the index of what is due), whether or not their backfill completed meanwhile.
 - On the same interval, with NOVA_CATCHUP_GAP_SECONDS > 0: an active, fully backfilled inbox
   that has not had a webhook for longer than that gets a catch-up backfill from its last sign of
   life minus NOVA_CATCHUP_OVERLAP_SECONDS.
@@ -56,6 +62,9 @@ PREMATURE = "SELECT * FROM recover_premature_completions()"
 STUCK = "SELECT * FROM recover_stuck_threads($1, $2)"
 LOST_JOBS = "SELECT * FROM recover_lost_backfill_jobs($1)"
 CATCHUPS = "SELECT * FROM queue_due_catchups($1, $2)"
+FOLD = "SELECT fold_sync_stats_deltas()"
+RETRIES = "SELECT * FROM retry_failed_threads($1, $2, $3)"
+RETRY_BATCH = 500
 # Counters that drifted low would never say "done": recovery re-counts every waiting backfill.
 SYNCING = """
 SELECT id FROM flux_inbox_configurations
@@ -65,12 +74,14 @@ STUCK_BATCH = 1000
 # Expired inboxes not heard of for a while: their grants are asked again (recheck_grants).
 EXPIRED_INBOXES = """
 SELECT id, grant_id FROM flux_inboxes
-WHERE status = 'auth_expired' AND provider = 'nylas' AND deleted_at IS NULL
+WHERE status = 'auth_expired' AND provider = $2 AND deleted_at IS NULL
   AND grant_id IS NOT NULL AND coalesce(status_changed_at, updated_at) < now() - $1::interval
 ORDER BY coalesce(status_changed_at, updated_at)
 LIMIT 50
 """
 SET_STATUS = "SELECT * FROM nova_set_inbox_status($1, $2, now(), $3)"
+STRANDED = "SELECT nova_release_stranded_notifications()"
+END_PARKED = "SELECT * FROM nova_end_parked_backfills($1)"
 # Gmail inboxes not synced from their history for GMAIL_HISTORY_POLL_SECONDS: a change sync
 # (nova.changes) through the webhooks queue, at most one asked per interval.
 POLL_CHANGES = """
@@ -131,6 +142,9 @@ class Repairs:
     grants: list[Any] = field(default_factory=list)  # (inbox, status after the check)
     watches: list[Any] = field(default_factory=list)  # (inbox, "watch" | "stop")
     resumed: list[Any] = field(default_factory=list)
+    retried: list[Any] = field(default_factory=list)  # threads whose retry round started
+    released: int = 0  # 'waiting' notifications whose inbox is usable, queued again
+    ended: list[Any] = field(default_factory=list)  # (inbox, threads) of long-expired inboxes
 
 
 class CompletionMonitor:
@@ -144,6 +158,11 @@ class CompletionMonitor:
         self.recovery_interval = settings.recovery_check_interval_ms / 1000
         vt = settings.visibility_timeout
         self.stuck_after = timedelta(seconds=vt * 1.5 + 5)  # a margin past the timeout
+        # Retry rounds of failed threads (nova.threads schedules them): a round in flight is
+        # watched like a job's lease; an inactive inbox's threads are looked at again after
+        # the first round's delay.
+        self.retry_rounds = settings.thread_retry_rounds
+        self.retry_idle = timedelta(seconds=settings.thread_retry_seconds)
         self._stopping = asyncio.Event()
         self._failed_steps = 0
 
@@ -235,6 +254,8 @@ class CompletionMonitor:
             async with self._step("Monitor", "history poll"):
                 await self.pool.fetch(
                     POLL_CHANGES, timedelta(seconds=self.settings.gmail_history_poll_seconds))
+        async with self._step("Monitor", "counter fold"):
+            await self.pool.fetchval(FOLD)
         completed = []
         for p in await self.pool.fetch(ACTIVE):
             log.info(progress_line(p))
@@ -276,6 +297,15 @@ class CompletionMonitor:
                 for r in repairs.jobs:
                     log.warning("[Recovery] backfill job re-sent config=%s job=%d",
                                 r["config_id"], r["msg_id"])
+            if self.retry_rounds > 0:
+                async with self._step("Recovery", "failed thread retries"):
+                    repairs.retried = await self.pool.fetch(
+                        RETRIES, self.stuck_after, self.retry_idle, RETRY_BATCH)
+                    for r in repairs.retried:
+                        log.warning("[Recovery] thread retried config=%s thread=%s was=%s "
+                                    "round=%d/%d job=%d", r["config_id"],
+                                    r["provider_thread_id"], r["was"], r["retry_round"],
+                                    self.retry_rounds, r["msg_id"])
             if self.settings.backfill_max_resumes > 0:
                 async with self._step("Recovery", "failed backfills"):
                     repairs.resumed = await self.pool.fetch(
@@ -296,6 +326,20 @@ class CompletionMonitor:
                         repairs.recounted.append(config_id)
                         log.warning("[Recovery] config=%s completed after re-counting its "
                                     "threads", config_id)
+            async with self._step("Recovery", "stranded notifications"):
+                repairs.released = await self.pool.fetchval(STRANDED)
+                if repairs.released:
+                    log.warning("[Recovery] %d waiting notification(s) of active inboxes "
+                                "queued again", repairs.released)
+            if self.settings.parked_backfill_seconds > 0:
+                async with self._step("Recovery", "backfills parked on expired inboxes"):
+                    repairs.ended = await self.pool.fetch(
+                        END_PARKED, timedelta(seconds=self.settings.parked_backfill_seconds))
+                    for r in repairs.ended:
+                        log.warning("[Recovery] inbox=%s expired for over %ds: %d thread(s) "
+                                    "of its backfill ended (a re-authentication syncs them)",
+                                    r["inbox_id"], self.settings.parked_backfill_seconds,
+                                    r["threads"])
         if self.settings.catchup_gap_seconds > 0:
             async with self._step("Monitor", "catch-up scan"):
                 repairs.catchups = await self.pool.fetch(
@@ -306,7 +350,7 @@ class CompletionMonitor:
                         log.info("[Monitor] catch-up queued inbox=%s config=%s since=%s "
                                  "last_seen=%s", r["inbox_id"], r["config_id"],
                                  r["since"].isoformat(), r["last_seen"].isoformat())
-        if self.settings.grant_recheck_seconds > 0 and self.settings.nylas_api_key is not None:
+        if self.settings.grant_recheck_seconds > 0:
             async with self._step("Monitor", "grant checks"):
                 repairs.grants = await self.recheck_grants()
         if self.settings.gmail_pubsub_topic and self.settings.credentials_key:
@@ -355,37 +399,52 @@ class CompletionMonitor:
 
     async def recheck_grants(self) -> list[tuple[Any, str]]:
         """Expired inboxes whose grant was not heard of for NOVA_GRANT_RECHECK_SECONDS: ask
-        the grant (GET /v3/grants/{id}). A re-authentication whose webhook never came (lost,
-        or no receiver configured) must not leave the inbox expired for good."""
+        the grant, for every configured provider (Nylas: GET /v3/grants/{id}; Gmail: a token
+        refresh and getProfile). A re-authentication whose webhook never came (lost, or no
+        receiver configured), or new Gmail credentials, must not leave the inbox expired for
+        good. A 404 revokes only when confirmed (nova.processor.grant_gone)."""
+        from nova.processor import grant_gone
         from nova.providers import GrantNotFound, ProviderError
-        from nova.providers.nylas import NylasProvider
+        from nova.providers.registry import configured
+        from nova.ratelimit import ProviderBudget, provider_from_settings
 
-        assert self.settings.nylas_api_key is not None
-        rows = await self.pool.fetch(
-            EXPIRED_INBOXES, timedelta(seconds=self.settings.grant_recheck_seconds))
         done: list[tuple[Any, str]] = []
-        if not rows:
-            return done
-        async with NylasProvider(self.settings.nylas_api_key.get_secret_value(),
-                                 self.settings.nylas_api_uri, timeout=10) as provider:
-            for row in rows:
-                try:
-                    grant = await provider.get_grant(row["grant_id"])
-                    target = "active" if grant.is_valid else "auth_expired"
-                except GrantNotFound:
-                    target = "revoked"
-                except ProviderError as exc:
-                    log.warning("[Monitor] grant check of inbox=%s failed: %s", row["id"], exc)
-                    continue
-                result = await self.pool.fetchrow(
-                    SET_STATUS, row["id"], target,
-                    timedelta(seconds=self.settings.catchup_overlap_seconds))
-                done.append((row["id"], result["status"]))
-                if result["was"] != result["status"]:
-                    log.warning("[Monitor] inbox=%s %s -> %s after a grant check%s", row["id"],
-                                result["was"], result["status"],
-                                f" catch-up={result['catchup_config_id']}"
-                                if result["catchup_config_id"] else "")
+        for kind in configured(self.settings):
+            rows = await self.pool.fetch(
+                EXPIRED_INBOXES, timedelta(seconds=self.settings.grant_recheck_seconds),
+                kind.name)
+            if not rows:
+                continue
+            budget = ProviderBudget.from_settings(self.pool, self.settings, kind.name)
+            provider, client = provider_from_settings(self.settings, budget, kind=kind.name)
+            try:
+                for row in rows:
+                    try:
+                        grant = await provider.get_grant(row["grant_id"])
+                        target = "active" if grant.is_valid else "auth_expired"
+                    except GrantNotFound as exc:
+                        answer = await grant_gone(provider, row["grant_id"], exc,
+                                                  self.settings.revoke_confirm_seconds)
+                        if not isinstance(answer, GrantNotFound):
+                            log.info("[Monitor] grant of inbox=%s: %s", row["id"], answer)
+                            continue
+                        target = "revoked"
+                    except ProviderError as exc:
+                        log.warning("[Monitor] grant check of inbox=%s failed: %s", row["id"],
+                                    exc)
+                        continue
+                    result = await self.pool.fetchrow(
+                        SET_STATUS, row["id"], target,
+                        timedelta(seconds=self.settings.catchup_overlap_seconds))
+                    done.append((row["id"], result["status"]))
+                    if result["was"] != result["status"]:
+                        log.warning("[Monitor] inbox=%s %s -> %s after a grant check%s",
+                                    row["id"], result["was"], result["status"],
+                                    f" catch-up={result['catchup_config_id']}"
+                                    if result["catchup_config_id"] else "")
+            finally:
+                await provider.aclose()
+                await client.aclose()
         return done
 
 

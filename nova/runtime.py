@@ -5,7 +5,9 @@ A `Processor` says what one job does; `Worker` runs it against its PGMQ queue:
 - Pickup: a read returns at once; when the queue is empty the worker waits for a NOTIFY from the
   queue's insert trigger (sql/040_queue_notify.sql), for the next message to become visible (a
   delayed retry, or the lease of a dead worker running out), or for POLL_INTERVAL_MS, whichever
-  comes first. There is no fixed sleep between reads.
+  comes first. There is no fixed sleep between reads. The LISTEN runs where a session can be
+  trusted (db.listen_url): behind a connection pooler without NOVA_DATABASE_DIRECT_URL there is
+  none, and POLL_INTERVAL_MS bounds the wait.
 - Concurrency: at most BATCH_SIZE jobs in flight per process; reads ask only for free slots.
 - Leases: a read message is held by a short lease, (msg_id, read_ct): PGMQ hands the same
   msg_id out again with read_ct + 1, so the worker that read it at read_ct N holds it only while
@@ -110,6 +112,16 @@ class Fatal(Exception):
     the worker stops reading and drains, and the process exits with status 2."""
 
 
+class Defer(Exception):  # noqa: N818 - it is a decision, not a failure
+    """Raised by a processor when the job cannot run here yet for a reason that is not the
+    job's fault (its inbox's provider is not configured in this process, say): the message
+    comes back after `delay` seconds without costing an attempt, and nothing is recorded."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 class LeaseLost(Exception):  # noqa: N818
     """The job's message is no longer held at the read_ct it was read with: another worker
     has it (or it is gone). Whatever the job wrote in this transaction is rolled back."""
@@ -169,6 +181,11 @@ class QueueSQL:
         # Giving a message back (shutdown, Fatal) costs no attempt: the read is undone.
         self.release = (
             f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0), vt = clock_timestamp()"
+            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
+        # A deferred job (Defer) comes back later, its read undone as well.
+        self.defer = (
+            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0),"
+            " vt = clock_timestamp() + make_interval(secs => $3::float8)"
             " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
         # TESTING_MODE keeps a finished job's message; its run costs no attempt either.
         self.keep = (
@@ -316,6 +333,10 @@ class Worker:
         self._inflight: dict[tuple[int, int], Lease] = {}  # by (msg_id, read_ct)
         self._renewing = asyncio.Lock()
         self._listener: asyncpg.Connection | None = None
+        # Where the listener connects (db.listen_url), decided at the first read; `_polling`
+        # when there is nowhere: behind a pooler without NOVA_DATABASE_DIRECT_URL.
+        self._listen_url: str | None = None
+        self._polling = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -433,16 +454,24 @@ class Worker:
         except DATABASE_ERRORS as exc:
             log.warning("[%s] idle wait: next visibility unknown (%s); waiting %.1fs",
                         self.component, describe_error(exc), timeout)
-        if self._listener is None:
-            timeout = min(timeout, 0.5)
+        if self._listener is None and not self._polling:
+            timeout = min(timeout, 0.5)  # the listener is lost: look again soon
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def _ensure_listener(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
+        """LISTEN for the queue's inserts on a connection of its own, where a session can be
+        trusted (db.listen_url); behind a pooler without one there is no listener, and idle
+        waits last up to POLL_INTERVAL_MS."""
+        if self._polling or (self._listener is not None and not self._listener.is_closed()):
             return
-        assert self.database_url is not None
-        conn = await asyncpg.connect(self.database_url)
+        if self._listen_url is None:
+            assert self.database_url is not None
+            self._listen_url = await db.listen_url(self.settings, self.database_url)
+            if self._listen_url is None:
+                self._polling = True
+                return
+        conn = await asyncpg.connect(self._listen_url)
         try:
             await conn.add_listener(f"nova_q_{self.queue}", self._on_notify)
         except BaseException:
@@ -584,6 +613,9 @@ class Worker:
             self._on_fatal(job, exc)
             await self._release(job)
             return
+        except Defer as exc:
+            await self._defer(job, exc)
+            return
         except Exception as exc:  # every failure becomes a retry or a dead letter
             if lease.lost is not None:
                 self._log_lost(job, lease.lost)
@@ -679,6 +711,23 @@ class Worker:
         log.error("[%s] job %d archived unrun attempt=%d: %s%s", self.component, job.msg_id,
                   job.read_ct, error, f" (its row could not be marked failed: "
                   f"{describe_error(unrecorded)})" if unrecorded else "")
+
+    async def _defer(self, job: Job, deferred: Defer) -> None:
+        """Put a job back for `deferred.delay` seconds, its read undone (no attempt)."""
+        try:
+            held = await self.pool.fetchval(self.sql.defer, job.msg_id, job.read_ct,
+                                            float(deferred.delay))
+        except DATABASE_ERRORS as exc:  # its lease runs out soon anyway
+            log.warning("[%s] could not defer job %d (%s); it comes back when its lease runs "
+                        "out", self.component, job.msg_id, describe_error(exc))
+            return
+        if held is None:
+            self._log_lost(job, "by the time it was deferred, its message was held by another "
+                                "worker")
+            return
+        metrics.job_outcome(self.queue, "deferred")
+        log.info("[%s] job %d deferred %.0fs (not counted): %s", self.component, job.msg_id,
+                 deferred.delay, deferred)
 
     async def _release(self, job: Job) -> None:
         """Make a job's message visible again now, for another worker, undoing its read: a

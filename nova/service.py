@@ -1,10 +1,12 @@
 """`python -m nova` (or `nova run`): every processor (attachments to NOVA_ATTACHMENT_PATH
 included) and the webhook receiver in one process.
 
-Start-up brings the database to the current schema first. With no NYLAS_API_KEY, Nova runs
-against its sandboxes instead of the real APIs, so every path of Nova runs on a fresh machine
-with nothing configured (the Gmail sandbox only while NOVA_CREDENTIALS_KEY is unset too: with
-it set, Gmail inboxes are real ones and the Gmail API is Google's):
+Start-up brings the database to the current schema first. Production is the default: with a
+database URL or any provider's settings, Nova runs on what is configured and nothing else (a
+provider without settings is simply not configured: its inboxes' jobs wait untouched). The
+demo runs only when nothing real is configured (no NOVA_DATABASE_URL, so the embedded
+Postgres, and no provider) or when asked for (NOVA_DEMO=1, `nova demo`), so every path of Nova
+runs on a fresh machine with nothing configured:
 
 - the Nylas sandbox (nova.sandbox.nylas) serves a generated mailbox on loopback; its grants
   become inboxes and the first one gets a backfill;
@@ -18,11 +20,11 @@ it set, Gmail inboxes are real ones and the Gmail API is Google's):
   thread or a new thread): Nylas delivers a signed webhook, Gmail a Pub/Sub push, and the
   receiver takes both.
 
-In that mode the settings point at the sandboxes: NYLAS_API_KEY / NYLAS_API_URI, GMAIL_API_URI
-and GMAIL_PUBSUB_TOPIC are the sandboxes' (GMAIL_PUSH_AUDIENCE is ignored: the sandbox pushes
-with a token). NYLAS_WEBHOOK_SECRET and GMAIL_PUSH_TOKEN are used when set, else fixed
-sandbox values (SANDBOX_SECRET, SANDBOX_PUSH_TOKEN; the credentials key is
-SANDBOX_CREDENTIALS_KEY) that
+The demo's inboxes are marked `demo`. It refuses, in one line naming them, a database that
+holds any inbox it did not create: its sandboxes answer 404 for grants they do not know, and a
+real inbox must never meet them. In the demo every provider setting points at the sandboxes
+(NYLAS_WEBHOOK_SECRET and GMAIL_PUSH_TOKEN are used when set, else fixed sandbox values,
+SANDBOX_SECRET and SANDBOX_PUSH_TOKEN; the credentials key is SANDBOX_CREDENTIALS_KEY): they
 guard nothing but the sandboxes' own generated mail and tokens. Each run starts fresh
 sandboxes: registering is idempotent (the inboxes are kept, each demo backfill is queued once),
 but the Gmail inbox's credentials (their token URI names this run's port), its history cursor
@@ -52,7 +54,7 @@ from pydantic import SecretStr
 from rich.console import Console
 
 from nova import db, metrics
-from nova.config import Settings, settings_or_exit
+from nova.config import ConfigError, Settings, settings_or_exit
 from nova.credentials import CredentialsError
 from nova.logs import setup_logging
 from nova.migrate import migrate
@@ -115,9 +117,10 @@ async def _register_sandbox_inboxes(url: str, sandbox: Any) -> uuid.UUID | None:
     try:
         for grant in sandbox.mailbox.grants.values():
             await pool.execute(
-                "INSERT INTO flux_inboxes (provider, grant_id, email) VALUES ('nylas', $1, $2)"
-                " ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL DO NOTHING",
-                grant.id, grant.email)
+                "INSERT INTO flux_inboxes (provider, grant_id, email, demo)"
+                " VALUES ('nylas', $1, $2, true)"
+                " ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL"
+                " DO UPDATE SET demo = true", grant.id, grant.email)
         first = sandbox.grant_ids[0]
         inbox_id = await pool.fetchval("SELECT id FROM flux_inboxes WHERE grant_id = $1", first)
         started = await pool.fetchval(
@@ -136,8 +139,8 @@ async def _register_sandbox_inboxes(url: str, sandbox: Any) -> uuid.UUID | None:
 # The sandbox's first user as a Gmail inbox (grant: the lower-cased address, as `nova inbox add
 # --provider gmail` stores it); an existing one is kept as it is.
 GMAIL_INSERT = """
-INSERT INTO flux_inboxes (provider, grant_id, email) VALUES ('gmail', $1, $2)
-ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL DO NOTHING
+INSERT INTO flux_inboxes (provider, grant_id, email, demo) VALUES ('gmail', $1, $2, true)
+ON CONFLICT (provider, grant_id) WHERE grant_id IS NOT NULL DO UPDATE SET demo = true
 """
 GMAIL_INBOX = """
 SELECT id, status, deleted_at FROM flux_inboxes WHERE provider = 'gmail' AND grant_id = $1
@@ -189,12 +192,6 @@ async def _register_gmail_sandbox_inbox(url: str, sandbox: Any,
                 config_id = await conn.fetchval("SELECT queue_inbox_backfill($1)", inbox_id)
                 log.info("[Service] Gmail sandbox backfill queued inbox=%s config=%s",
                          inbox_id, config_id)
-            others = await conn.fetchval(
-                "SELECT count(*) FROM flux_inboxes WHERE provider = 'gmail' AND id <> $1"
-                " AND deleted_at IS NULL AND status = 'active'", inbox_id)
-            if others:
-                log.warning("[Service] %d other active Gmail inbox(es): without NYLAS_API_KEY "
-                            "every Gmail request goes to the Gmail sandbox", others)
             return await conn.fetchval(  # type: ignore[no-any-return]
                 "SELECT id FROM flux_inbox_configurations WHERE inbox_id = $1"
                 " AND deleted_at IS NULL", inbox_id)
@@ -202,54 +199,98 @@ async def _register_gmail_sandbox_inbox(url: str, sandbox: Any,
         await pool.close()
 
 
-async def _start_nylas_sandbox(settings: Settings, url: str,
-                               started: list[Any]) -> tuple[Settings, Any, uuid.UUID | None]:
-    """The Nylas sandbox (appended to `started` once running), the settings pointing at it,
-    its grants registered; returns the settings, the sandbox, the demo configuration."""
-    from nova.sandbox.nylas import SandboxNylas
+class DemoRefused(Exception):
+    """The demo will not run here: the database holds inboxes it did not create."""
+
+
+def demo_wanted(settings: Settings) -> bool:
+    """The demo runs when it is asked for (NOVA_DEMO=1, `nova demo`) or when nothing real is
+    configured: no database URL (the embedded Postgres) and no provider. A database URL, or
+    any provider's settings, means production: no sandbox starts."""
+    from nova.providers.registry import configured
+
+    return settings.demo or (settings.database_url is None and not configured(settings))
+
+
+# Inboxes the demo did not create: not marked demo, and not one of this run's sandbox
+# mailboxes (a database demoed before the mark existed has those unmarked).
+FOREIGN_INBOXES = """
+SELECT provider, grant_id, email FROM flux_inboxes
+WHERE NOT demo AND (provider, coalesce(grant_id, '')) NOT IN
+      (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY created_at, id
+"""
+
+
+async def _refuse_foreign_inboxes(url: str, own: list[tuple[str, str]]) -> None:
+    """DemoRefused, naming them, when the database holds an inbox the demo did not make:
+    its sandboxes would answer for real grants (a 404 for a grant they do not know)."""
+    pool = await db.create_pool(url, min_size=1, max_size=1)
+    try:
+        rows = await pool.fetch(FOREIGN_INBOXES, [p for p, _ in own], [g for _, g in own])
+    finally:
+        await pool.close()
+    if rows:
+        named = ", ".join(f"{r['email']} ({r['provider']})" for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise DemoRefused(
+            f"the demo will not run on {db.describe(url)}: it holds {len(rows)} inbox(es) "
+            f"it did not create: {named}{more}. Configure their provider (NYLAS_API_KEY, "
+            f"NOVA_CREDENTIALS_KEY) to run Nova on them, or give the demo a database of "
+            f"its own")
+
+
+def _demo_sandboxes(settings: Settings) -> tuple[Any, Any]:
+    """The two demo sandboxes, built (mailboxes generated) but not started."""
+    try:
+        from nova.sandbox.gmail import SandboxGmail
+        from nova.sandbox.nylas import SandboxNylas
+    except ModuleNotFoundError as exc:  # a production install: no nova/sandbox, no demo extra
+        raise DemoRefused(f"the demo is not installed here ({exc.name} is missing): set "
+                          "NOVA_DATABASE_URL and a provider's settings, or pip install "
+                          "'.[demo]' in a checkout of Nova") from None
 
     secret = (settings.nylas_webhook_secret.get_secret_value()
               if settings.nylas_webhook_secret else SANDBOX_SECRET)
-    receiver_url = f"http://127.0.0.1:{settings.receiver_port}/webhooks/nylas"
-    sandbox = SandboxNylas(threads=settings.sandbox_threads, seed=settings.sandbox_seed,
-                           api_key=SANDBOX_API_KEY, webhook_secret=secret,
-                           webhook_url=receiver_url)
-    await asyncio.to_thread(sandbox.start)
-    started.append(sandbox)
-    log.info("[Service] no NYLAS_API_KEY: using the Nylas sandbox at %s (grants %s)",
-             sandbox.base_url, ", ".join(sandbox.grant_ids))
-    settings = settings.model_copy(update={
-        "nylas_api_key": SecretStr(SANDBOX_API_KEY), "nylas_api_uri": sandbox.base_url,
-        "nylas_webhook_secret": SecretStr(secret)})
-    return settings, sandbox, await _register_sandbox_inboxes(url, sandbox)
-
-
-async def _start_gmail_sandbox(settings: Settings, url: str,
-                               started: list[Any]) -> tuple[Settings, Any, uuid.UUID | None]:
-    """The Gmail API sandbox (appended to `started` once running), the settings pointing at
-    it, its first user registered; returns the settings, the sandbox, the demo configuration."""
-    from nova.sandbox.gmail import SandboxGmail
-
-    key = SecretStr(SANDBOX_CREDENTIALS_KEY)  # only when no real key is set (serve)
-    token = settings.gmail_push_token
-    if token is None or not token.get_secret_value():
-        token = SecretStr(SANDBOX_PUSH_TOKEN)
-    topic = settings.gmail_pubsub_topic
-    if topic is None or not topic.startswith("projects/nova-sandbox/topics/"):
-        topic = SANDBOX_PUBSUB_TOPIC
-    sandbox = SandboxGmail(
+    token = (settings.gmail_push_token.get_secret_value()
+             if settings.gmail_push_token else SANDBOX_PUSH_TOKEN)
+    receiver = f"http://127.0.0.1:{settings.receiver_port}/webhooks"
+    nylas = SandboxNylas(threads=settings.sandbox_threads, seed=settings.sandbox_seed,
+                         api_key=SANDBOX_API_KEY, webhook_secret=secret,
+                         webhook_url=f"{receiver}/nylas")
+    gmail = SandboxGmail(
         threads=settings.sandbox_threads, seed=settings.sandbox_seed, users=1,
-        quota_per_minute=GMAIL_QUOTA_PER_MINUTE,
-        push_endpoint=f"http://127.0.0.1:{settings.receiver_port}/webhooks/gmail",
-        push_auth="token", push_token=token.get_secret_value())
-    await asyncio.to_thread(sandbox.start)
-    started.append(sandbox)
-    log.info("[Service] no NYLAS_API_KEY: using the Gmail sandbox at %s (user %s)",
-             sandbox.base_url, sandbox.users[0])
+        quota_per_minute=GMAIL_QUOTA_PER_MINUTE, push_endpoint=f"{receiver}/gmail",
+        push_auth="token", push_token=token)
+    return nylas, gmail
+
+
+async def _start_demo(settings: Settings, url: str, started: list[Any],
+                      ) -> tuple[Settings, list[tuple[Any, str]], list[uuid.UUID]]:
+    """Both sandboxes running (appended to `started`), the settings pointing at them only,
+    their mailboxes registered as demo inboxes with a first backfill each. Returns the
+    settings, the (sandbox, grant) pairs of the ticker, and the demo configurations."""
+    nylas, gmail = _demo_sandboxes(settings)
+    own = [("nylas", g) for g in nylas.grant_ids] + [("gmail", e.lower()) for e in gmail.users]
+    await _refuse_foreign_inboxes(url, own)
+    for sandbox in (nylas, gmail):
+        await asyncio.to_thread(sandbox.start)
+        started.append(sandbox)
+    log.info("[Service] demo: using the Nylas sandbox at %s (grants %s)", nylas.base_url,
+             ", ".join(nylas.grant_ids))
+    log.info("[Service] demo: using the Gmail sandbox at %s (user %s)", gmail.base_url,
+             gmail.users[0])
     settings = settings.model_copy(update={
-        "gmail_api_uri": sandbox.base_url, "credentials_key": key, "gmail_push_token": token,
-        "gmail_push_audience": None, "gmail_pubsub_topic": topic})
-    return settings, sandbox, await _register_gmail_sandbox_inbox(url, sandbox, settings)
+        "nylas_api_key": SecretStr(SANDBOX_API_KEY), "nylas_api_uri": nylas.base_url,
+        "nylas_webhook_secret": SecretStr(nylas.webhook_secret),
+        "gmail_api_uri": gmail.base_url, "gmail_token_uri": gmail.token_uri,
+        "credentials_key": SecretStr(SANDBOX_CREDENTIALS_KEY),
+        "gmail_push_token": SecretStr(gmail.push.config.token), "gmail_push_audience": None,
+        "gmail_push_service_account": None, "gmail_pubsub_topic": SANDBOX_PUBSUB_TOPIC})
+    pinned = [await _register_sandbox_inboxes(url, nylas),
+              await _register_gmail_sandbox_inbox(url, gmail, settings)]
+    return (settings, [(nylas, nylas.grant_ids[0]), (gmail, gmail.users[0])],
+            [config for config in pinned if config is not None])
 
 
 async def serve(settings: Settings, console: Console | None = None) -> int:
@@ -258,44 +299,48 @@ async def serve(settings: Settings, console: Console | None = None) -> int:
     from nova.attachments import AttachmentJanitor, AttachmentProcessor
     from nova.backfill import BackfillProcessor
     from nova.completion import CompletionMonitor
+    from nova.gmail_push import check_push_settings
+    from nova.providers.registry import KINDS, configured
+    from nova.receiver import ReceiverServer, receives
     from nova.runtime import Runnable, Worker, run_parts
     from nova.threads import ThreadSyncProcessor
     from nova.webhooks import WebhookProcessor
 
+    demo = demo_wanted(settings)
+    if not demo and not configured(settings):
+        names = " or ".join(kind.setting for kind in KINDS.values())
+        log.error("[Service] no provider is configured: set %s (NOVA_DEMO=1 runs the demo "
+                  "sandboxes instead)", names)
+        return 2
+    if not demo:
+        try:
+            check_push_settings(settings)  # refused before anything is touched
+        except ConfigError as exc:
+            log.error("[Service] %s", exc)
+            return 2
     url = await asyncio.to_thread(db.database_url, settings)
-    result = await asyncio.to_thread(migrate, url)
+    # DDL over the direct URL when there is one: away from a pooler's query timeouts.
+    result = await asyncio.to_thread(migrate, settings.database_direct_url or url)
     log.info("[Service] database %s ready (%d migration(s) applied)", db.describe(url),
              len(result.applied))
 
-    from nova.receiver import receives
-
-    receiving = settings.nylas_api_key is None or receives(settings)
+    receiving = demo or receives(settings)
     if receiving and not _port_free(settings.receiver_host, settings.receiver_port):
         raise SystemExit(f"NOVA_RECEIVER_PORT {settings.receiver_port} is already in use")
     runnables: list[Runnable] = [*metrics.server_parts(settings, "Service", database_url=url)]
     sandboxes: list[Any] = []  # started, stopped in reverse order
     pinned: list[uuid.UUID] = []
     try:
-        if settings.credentials_key is not None:  # real Gmail inboxes: the key must work
+        if demo:
+            settings, mailboxes, pinned = await _start_demo(settings, url, sandboxes)
+            if settings.sandbox_event_seconds > 0:
+                runnables.append(SandboxTicker(settings.sandbox_event_seconds, *mailboxes))
+        elif settings.credentials_key is not None:  # real Gmail inboxes: the key must work
             from nova.credentials import cipher
 
             cipher(settings)
-        if settings.nylas_api_key is None:
-            demo = settings.credentials_key is None  # the Gmail sandbox too
-            settings, nylas, nylas_demo = await _start_nylas_sandbox(settings, url, sandboxes)
-            mailboxes: list[tuple[Any, str]] = [(nylas, nylas.grant_ids[0])]
-            pinned += [nylas_demo] if nylas_demo is not None else []
-            if demo:
-                settings, gmail, gmail_demo = await _start_gmail_sandbox(settings, url,
-                                                                         sandboxes)
-                mailboxes.append((gmail, gmail.users[0]))
-                pinned += [gmail_demo] if gmail_demo is not None else []
-            if settings.sandbox_event_seconds > 0:
-                runnables.append(SandboxTicker(settings.sandbox_event_seconds, *mailboxes))
 
         if receiving:
-            from nova.receiver import ReceiverServer
-
             runnables.append(ReceiverServer(settings, url))
         else:
             log.warning("[Service] neither NYLAS_WEBHOOK_SECRET nor GMAIL_PUSH_AUDIENCE / "
@@ -340,7 +385,7 @@ def main(settings: Settings | None = None) -> int:
     except psycopg.OperationalError as exc:  # at start-up: migrating, registering the sandbox
         log.error("[Service] the database did not answer: %s", " ".join(str(exc).split()))
         return 1
-    except CredentialsError as exc:  # NOVA_CREDENTIALS_KEY unusable
+    except (CredentialsError, DemoRefused) as exc:  # a key unusable; real inboxes
         log.error("[Service] %s", " ".join(str(exc).split()))
         return 2
     return status

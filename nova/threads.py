@@ -11,11 +11,14 @@ Run any number of copies. For each job:
    fetch its messages with ONE request per 200 (the messages list filtered by thread: the
    thread object itself came with discovery's listing, and threads whose one message came
    whole with it never get a job); bodies are rendered to text off the event loop;
-4. ONE transaction: set the queued thread `completed` (again only for this job; otherwise
-   nothing is written), upsert its messages (one statement for all messages and their
-   attachment rows), soft-delete the stored ones the provider no longer lists, derive the
-   thread row from the messages, all versioned with `store.sync_version()`, and delete the
-   queue message. The log line counts the requests the thread took.
+4. ONE transaction, its rows taken in the one lock order (DESIGN.md; sql/030_backfill.sql):
+   first the thread row and its messages -- upsert the messages (one statement for all
+   messages and their attachment rows), soft-delete the stored ones the provider no longer
+   lists, derive the thread row from the messages, all versioned with `store.sync_version()`
+   --, then set the queued thread `completed` (again only for this job: when a newer job took
+   the thread over, a savepoint rolls every write of this one back and nothing is written),
+   and delete the queue message. The progress counters take no lock (delta rows). The log
+   line counts the requests the thread took.
 
 A 401 is confirmed with the grant itself (nova.ratelimit): an expired grant marks the inbox
 `auth_expired` and parks the thread, a deleted one marks it `revoked` and fails its threads, a
@@ -24,7 +27,12 @@ valid one makes the 401 a transient error, and a refused API key stops the proce
 Provider calls are paced by the per-grant budget shared through Postgres (nova.ratelimit); a 429
 holds the grant for every worker and the call is tried again after the hold. Max 5 attempts;
 then the queued thread is `failed` with its error and the message archived, so completion is
-never held up by one bad thread. THREAD_DELAY_MS / MESSAGE_DELAY_MS add fixed pauses when set.
+never held up by one bad thread. Failed is not forever: the thread gets NOVA_THREAD_RETRY_ROUNDS
+more rounds of 5 attempts, the first NOVA_THREAD_RETRY_SECONDS after the failure and each later
+one 6 times as long after the last (10 min, 1 h, 6 h by default), started by the completion
+monitor (`retry_failed_threads`) whether or not its backfill completed meanwhile. A thread
+failed because its inbox was revoked gets none: re-activating the inbox takes it back.
+THREAD_DELAY_MS / MESSAGE_DELAY_MS add fixed pauses when set.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from nova import store
+from nova.config import Settings
 from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import (
     AuthExpired,
@@ -65,6 +74,15 @@ FROM queued_threads q JOIN flux_inboxes i ON i.id = q.inbox_id
 WHERE q.id = $1
 """
 FIND = "SELECT id FROM queued_threads WHERE config_id = $1 AND provider_thread_id = $2"
+# After a thread's commit: was it its backfill's last open one? (an index probe; the monitor's
+# poll stays the safety net). Then complete_backfill_if_done re-counts and decides.
+LAST_OPEN = """
+SELECT c.backfill_status = 'thread_sync' AND c.discovery_completed_at IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM queued_threads q WHERE q.config_id = c.id
+                       AND q.status IN ('queued', 'processing'))
+FROM flux_inbox_configurations c WHERE c.id = $1
+"""
+COMPLETE_BACKFILL = "SELECT * FROM complete_backfill_if_done($1)"
 # START and COMPLETE act only for the job the row names (queue_msg_id): a thread re-queued
 # under a running sync (recovery, a round of changed threads) belongs to its newer job, and
 # the older one commits nothing. One sync of a thread at a time.
@@ -77,7 +95,8 @@ RETURNING id
 """
 COMPLETE = """
 UPDATE queued_threads
-SET status = 'completed', message_count = $3, processed_at = now(), error_message = $4
+SET status = 'completed', message_count = $3, processed_at = now(), error_message = $4,
+    retry_at = NULL
 WHERE id = $1 AND queue_msg_id = $2 AND status = 'processing'
 RETURNING id
 """
@@ -86,18 +105,45 @@ UPDATE queued_threads
 SET status = 'queued', queue_msg_id = NULL, error_message = $3
 WHERE id = $1 AND queue_msg_id = $2
 """
+# A final failure schedules the next retry round from $5, the delays in seconds of the rounds
+# (empty: none); a retry (not final) keeps the round's watch (retry_failed_threads).
 FAIL = """
 UPDATE queued_threads
 SET status = CASE WHEN $4 THEN 'failed' ELSE 'queued' END, error_message = $3,
-    processed_at = CASE WHEN $4 THEN now() ELSE processed_at END
+    processed_at = CASE WHEN $4 THEN now() ELSE processed_at END,
+    retry_at = CASE WHEN NOT $4 THEN retry_at
+                    WHEN retry_rounds < cardinality($5::float8[])
+                    THEN now() + make_interval(secs => ($5::float8[])[retry_rounds + 1])
+               END
 WHERE id = $1 AND queue_msg_id = $2 AND status <> 'completed'
 """
+NO_RETRY: list[float] = []
+RETRY_GROWTH = 6  # each later round waits this many times longer: 10 min, 1 h, 6 h
+
+
+def retry_schedule(settings: Settings) -> list[float]:
+    """The delays of a failed thread's retry rounds, in seconds (NOVA_THREAD_RETRY_ROUNDS,
+    NOVA_THREAD_RETRY_SECONDS)."""
+    first = settings.thread_retry_seconds
+    return [first * RETRY_GROWTH ** n for n in range(settings.thread_retry_rounds)]
+
+
+class Superseded(Exception):
+    """COMPLETE found a newer job named on the queued thread: roll this one's writes back."""
 
 
 class ThreadSyncProcessor(ProviderProcessor):
     queue: ClassVar[str] = "thread_sync_jobs"
     component: ClassVar[str] = "Threads"
     max_attempts: ClassVar[int] = 5
+
+    def __init__(self, *args: Any, retry_delays: list[float] | None = None,
+                 **kw: Any) -> None:
+        """``retry_delays``: the retry rounds' delays in seconds (default: from the settings,
+        `retry_schedule`)."""
+        super().__init__(*args, **kw)
+        self.retry_delays = (retry_schedule(self.settings) if retry_delays is None
+                             else list(retry_delays))
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         row = await _load(ctx.pool, job)
@@ -112,6 +158,7 @@ class ThreadSyncProcessor(ProviderProcessor):
             raise GiveUp("inbox has no grant")
         if row["inbox_status"] != "active":
             return await self._inactive(ctx, row, job)
+        self.provider_for(row["provider"])  # not configured here: the job waits, untouched
 
         if await ctx.pool.fetchval(START, row["id"], job.msg_id, row["grant_id"]) is None:
             return f"thread={thread_id} superseded while starting"
@@ -126,27 +173,30 @@ class ThreadSyncProcessor(ProviderProcessor):
         prepared = await store.prepare_messages(messages)
 
         async with ctx.transaction() as conn:
-            note = None if messages else "thread no longer exists at provider"
-            if await conn.fetchval(COMPLETE, row["id"], job.msg_id, len(messages), note) is None:
-                return f"thread={thread_id} superseded during sync: nothing written"
-            if not messages:  # deleted at the provider since it was listed
-                await store.soft_delete_thread(conn, row["inbox_id"], thread_id, version)
-                return f"thread={thread_id} gone at the provider requests={requests}"
-            # The thread row is derived from its messages (discovery wrote the provider's thread
-            # object already): one request per thread of up to 200 messages.
-            await store.upsert_messages(conn, row["inbox_id"], prepared, version)
-            await store.delete_absent_messages(conn, row["inbox_id"], thread_id,
-                                               [m.id for m in messages], version)
+            outcome = await write_thread(conn, row, job.msg_id, messages, prepared, version)
+        if outcome is not None:
+            return f"thread={thread_id} {outcome} requests={requests}"
+        await self._complete_if_last(ctx.pool, row["config_id"])
         if self.settings.thread_delay_ms:
             await asyncio.sleep(self.settings.thread_delay_ms / 1000)
         return f"thread={thread_id} messages={len(messages)} requests={requests}"
+
+    async def _complete_if_last(self, pool: asyncpg.Pool, config_id: uuid.UUID) -> None:
+        """The backfill's last thread marks it completed, within moments of its commit
+        rather than at the monitor's next check."""
+        if not await pool.fetchval(LAST_OPEN, config_id):
+            return
+        result = await pool.fetchrow(COMPLETE_BACKFILL, config_id)
+        if result["outcome"] == "completed":
+            log.info("[Threads] Config %s... completed threads=%d (its last thread)",
+                     str(config_id)[:8], result["threads_queued"])
 
     async def _inactive(self, ctx: JobContext, row: asyncpg.Record, job: Job) -> str:
         status = row["inbox_status"]
         async with ctx.transaction() as conn:
             if status == "revoked":
                 await conn.execute(FAIL, row["id"], job.msg_id,
-                                   "inbox revoked: thread not synced", True)
+                                   "inbox revoked: thread not synced", True, NO_RETRY)
                 return f"thread={row['provider_thread_id']} failed: inbox revoked"
             await conn.execute(PARK, row["id"], job.msg_id,
                                f"paused: inbox is {status}; re-queued when it is active again")
@@ -160,7 +210,7 @@ class ThreadSyncProcessor(ProviderProcessor):
             await refuse_inbox(conn, row["inbox_id"], status)
             if status == "revoked":
                 await conn.execute(FAIL, row["id"], job.msg_id, "grant deleted at the provider",
-                                   True)
+                                   True, NO_RETRY)
             else:
                 await conn.execute(PARK, row["id"], job.msg_id,
                                    "paused: the grant expired during sync")
@@ -197,7 +247,35 @@ class ThreadSyncProcessor(ProviderProcessor):
         row_id = await _row_id(conn, job)
         if row_id is not None:
             await conn.execute(FAIL, row_id, job.msg_id, f"{type(error).__name__}: {error}"[:2000],
-                               final)
+                               final, self.retry_delays)
+
+
+async def write_thread(conn: Any, row: Any, msg_id: int, messages: list[Message],
+                       prepared: list[store.PreparedMessage], version: Any) -> str | None:
+    """A synced thread's writes, inside the job's transaction, in the one lock order: the
+    thread row and its messages, then the queued thread (COMPLETE). Returns a note when the
+    sync wrote nothing (superseded) or found the thread gone, else None.
+
+    Completing last means a job that a newer one superseded while it fetched (a round of
+    changed threads, recovery) learns it only after writing; the savepoint then rolls those
+    writes back, and the job's transaction commits only the delete of its message."""
+    thread_id = row["provider_thread_id"]
+    try:
+        async with conn.transaction():
+            if messages:
+                # The thread row is derived from its messages (discovery wrote the provider's
+                # thread object already): one request per thread of up to 200 messages.
+                await store.upsert_messages(conn, row["inbox_id"], prepared, version)
+                await store.delete_absent_messages(conn, row["inbox_id"], thread_id,
+                                                   [m.id for m in messages], version)
+            else:  # deleted at the provider since it was listed
+                await store.soft_delete_thread(conn, row["inbox_id"], thread_id, version)
+            note = None if messages else "thread no longer exists at provider"
+            if await conn.fetchval(COMPLETE, row["id"], msg_id, len(messages), note) is None:
+                raise Superseded
+    except Superseded:
+        return "superseded during sync: nothing written"
+    return None if messages else "gone at the provider"
 
 
 async def _row_id(conn: Any, job: Job) -> int | None:

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from nova import metrics, store
+from nova import db, metrics, store
 from nova.changes import ChangeSync
 from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import (
@@ -66,7 +66,7 @@ from nova.providers import (
 )
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
-from nova.runtime import GiveUp, Job, JobContext
+from nova.runtime import GiveUp, Job, JobContext, Worker
 
 log = logging.getLogger("nova.webhooks")
 
@@ -111,9 +111,27 @@ class WebhookProcessor(ProviderProcessor):
     component: ClassVar[str] = "Webhooks"
     max_attempts: ClassVar[int] = 3
 
+    # Behind a connection pooler, with NOVA_DATABASE_DIRECT_URL: the pool on it that holds the
+    # change syncs' lock transactions, so that no sync keeps a server connection of the pooler
+    # busy for its length (nova.changes). Connections are opened when first needed.
+    lock_pool: asyncpg.Pool | None = None
+
     @property
     def catchup_overlap(self) -> float:
         return float(self.settings.catchup_overlap_seconds)
+
+    async def setup(self, worker: Worker) -> None:
+        await super().setup(worker)
+        direct = self.settings.database_direct_url
+        if direct and worker.database_url and await db.behind_pooler(worker.database_url):
+            self.lock_pool = await db.create_pool(direct, min_size=0,
+                                                  max_size=worker.concurrency)
+
+    async def teardown(self) -> None:
+        pool, self.lock_pool = self.lock_pool, None
+        if pool is not None:
+            await pool.close()
+        await super().teardown()
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         if "changes_inbox_id" in job.message:
@@ -194,7 +212,8 @@ class WebhookProcessor(ProviderProcessor):
         provider = self.provider_for(kind)
         if not isinstance(provider, ChangeFeed):
             return f"provider {kind} has no change feed"
-        sync = ChangeSync(pool, provider, lambda request: self.call(request, grant, kind))
+        sync = ChangeSync(pool, provider, lambda request: self.call(request, grant, kind),
+                          lock_pool=self.lock_pool)
         try:
             return await sync.run(inbox_id)
         except (AuthExpired, GrantNotFound) as exc:

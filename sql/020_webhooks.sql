@@ -137,9 +137,47 @@ BEGIN
 END;
 $$;
 
+-- The threads a running backfill of the inbox still waits on, failed as 'inbox <why>: thread
+-- not synced': nothing will sync them while the inbox is <why>, and the backfill must be able
+-- to end (and `nova backfill start` to run). nova_reactivate_inbox syncs them after all.
+CREATE OR REPLACE FUNCTION nova_end_inbox_threads(p_inbox_id uuid, p_why text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE queued_threads q
+    SET status = 'failed', error_message = 'inbox ' || p_why || ': thread not synced',
+        processed_at = now(), queue_msg_id = NULL
+    WHERE q.id IN (  -- locked in id order, as every writer of several rows takes them
+        SELECT o.id FROM queued_threads o
+        JOIN flux_inbox_configurations c ON c.id = o.config_id
+        WHERE o.inbox_id = p_inbox_id AND o.status IN ('queued', 'processing')
+          AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')
+        ORDER BY o.id
+        FOR UPDATE OF o);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END;
+$$;
+
+-- The monitor's way out for backfills whose threads are parked on an inbox expired for longer
+-- than p_after (its user never re-authenticated): their threads end as above, so the backfill
+-- completes instead of holding the inbox's one configuration for ever. Returns the inboxes.
+CREATE OR REPLACE FUNCTION nova_end_parked_backfills(p_after interval)
+RETURNS TABLE (inbox_id uuid, threads integer)
+LANGUAGE sql AS $$
+    SELECT i.id, nova_end_inbox_threads(i.id, 'auth_expired')
+    FROM flux_inboxes i
+    WHERE i.status = 'auth_expired' AND i.auth_expired_at < now() - p_after
+      AND EXISTS (SELECT 1 FROM flux_inbox_configurations c
+                  WHERE c.inbox_id = i.id AND c.deleted_at IS NULL
+                    AND c.backfill_status IN ('queued', 'discovering', 'thread_sync'));
+$$;
+
 -- An inbox that becomes usable (added active, re-activated, its grant set) takes its waiting
--- notifications; one that is revoked fails the threads its running backfills still wait on
--- (nothing would ever sync them), so those backfills can complete.
+-- notifications; one that is revoked, disabled or deleted fails the threads its running
+-- backfills still wait on (nova_end_inbox_threads), so those backfills can complete.
 CREATE OR REPLACE FUNCTION flux_inboxes_status_effects()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -149,13 +187,10 @@ BEGIN
             OR OLD.grant_id IS DISTINCT FROM NEW.grant_id) THEN
         PERFORM nova_release_waiting_notifications(NEW.id);
     END IF;
-    IF NEW.status = 'revoked' AND (TG_OP = 'INSERT' OR OLD.status <> 'revoked') THEN
-        UPDATE queued_threads q
-        SET status = 'failed', error_message = 'inbox revoked: thread not synced',
-            processed_at = now(), queue_msg_id = NULL
-        FROM flux_inbox_configurations c
-        WHERE c.id = q.config_id AND q.inbox_id = NEW.id AND q.status IN ('queued', 'processing')
-          AND c.backfill_status IN ('queued', 'discovering', 'thread_sync');
+    IF (NEW.status IN ('revoked', 'disabled') AND (TG_OP = 'INSERT' OR OLD.status <> NEW.status))
+       OR (NEW.deleted_at IS NOT NULL AND TG_OP = 'UPDATE' AND OLD.deleted_at IS NULL) THEN
+        PERFORM nova_end_inbox_threads(NEW.id, CASE WHEN NEW.deleted_at IS NOT NULL THEN 'deleted'
+                                                    ELSE NEW.status END);
     END IF;
     RETURN NULL;
 END;
@@ -175,6 +210,8 @@ CREATE OR REPLACE FUNCTION acknowledge_webhook_notification(
 )
 RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_inbox flux_inboxes;
 BEGIN
     IF p_status IS NULL OR p_status NOT IN ('pending', 'processing', 'processed', 'skipped', 'error', 'waiting') THEN
         RAISE EXCEPTION 'acknowledge_webhook_notification: unknown status %', coalesce(p_status, 'NULL')
@@ -184,6 +221,17 @@ BEGIN
     IF p_duration_ms IS NOT NULL AND p_duration_ms < 0 THEN
         RAISE EXCEPTION 'acknowledge_webhook_notification: duration must be >= 0, got %', p_duration_ms
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_status = 'waiting' THEN
+        -- The worker decided 'waiting' from what it read; the inbox may have become usable
+        -- since. Its row first (the order of every status change: the inbox, then its
+        -- notifications), held until this commits: a change under way finishes first and is
+        -- seen below, a later one finds this row 'waiting' and releases it.
+        SELECT i.* INTO v_inbox
+        FROM flux_webhook_notifications n
+        JOIN flux_inboxes i ON i.provider = n.provider AND i.grant_id = n.grant_id
+        WHERE n.id = p_notification_id
+        FOR SHARE OF i;
     END IF;
     UPDATE flux_webhook_notifications n
     SET status = p_status,
@@ -198,8 +246,26 @@ BEGIN
         RAISE EXCEPTION 'acknowledge_webhook_notification: no notification %', coalesce(p_notification_id::text, 'NULL')
             USING ERRCODE = 'no_data_found';
     END IF;
+    IF v_inbox.id IS NOT NULL AND v_inbox.status = 'active' AND v_inbox.deleted_at IS NULL THEN
+        PERFORM nova_release_waiting_notifications(v_inbox.id);
+    END IF;
     RETURN true;
 END;
+$$;
+
+-- The monitor's safety net for 'waiting': notifications whose inbox is usable now (an inbox
+-- added in the instant between a worker's decision and its commit, which no lock can order).
+-- Driven from the waiting rows (a partial index), so it costs nothing when none wait.
+-- Returns how many went back to the queue.
+CREATE OR REPLACE FUNCTION nova_release_stranded_notifications()
+RETURNS integer
+LANGUAGE sql AS $$
+    SELECT coalesce(sum(nova_release_waiting_notifications(i.id)), 0)::integer
+    FROM flux_inboxes i
+    WHERE i.status = 'active' AND i.deleted_at IS NULL
+      AND (i.provider, i.grant_id) IN (
+          SELECT DISTINCT n.provider, n.grant_id FROM flux_webhook_notifications n
+          WHERE n.status = 'waiting');
 $$;
 
 -- Processing figures per type and status over the last `p_time_window`.
@@ -275,8 +341,80 @@ BEGIN
                                WHEN v_new = 'active' THEN NULL ELSE auth_expired_at END
     WHERE id = p_inbox_id;
     IF v_new = 'active' AND v_inbox.status = 'auth_expired' THEN
-        v_cfg := queue_catchup_backfill(p_inbox_id, v_since);
+        v_cfg := nova_resume_inbox(p_inbox_id, v_since);
     END IF;
     RETURN QUERY SELECT v_inbox.status, v_new, v_cfg;
+END;
+$$;
+
+-- What an inbox missed while it was not usable, once it is again: a catch-up from p_since
+-- (the last event seen, less the overlap); when threads of its last backfill were ended by
+-- its inactivity (nova_end_inbox_threads, or a deleted grant), from the start of that
+-- backfill's range instead, so they are synced after all. A backfill still running takes
+-- those threads back into its queue. Returns the catch-up's configuration (NULL: the running
+-- backfill covers it).
+CREATE OR REPLACE FUNCTION nova_resume_inbox(p_inbox_id uuid, p_since timestamptz)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_config flux_inbox_configurations;
+    v_thread text;
+    v_since  timestamptz := p_since;
+BEGIN
+    SELECT * INTO v_config FROM flux_inbox_configurations
+    WHERE inbox_id = p_inbox_id AND deleted_at IS NULL FOR UPDATE;
+    IF FOUND AND v_config.backfill_status IN ('queued', 'discovering', 'thread_sync') THEN
+        FOR v_thread IN
+            SELECT provider_thread_id FROM queued_threads
+            WHERE config_id = v_config.id AND status = 'failed'
+              AND (error_message LIKE 'inbox %: thread not synced'
+                   OR error_message = 'grant deleted at the provider')
+            ORDER BY provider_thread_id
+        LOOP
+            PERFORM queue_thread_sync(v_config.id, v_thread);
+        END LOOP;
+        RETURN NULL;
+    END IF;
+    IF FOUND AND EXISTS (
+        SELECT 1 FROM queued_threads
+        WHERE config_id = v_config.id AND status = 'failed'
+          AND (error_message LIKE 'inbox %: thread not synced'
+               OR error_message = 'grant deleted at the provider')
+    ) THEN
+        v_since := least(v_since, v_config.backfill_since);
+    END IF;
+    RETURN queue_catchup_backfill(p_inbox_id, v_since);
+END;
+$$;
+
+-- The operator's word (`nova inbox reactivate`, or `nova inbox add` of a known inbox): an
+-- inbox that is revoked, auth_expired or disabled becomes active again, at this moment, and
+-- what it missed is listed again (nova_resume_inbox). Returns the status before and after,
+-- and the configuration of the catch-up (NULL: a running backfill covers it, or the inbox
+-- was active already).
+CREATE OR REPLACE FUNCTION nova_reactivate_inbox(
+    p_inbox_id uuid,
+    p_overlap  interval DEFAULT interval '10 minutes'
+)
+RETURNS TABLE (was text, status text, catchup_config_id uuid)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_inbox flux_inboxes;
+BEGIN
+    SELECT * INTO v_inbox FROM flux_inboxes WHERE id = p_inbox_id FOR UPDATE;
+    IF NOT FOUND OR v_inbox.deleted_at IS NOT NULL THEN
+        RAISE EXCEPTION 'nova_reactivate_inbox: no inbox %', p_inbox_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_inbox.status = 'active' THEN
+        RETURN QUERY SELECT v_inbox.status, v_inbox.status, NULL::uuid;
+        RETURN;
+    END IF;
+    UPDATE flux_inboxes
+    SET status = 'active', status_changed_at = now(), auth_expired_at = NULL, updated_at = now()
+    WHERE id = p_inbox_id;
+    RETURN QUERY SELECT v_inbox.status, 'active'::text, nova_resume_inbox(
+        p_inbox_id, coalesce(v_inbox.last_event_at, v_inbox.auth_expired_at,
+                             v_inbox.status_changed_at, now()) - p_overlap);
 END;
 $$;

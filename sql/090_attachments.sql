@@ -123,10 +123,40 @@ CREATE OR REPLACE FUNCTION flux_inboxes_attachments_resume()
 RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- What the inbox's end failed comes back with it (nova_reactivate_inbox).
+    UPDATE flux_email_attachments
+    SET status = 'pending', error_message = NULL, retry_count = 0, updated_at = now()
+    WHERE inbox_id = NEW.id AND status = 'failed'
+      AND error_message IN ('inbox revoked: attachment not downloaded',
+                            'inbox deleted: attachment not downloaded');
     PERFORM nova_requeue_lost_attachments(NEW.id, 1000000);
     RETURN NULL;
 END;
 $$;
+
+-- An inbox that is revoked or deleted will not download again: its pending attachments (parked
+-- while it was inactive, or waiting for a job) fail now, with why, instead of waiting for ever.
+-- A download under way finds the inbox revoked at its next step. Reactivation undoes this.
+CREATE OR REPLACE FUNCTION flux_inboxes_attachments_end()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE flux_email_attachments
+    SET status = 'failed', updated_at = now(),
+        error_message = CASE WHEN NEW.deleted_at IS NOT NULL
+                             THEN 'inbox deleted: attachment not downloaded'
+                             ELSE 'inbox revoked: attachment not downloaded' END
+    WHERE inbox_id = NEW.id AND status = 'pending';
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER flux_inboxes_attachments_end
+    AFTER UPDATE OF status, deleted_at ON flux_inboxes
+    FOR EACH ROW
+    WHEN ((NEW.status = 'revoked' AND OLD.status IS DISTINCT FROM 'revoked')
+          OR (NEW.deleted_at IS NOT NULL AND OLD.deleted_at IS NULL))
+    EXECUTE FUNCTION flux_inboxes_attachments_end();
 
 CREATE OR REPLACE TRIGGER flux_inboxes_attachments_resume
     AFTER UPDATE OF status ON flux_inboxes

@@ -40,7 +40,7 @@ def settings(sb: SandboxNylas, **kw: Any) -> Settings:
         "poll_interval_ms": 500, "visibility_timeout": 4, "provider_rate_limit": 2000,
         "provider_burst": 200, "completion_check_interval_ms": 100,
         "recovery_check_interval_ms": 300, "catchup_gap_seconds": 0,
-        "shutdown_grace_seconds": 2}
+        "shutdown_grace_seconds": 2, "revoke_confirm_seconds": 0.2}
     values.update(kw)
     return load_settings(**values)
 

@@ -300,9 +300,12 @@ CREDENTIALS_KEY = "a test passphrase for nova credentials"
 
 @pytest.fixture(scope="module")
 def gmail_sb() -> Iterator[Any]:
+    """The Gmail sandbox; GMAIL_TOKEN_URI names its token endpoint for the module (Nova posts
+    refresh tokens there only, and `nova inbox add` refuses files naming another)."""
     from nova.sandbox.gmail import SandboxGmail
 
-    with SandboxGmail(threads=3, users=2, seed=21) as sb:
+    with SandboxGmail(threads=3, users=2, seed=21) as sb, pytest.MonkeyPatch.context() as env:
+        env.setenv("GMAIL_TOKEN_URI", sb.token_uri)
         yield sb
 
 
@@ -365,16 +368,18 @@ async def test_inbox_add_gmail_stores_encrypted_credentials_a_token_source_can_u
             "gmail", user.lower(), user.upper(), "active")
         raw = c.execute("SELECT client_id, token_uri, scopes, secret FROM"
                         " flux_inbox_credentials WHERE inbox_id = %s", (inbox_id,)).fetchone()
-    assert raw[:3] == (info["client_id"], gmail_sb.token_uri, info["scopes"])
+    assert raw[:3] == (None, None, info["scopes"])  # the client and endpoint are sealed
     assert info["refresh_token"].encode() not in bytes(raw[3])
-    assert stored_secret(db_url, inbox_id) == {"client_secret": info["client_secret"],
-                                               "refresh_token": info["refresh_token"]}
+    assert stored_secret(db_url, inbox_id) == {
+        "client_id": info["client_id"], "token_uri": gmail_sb.token_uri,
+        "client_secret": info["client_secret"], "refresh_token": info["refresh_token"]}
 
     pool = await db.create_pool(db_url, min_size=1, max_size=2)
     try:
         async with httpx.AsyncClient(timeout=10) as http:
             fernet = cipher(Settings(credentials_key=SecretStr(CREDENTIALS_KEY)))
-            token = await TokenSource(pool, fernet, http).token(user.lower())
+            token = await TokenSource(pool, fernet, http,
+                                      token_uri=gmail_sb.token_uri).token(user.lower())
             resp = await http.get(f"{gmail_sb.base_url}/gmail/v1/users/{user.lower()}/profile",
                                   headers={"Authorization": f"Bearer {token}"})
         assert resp.status_code == 200 and resp.json()["emailAddress"] == user
@@ -403,6 +408,7 @@ def _bad_file(tmp_path: Path, sb: Any, **changes: Any) -> str:
     ("service-account", "service accounts are not supported"),
     ("no-refresh-token", "missing key 'refresh_token'"),
     ("bad-token-uri", "'token_uri' must be an http(s) URL"),
+    ("other-token-uri", "'https://collector.example/token' is not GMAIL_TOKEN_URI"),
     ("other-account", "is for "),
     ("no-gmail-scope", "grants no Gmail scope"),
     ("no-key", "NOVA_CREDENTIALS_KEY is not set"),
@@ -430,6 +436,8 @@ def test_inbox_add_gmail_refuses_bad_input_with_exit_2_and_writes_nothing(
         args[-1] = _bad_file(tmp_path, gmail_sb, refresh_token=None)
     elif case == "bad-token-uri":
         args[-1] = _bad_file(tmp_path, gmail_sb, token_uri="file:///etc/passwd")
+    elif case == "other-token-uri":
+        args[-1] = _bad_file(tmp_path, gmail_sb, token_uri="https://collector.example/token")
     elif case == "other-account":
         args[3] = other
     elif case == "no-gmail-scope":
@@ -488,8 +496,9 @@ def test_re_adding_an_auth_expired_gmail_inbox_makes_it_active_with_a_catch_up(
     assert counts(db_url) == (1, 1)
 
 
-def test_a_revoked_gmail_inbox_is_refused_and_keeps_its_credentials(
+def test_re_adding_a_revoked_gmail_inbox_makes_it_active_with_a_catch_up(
         db_url: str, gmail_sb: Any, tmp_path: Path) -> None:
+    """`revoked` can be undone: new credentials added by the operator are their word."""
     user = gmail_sb.users[0]
     info = gmail_sb.credentials(user)
     added = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
@@ -497,12 +506,18 @@ def test_a_revoked_gmail_inbox_is_refused_and_keeps_its_credentials(
     inbox_id = uuid.UUID(added.stdout.strip())
     with psycopg.connect(db_url, autocommit=True) as c:
         c.execute("SELECT nova_set_inbox_status(%s, 'revoked')", (inbox_id,))
-    changed = {**info, "client_secret": "another-secret"}
+    renewed = gmail_sb.reauthorize(user)
     out = gmail_add(db_url, "--provider", "gmail", "--email", user, "--credentials",
-                    credentials_file(tmp_path, changed, "changed.json"))
-    assert out.returncode == 1
-    assert "is revoked, which is final; nothing was written" in _one_line_error(out)
-    assert stored_secret(db_url, inbox_id)["client_secret"] == info["client_secret"]
+                    credentials_file(tmp_path, renewed, "renewed.json"))
+    assert out.returncode == 0, out.stderr
+    assert "was revoked, active again; catch-up backfill" in out.stderr
+    assert stored_secret(db_url, inbox_id)["refresh_token"] == renewed["refresh_token"]
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT status FROM flux_inboxes WHERE id = %s",
+                         (inbox_id,)).fetchone() == ("active",)
+        assert c.execute("SELECT backfill_kind, backfill_status FROM flux_inbox_configurations"
+                         " WHERE inbox_id = %s", (inbox_id,)).fetchall() \
+            == [("catch_up", "queued")]
 
 
 def test_inbox_add_gmail_with_the_database_down_is_one_line_and_exit_1(

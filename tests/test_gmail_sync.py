@@ -40,6 +40,7 @@ def make_sandbox(threads: int, **kw: Any) -> SandboxGmail:
 def gmail_settings(sb: SandboxGmail, **kw: Any) -> Settings:
     values: dict[str, Any] = {
         "credentials_key": KEY, "gmail_api_uri": sb.base_url, "nylas_api_key": None,
+        "gmail_token_uri": sb.token_uri,  # refresh tokens go to this endpoint only
         "gmail_quota_units_per_minute": 1_000_000, "batch_size": 10, "poll_interval_ms": 300,
         "visibility_timeout": 10, "completion_check_interval_ms": 100,
         "recovery_check_interval_ms": 300, "catchup_gap_seconds": 0,
@@ -297,7 +298,7 @@ async def test_a_pubsub_push_starts_an_incremental_sync(
     from nova.completion import CompletionMonitor
     from nova.receiver import create_app
 
-    s = gmail_settings(sandbox, gmail_push_token="push-secret",
+    s = gmail_settings(sandbox, gmail_push_token="push-secret-long-enough",
                        gmail_pubsub_topic="projects/nova-sandbox/topics/gmail")
     inbox, _ = await backfilled(pool, db_url, sandbox, gmail_settings(sandbox))  # no watch
     email = sandbox.users[0]
@@ -310,7 +311,7 @@ async def test_a_pubsub_push_starts_an_incremental_sync(
 
     with ServerThread(create_app(s, database_url=db_url)) as server:
         sandbox.set_push(endpoint=f"{server.url}/webhooks/gmail",
-                         auth="token", token="push-secret", min_interval=0.0)
+                         auth="token", token="push-secret-long-enough", min_interval=0.0)
         async with webhook_worker(db_url, s):
             added = sandbox.add_message(email, subject="pushed", text="hello by push")
             await wait_for(lambda: pool.fetchval(
@@ -343,3 +344,25 @@ async def test_silent_gmail_inboxes_get_no_catch_up_backfill(pool: asyncpg.Pool)
     queued = await pool.fetch("SELECT * FROM queue_due_catchups(interval '1 hour',"
                               " interval '10 minutes')")
     assert [r["inbox_id"] for r in queued if r["config_id"] is not None] == [ids["nylas"]]
+
+
+async def test_an_expired_gmail_inbox_is_checked_again_and_comes_back(
+        pool: asyncpg.Pool, sandbox: SandboxGmail) -> None:
+    """auth_expired is re-checked for Gmail as for Nylas: an inbox whose credentials work (a
+    refresh and getProfile answer; it was marked expired by a refusal that was not the
+    user's) becomes active again without a person; one whose refresh token is dead stays
+    expired until the operator adds new credentials."""
+    from nova.completion import CompletionMonitor
+
+    s = gmail_settings(sandbox, grant_recheck_seconds=1)
+    inbox = await add_gmail_inbox(pool, sandbox, s)
+    expire = ("UPDATE flux_inboxes SET status = 'auth_expired', auth_expired_at = now(),"
+              " status_changed_at = now() - interval '1 hour' WHERE id = $1")
+    await pool.execute(expire, inbox)
+    monitor = CompletionMonitor(s, pool=pool)
+    assert await monitor.recheck_grants() == [(inbox, "active")]
+    assert await pool.fetchval("SELECT status FROM flux_inboxes WHERE id = $1", inbox) \
+        == "active"
+    sandbox.revoke(sandbox.users[0])  # the user removed Nova's access
+    await pool.execute(expire, inbox)
+    assert await monitor.recheck_grants() == [(inbox, "auth_expired")]

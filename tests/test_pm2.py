@@ -119,7 +119,7 @@ def fleet(pm2: Path, db_url: str, tmp_path: Path) -> Iterator[tuple[Pm2, Any, in
             "NOVA_PYTHON": sys.executable, "NOVA_METRICS_PORT_BASE": str(base),
             "NOVA_METRICS_HOST": "127.0.0.1", "NOVA_DATABASE_URL": db_url,
             "NYLAS_API_KEY": API_KEY, "NYLAS_API_URI": sandbox.base_url,
-            "NYLAS_WEBHOOK_SECRET": "pm2-secret", "NOVA_RECEIVER_HOST": "127.0.0.1",
+            "NYLAS_WEBHOOK_SECRET": "pm2-webhook-secret", "NOVA_RECEIVER_HOST": "127.0.0.1",
             "NOVA_RECEIVER_PORT": str(receiver), "NOVA_ATTACHMENT_PATH": str(tmp_path / "nas"),
             "BATCH_SIZE": "2", "POLL_INTERVAL_MS": "500", "VISIBILITY_TIMEOUT": "10",
             "NOVA_PROVIDER_RATE_LIMIT": "200", "NOVA_PROVIDER_BURST": "50",

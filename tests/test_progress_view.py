@@ -185,15 +185,16 @@ def test_python_m_nova_on_a_terminal_shows_the_demo_backfill_above_the_log(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NYLAS_", "NOVA_", "DATABASE_URL"))}
-    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_RECEIVER_HOST": "127.0.0.1",
+           if not k.startswith(("NYLAS_", "NOVA_", "GMAIL_", "DATABASE_URL"))}
+    env.update({"NOVA_DATABASE_URL": db_url, "NOVA_DEMO": "1", "NOVA_RECEIVER_HOST": "127.0.0.1",
                 "NOVA_RECEIVER_PORT": str(port), "NOVA_SANDBOX_THREADS": "30",
                 "NOVA_SANDBOX_EVENT_SECONDS": "0", "NOVA_ATTACHMENT_PATH": str(tmp_path)})
     term = Terminal([sys.executable, "-m", "nova"], env)
     try:
         term.wait_for(r"━+ 100% completed +\d+/\d+ threads · \d+ messages · 0 failed",
                       timeout=90)
-        term.wait_for(r"\[Monitor\] Config \w+\.\.\. completed")  # the log, through the view
+        # the log, through the view
+        term.wait_for(r"\[(Monitor|Threads)\] Config \w+\.\.\. completed")
     finally:
         term.proc.send_signal(signal.SIGTERM)
     assert term.wait() == 0, term.text[-3000:]

@@ -1,10 +1,11 @@
-"""`python -m nova` with nothing configured but a database: the Nylas and Gmail sandbox
-mailboxes are backfilled, sandbox webhooks and Gmail pushes flow through the receiver, and
-SIGTERM stops everything with exit code 0."""
+"""`python -m nova`: the demo (NOVA_DEMO=1, here on a test database) backfills the Nylas and
+Gmail sandbox mailboxes, sandbox webhooks and Gmail pushes flow through the receiver, and
+SIGTERM stops everything with exit code 0; production (a database URL and a provider's
+settings) starts no sandbox, leaves the inboxes of unconfigured providers as they are, and a
+demo refuses a database holding inboxes it did not create."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -20,6 +21,10 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
+
+# What differs on the embedded Postgres: CI runs these there too (README's test command).
+pytestmark = pytest.mark.embedded
 
 
 def free_port() -> int:
@@ -47,7 +52,7 @@ def nova_env(db_url: str, tmp_path: Path, **settings: str) -> dict[str, str]:
 
 def test_everything_in_one_process_against_the_sandbox(db_url: str, tmp_path: Path) -> None:
     port = free_port()
-    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_HOST="127.0.0.1",
+    env = nova_env(db_url, tmp_path, NOVA_DEMO="1", NOVA_RECEIVER_HOST="127.0.0.1",
                    NOVA_RECEIVER_PORT=str(port), NOVA_SANDBOX_THREADS="20",
                    NOVA_SANDBOX_EVENT_SECONDS="0.5", NOVA_PROVIDER_RATE_LIMIT="200",
                    COMPLETION_CHECK_INTERVAL_MS="300")
@@ -198,11 +203,11 @@ def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
     from pydantic import SecretStr
 
     from nova.config import Settings
-    from nova.credentials import cipher, unseal
+    from nova.credentials import cipher, unseal, unsealed
     from nova.service import SANDBOX_CREDENTIALS_KEY
 
     threads = 6
-    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_HOST="127.0.0.1",
+    env = nova_env(db_url, tmp_path, NOVA_DEMO="1", NOVA_RECEIVER_HOST="127.0.0.1",
                    NOVA_SANDBOX_THREADS=str(threads), NOVA_SANDBOX_EVENT_SECONDS="0.4",
                    GMAIL_HISTORY_POLL_SECONDS="0", COMPLETION_CHECK_INTERVAL_MS="300")
     fernet = cipher(Settings(credentials_key=SecretStr(SANDBOX_CREDENTIALS_KEY)))
@@ -228,7 +233,8 @@ def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
                                   (inbox_id,)).fetchone()
             assert synced is not None and synced[0] >= threads
             creds = conn.execute(GMAIL_CREDENTIALS).fetchall()
-            assert len(creds) == 1 and creds[0][0] == f"{base}/token"
+            assert len(creds) == 1 and creds[0][0] is None  # sealed, not a plain column
+            assert unsealed(creds[0][1], fernet, owner=email)["token_uri"] == f"{base}/token"
             assert refresh_token.encode() not in bytes(creds[0][1])  # encrypted at rest
             assert unseal(creds[0][1], fernet, owner=email)[1] == refresh_token
 
@@ -279,7 +285,8 @@ def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
             assert conn.execute("SELECT count(*) FROM flux_inbox_configurations"
                                 " WHERE inbox_id = %s", (inbox_id,)).fetchone() == (1,)
             creds = conn.execute(GMAIL_CREDENTIALS).fetchall()
-            assert len(creds) == 1 and creds[0][0] == f"{base2}/token"
+            assert len(creds) == 1 and creds[0][0] is None
+            assert unsealed(creds[0][1], fernet, owner=email)["token_uri"] == f"{base2}/token"
             assert unseal(creds[0][1], fernet, owner=email)[1] == refresh_token
             watched = conn.execute("SELECT watch_expires_at FROM flux_inboxes WHERE id = %s",
                                    (inbox_id,)).fetchone()
@@ -291,42 +298,73 @@ def test_the_gmail_sandbox_is_a_second_demo_inbox_fed_by_pushes_across_restarts(
     assert "duplicate gmail.history" not in again.output
 
 
-def test_with_a_credentials_key_gmail_inboxes_are_real_and_no_gmail_sandbox_runs(
+def test_a_gmail_only_deployment_leaves_nylas_inboxes_as_they_are(
         db_url: str, tmp_path: Path) -> None:
-    """NOVA_CREDENTIALS_KEY set means real Gmail inboxes: the demo must not point
-    GMAIL_API_URI at a sandbox (the Nylas sandbox still runs without NYLAS_API_KEY)."""
+    """A database URL and NOVA_CREDENTIALS_KEY without NYLAS_API_KEY: Nylas is simply not
+    configured. No sandbox starts, no demo row appears, and a Nylas inbox with a queued
+    backfill stays exactly as it was: its backfill job waits in the queue, no attempt spent."""
     from cryptography.fernet import Fernet
 
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        inbox = conn.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES"
+                             " ('real-grant-1', 'real@example.com') RETURNING id").fetchone()
+        assert inbox is not None
+        config = conn.execute("SELECT queue_inbox_backfill(%s)", (inbox[0],)).fetchone()
     env = nova_env(db_url, tmp_path, NOVA_RECEIVER_PORT=str(free_port()),
                    NOVA_CREDENTIALS_KEY=Fernet.generate_key().decode(),
-                   NOVA_SANDBOX_THREADS="3", NOVA_SANDBOX_EVENT_SECONDS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "nova"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                   NOVA_SANDBOX_THREADS="3", NOVA_SANDBOX_EVENT_SECONDS="0.2")
+    nova = Nova(env)
     try:
-        deadline = time.monotonic() + 60
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            while True:
-                assert proc.poll() is None, proc.communicate()[0]
-                assert time.monotonic() < deadline, "the Nylas sandbox backfill did not end"
-                with contextlib.suppress(psycopg.Error):
-                    done = conn.execute(
-                        "SELECT count(*) FROM flux_inbox_configurations c JOIN flux_inboxes i"
-                        " ON i.id = c.inbox_id WHERE c.backfill_status = 'completed'"
-                        " AND i.provider = 'nylas'").fetchone()
-                    if done and done[0] > 0:
-                        break
-                time.sleep(0.2)
-            gmail = conn.execute("SELECT count(*) FROM flux_inboxes"
-                                 " WHERE provider = 'gmail'").fetchone()
+        nova.line(r"\[Backfill\] job \d+ deferred .*provider nylas is not configured",
+                  time.monotonic() + 30)
+        time.sleep(1)  # time for anything else to happen that should not
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert gmail == (0,)
-    assert "using the Nylas sandbox" in out and "using the Gmail sandbox" not in out
+        code = nova.stop()
+    assert code == 0, nova.output
+    assert "sandbox" not in nova.output.lower(), nova.output
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT grant_id, status, demo FROM flux_inboxes").fetchall() \
+            == [("real-grant-1", "active", False)]
+        assert conn.execute("SELECT backfill_status, backfill_attempts, last_error"
+                            " FROM flux_inbox_configurations").fetchall() \
+            == [("queued", 0, None)]
+        assert conn.execute("SELECT read_ct, message->>'config_id'"
+                            " FROM pgmq.q_inbox_backfill_jobs").fetchall() \
+            == [(0, str(config[0]))]
+        assert conn.execute("SELECT count(*) FROM flux_email_threads").fetchone() == (0,)
 
 
-def test_an_unusable_credentials_key_stops_the_sandbox_mode_with_exit_code_2(
+def test_a_demo_refuses_a_database_with_inboxes_it_did_not_create(
+        db_url: str, tmp_path: Path) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO flux_inboxes (grant_id, email) VALUES"
+                     " ('real-grant-1', 'real@example.com')")
+    env = nova_env(db_url, tmp_path, NOVA_DEMO="1", NOVA_RECEIVER_PORT=str(free_port()),
+                   NOVA_SANDBOX_THREADS="3")
+    done = subprocess.run([sys.executable, "-m", "nova"], env=env, text=True, timeout=60,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert done.returncode == 2, done.stdout
+    refusals = [line for line in done.stdout.splitlines() if "will not run" in line]
+    assert len(refusals) == 1 and "real@example.com (nylas)" in refusals[0], done.stdout
+    assert "Traceback" not in done.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT email FROM flux_inboxes").fetchall() \
+            == [("real@example.com",)]
+
+
+def test_a_database_url_and_no_provider_is_refused_without_a_sandbox(
+        db_url: str, tmp_path: Path) -> None:
+    env = nova_env(db_url, tmp_path, NOVA_RECEIVER_PORT=str(free_port()),
+                   NYLAS_API_KEY="", NOVA_CREDENTIALS_KEY=" ")  # blank is unset
+    done = subprocess.run([sys.executable, "-m", "nova"], env=env, text=True, timeout=60,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert done.returncode == 2, done.stdout
+    assert "no provider is configured" in done.stdout and "sandbox at" not in done.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM flux_inboxes").fetchone() == (0,)
+
+
+def test_an_unusable_credentials_key_stops_nova_with_exit_code_2(
         db_url: str, tmp_path: Path) -> None:
     env = nova_env(db_url, tmp_path, NOVA_RECEIVER_PORT=str(free_port()),
                    NOVA_CREDENTIALS_KEY="too-short", NOVA_SANDBOX_THREADS="3")
@@ -336,5 +374,4 @@ def test_an_unusable_credentials_key_stops_the_sandbox_mode_with_exit_code_2(
     assert "NOVA_CREDENTIALS_KEY is too short" in done.stdout
     assert "Traceback" not in done.stdout
     with psycopg.connect(db_url, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM flux_inboxes"
-                            " WHERE provider = 'gmail'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM flux_inboxes").fetchone() == (0,)

@@ -21,6 +21,10 @@ from factories import (
     scalar,
 )
 
+# What differs on the embedded Postgres: CI runs these there too (README's test command).
+pytestmark = pytest.mark.embedded
+
+
 Conn = psycopg.Connection[Any]
 Q = "attachment_downloads"
 

@@ -145,6 +145,8 @@ def build_app(sb: SandboxNylas) -> Starlette:
             return errors.nylas_rate_limited()
         if kind == "unauthorized":
             return errors.unauthorized()
+        if kind == "grant_not_found":
+            return errors.grant_not_found()
         if kind == "html_error":
             return Response("<html><head><title>502 Bad Gateway</title></head><body><center>"
                             "<h1>502 Bad Gateway</h1></center></body></html>",

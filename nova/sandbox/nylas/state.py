@@ -13,7 +13,7 @@ from typing import Any
 from .._faults import FaultQueue
 
 FAULT_KINDS = ("error_5xx", "timeout", "malformed", "html_error", "rate_limit",
-               "nylas_rate_limit", "provider_rate_limit", "unauthorized")
+               "nylas_rate_limit", "provider_rate_limit", "unauthorized", "grant_not_found")
 """``error_5xx``: 500/503/504 with a Nylas error body; ``timeout``: hang past the client's
 timeout; ``malformed``: 200 with an invalid JSON body; ``html_error``: 502 with an HTML body
 (a proxy in front of the API); ``rate_limit``: a forced 429 *from the provider, with*
@@ -24,7 +24,9 @@ timeout; ``malformed``: 200 with an invalid JSON body; ``html_error``: 502 with 
 https://developer.nylas.com/docs/developer-tools/api/rate-limits/.  ``unauthorized``: a 401
 ``api.authentication_error`` for a grant that is in fact valid (Nylas documents that one type
 for a bad key, a grant of another region and an expired grant alike:
-https://developer.nylas.com/docs/api/errors/)."""
+https://developer.nylas.com/docs/api/errors/).  ``grant_not_found``: a 404 ``grant.not_found``
+for a grant that exists (a lagging replica just after the grant was made, a misrouted
+request): one answer is not the provider's word that the grant is gone."""
 
 RATE_LIMIT_KINDS = ("nylas", "provider")
 
