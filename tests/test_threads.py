@@ -135,3 +135,16 @@ async def test_thread_deleted_at_the_provider_completes_empty(pool: asyncpg.Pool
     row = (await thread_rows(pool))[tid]
     assert row["status"] == "completed" and row["message_count"] == 0
     assert "no longer exists" in row["error_message"]
+
+
+async def test_the_last_thread_completes_its_backfill_without_the_monitor(
+        pool: asyncpg.Pool, sandbox: SandboxNylas) -> None:
+    """Completion does not wait for the monitor's poll: the commit of the backfill's last
+    thread marks it completed (the monitor stays the safety net)."""
+    inbox, config = await discover(pool, sandbox)
+    assert await pool.fetchval("SELECT backfill_status FROM flux_inbox_configurations"
+                               " WHERE id = $1", config) == "thread_sync"
+    await fast_worker(pool, sandbox).run(burst=True)  # no CompletionMonitor anywhere
+    row = await pool.fetchrow("SELECT backfill_status, backfill_completed_at FROM"
+                              " flux_inbox_configurations WHERE id = $1", config)
+    assert row["backfill_status"] == "completed" and row["backfill_completed_at"] is not None
