@@ -101,6 +101,16 @@ async def start_backfill(pool: asyncpg.Pool, inbox_id: uuid.UUID, kind: str = "f
         "SELECT queue_inbox_backfill($1, $2, NULL, $3)", inbox_id, since, kind)
 
 
+async def discover(pool: asyncpg.Pool, sb: SandboxNylas) -> tuple[uuid.UUID, uuid.UUID]:
+    """An inbox of the sandbox's first grant with a backfill whose discovery is done (its
+    threads queued, none synced)."""
+    inbox = await add_inbox(pool, sb.grant_ids[0])
+    config = await start_backfill(pool, inbox)
+    s = settings(sb)
+    await Worker(BackfillProcessor(s), s, pool=pool).run(burst=True)
+    return inbox, config
+
+
 async def status(pool: asyncpg.Pool, config_id: uuid.UUID) -> str:
     return await pool.fetchval(  # type: ignore[no-any-return]
         "SELECT backfill_status FROM flux_inbox_configurations WHERE id = $1", config_id)

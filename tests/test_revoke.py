@@ -14,9 +14,9 @@ import pytest
 from synchelp import (
     add_inbox,
     assert_db_equals_mailbox,
+    discover,
     make_sandbox,
     settings,
-    start_backfill,
 )
 
 from nova import cli
@@ -31,14 +31,6 @@ from nova.threads import ThreadSyncProcessor
 def sandbox() -> Iterator[SandboxNylas]:
     with make_sandbox(8, thread_bodies=False) as sb:
         yield sb
-
-
-async def discover(pool: asyncpg.Pool, sb: SandboxNylas) -> tuple[uuid.UUID, uuid.UUID]:
-    inbox = await add_inbox(pool, sb.grant_ids[0])
-    config = await start_backfill(pool, inbox)
-    s = settings(sb)
-    await Worker(BackfillProcessor(s), s, pool=pool).run(burst=True)
-    return inbox, config
 
 
 async def sync_threads(pool: asyncpg.Pool, sb: SandboxNylas) -> None:

@@ -226,6 +226,18 @@ def test_an_empty_webhook_secret_lets_no_signed_webhook_in(
             == (0,)
 
 
+def backfills_and_stops(fleet: Fleet, db_url: str, sandbox: SandboxNylas, port: int) -> None:
+    """The fleet's receiver answers, a backfill queued now completes, and SIGTERM ends every
+    process with exit status 0."""
+    try:
+        fleet.wait("the receiver to answer", lambda: _answers(port))
+        queue_backfill(db_url, sandbox.grant_ids[0])
+        fleet.wait("the backfill to complete", lambda: completed(db_url))
+    finally:
+        codes = fleet.stop()
+    assert codes == {name: 0 for name in fleet.procs}, {n: fleet.log(n)[-800:] for n in codes}
+
+
 def _python(argv: list[str]) -> list[str]:
     """A file's command with this test's interpreter: `python -m x` and the `nova` script."""
     if argv[0] in ("python", "python3"):
@@ -260,13 +272,7 @@ def test_the_compose_services_start_with_their_environment_and_stop_cleanly(
         fleet.start(name, argv, bare_env(**env))
         started.append(name)
     assert sorted(started) == sorted(PROCESSORS)
-    try:
-        fleet.wait("the receiver to answer", lambda: _answers(port))
-        queue_backfill(db_url, sandbox.grant_ids[0])
-        fleet.wait("the backfill to complete", lambda: completed(db_url))
-    finally:
-        codes = fleet.stop()
-    assert codes == {name: 0 for name in started}, {n: fleet.log(n)[-800:] for n in codes}
+    backfills_and_stops(fleet, db_url, sandbox, port)
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: the PM2 file "
@@ -285,10 +291,4 @@ def test_the_pm2_apps_start_with_their_environment_and_stop_cleanly(
         assert app["interpreter"] == "none" and app["cwd"] == str(ROOT)
         # cwd is the checkout, where the operator's .env lies; here: the test's folder
         fleet.start(app["name"], [app["script"], *app["args"]], bare_env(**app["env"]))
-    try:
-        fleet.wait("the receiver to answer", lambda: _answers(port))
-        queue_backfill(db_url, sandbox.grant_ids[0])
-        fleet.wait("the backfill to complete", lambda: completed(db_url))
-    finally:
-        codes = fleet.stop()
-    assert codes == {app["name"]: 0 for app in apps}, {n: fleet.log(n)[-800:] for n in codes}
+    backfills_and_stops(fleet, db_url, sandbox, port)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from synchelp import add_inbox, make_sandbox, running, settings, start_backfill, wait_for
+from synchelp import (
+    discover,
+    make_sandbox,
+    running,
+    settings,
+    wait_for,
+)
 
-from nova.backfill import BackfillProcessor
 from nova.completion import CompletionMonitor
 from nova.runtime import Worker
 from nova.sandbox.nylas import SandboxNylas
@@ -21,15 +25,6 @@ def sandbox() -> Iterator[SandboxNylas]:
     # Thread listings without bodies: every thread gets a sync job (the mechanics tested here).
     with make_sandbox(12, thread_bodies=False) as sb:
         yield sb
-
-
-async def discover(pool: asyncpg.Pool, sb: SandboxNylas) -> tuple[uuid.UUID, uuid.UUID]:
-    """An inbox with a backfill whose discovery is done (threads queued, none synced)."""
-    inbox = await add_inbox(pool, sb.grant_ids[0])
-    config = await start_backfill(pool, inbox)
-    s = settings(sb)
-    await Worker(BackfillProcessor(s), s, pool=pool).run(burst=True)
-    return inbox, config
 
 
 def fast_worker(pool: asyncpg.Pool, sb: SandboxNylas) -> Worker:
