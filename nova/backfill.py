@@ -171,9 +171,9 @@ class BackfillProcessor(ProviderProcessor):
             await self._start_feed(ctx, cfg)
         restarted = False
         while True:
-            version = store.sync_version()
             try:
-                page = await self._page(cfg, cur)
+                with store.fetch_version() as fetched:
+                    page = await self._page(cfg, cur)
             except Permanent as exc:
                 # A page token the provider no longer accepts: list this part again from its
                 # first page (queueing is idempotent). Once per run; then it is an error.
@@ -183,6 +183,7 @@ class BackfillProcessor(ProviderProcessor):
                             "the first page", _short(config_id), exc)
                 cur, restarted = replace(cur, token=None), True
                 continue
+            version = fetched()
             nxt, done, ids = _advance(cfg, cur, page, feed=feed)
             work = await PageWork.build(
                 page, ids, version,

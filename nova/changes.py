@@ -212,14 +212,15 @@ class ChangeSync:
         token: str | None = None
         pages = added = deleted = relabelled = 0
         while True:
-            version = store.sync_version()
-            try:
-                page: HistoryPage = await self.call(
-                    partial(self.provider.list_changes, grant, cursor, page_token=token))
-            except CursorExpired:
-                return await self._resync(inbox_id, grant, cursor)
-            plan = PagePlan.of(page)
-            fetched = await self._fetch(grant, list(plan.fetch))
+            with store.fetch_version() as page_version:
+                try:
+                    page: HistoryPage = await self.call(
+                        partial(self.provider.list_changes, grant, cursor, page_token=token))
+                except CursorExpired:
+                    return await self._resync(inbox_id, grant, cursor)
+                plan = PagePlan.of(page)
+                fetched = await self._fetch(grant, list(plan.fetch))
+            version = page_version()
             prepared = await store.prepare_messages([m for m in fetched if m is not None])
             gone = [mid for mid, m in zip(plan.fetch, fetched, strict=True) if m is None]
             last = page.last_record_id if page.next_page_token else (

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 import asyncpg
 import httpx
 
-from nova import metrics
+from nova import metrics, store
 from nova.config import Settings
 from nova.providers import MailProvider
 from nova.providers.nylas import NylasProvider, grant_of, parse_retry_after
@@ -109,7 +109,9 @@ class ProviderBudget:
         key = self.key(request)
         if key is not None:
             await self.acquire(*key)
-            request.extensions["nova_sent_at"] = datetime.now(UTC)
+            sent = datetime.now(UTC)
+            request.extensions["nova_sent_at"] = sent
+            store.request_sent(sent)  # a fetch's version is of this moment, not before the wait
 
     async def on_response(self, response: httpx.Response) -> None:
         metrics.provider_answer(self.provider, response.status_code)

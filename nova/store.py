@@ -7,7 +7,8 @@ event is harmless, and see below). Soft deletes are versioned writes too: an old
 cannot resurrect a newer delete.
 
 One clock. Webhooks are versioned with Nylas's event `time`, whole seconds. A thread sync is
-versioned with `sync_version()`: the moment before its fetch, rounded down to the second, less
+versioned with `sync_version()` of the moment its first request left (`fetch_version`: after the
+wait for a budget slot, not before it), rounded down to the second, less
 VERSION_SKEW_SECONDS. A change that lands in the same second as the fetch (or a little before
 it, with clocks that disagree by up to the skew) then arrives by webhook with a version at
 least the sync's, and applies. The price is the other direction: within that window a webhook
@@ -38,10 +39,12 @@ and its queue delete commit together. The connection must come from `nova.db.cre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -61,6 +64,35 @@ def sync_version(now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     second = math.floor(now.timestamp()) - VERSION_SKEW_SECONDS
     return datetime.fromtimestamp(second, UTC)
+
+
+# The moment the first provider request of a fetch left (nova.ratelimit notes it once the
+# request has its budget slot); per asyncio task, so concurrent jobs never mix theirs up.
+_first_request: ContextVar[list[datetime] | None] = ContextVar("nova_first_request",
+                                                               default=None)
+
+
+def request_sent(at: datetime) -> None:
+    """A provider request leaves now, its wait for the budget over."""
+    sent = _first_request.get()
+    if sent is not None and not sent:
+        sent.append(at)
+
+
+@contextlib.contextmanager
+def fetch_version() -> Iterator[Callable[[], datetime]]:
+    """The version of what the provider requests made inside the block read: `sync_version()`
+    of the moment the first of them left, after its wait for a budget slot, not of the moment
+    the block began. Under throttling that wait is long, and a version from before it would
+    let an event older than what was read overwrite it. Without a budgeted request: the
+    block's start."""
+    started = datetime.now(UTC)
+    sent: list[datetime] = []
+    token = _first_request.set(sent)
+    try:
+        yield lambda: sync_version(sent[0] if sent else started)
+    finally:
+        _first_request.reset(token)
 
 
 # --------------------------------------------------------------------------- bodies

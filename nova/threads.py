@@ -162,14 +162,15 @@ class ThreadSyncProcessor(ProviderProcessor):
 
         if await ctx.pool.fetchval(START, row["id"], job.msg_id, row["grant_id"]) is None:
             return f"thread={thread_id} superseded while starting"
-        version = store.sync_version()  # what we store is provider state as of (at least) this
-        try:
-            messages, requests = await self._fetch(row["provider"], row["grant_id"],
-                                                   thread_id)
-        except AuthExpired:
-            return await self._grant_lost(ctx, row, job, "auth_expired")
-        except GrantNotFound:
-            return await self._grant_lost(ctx, row, job, "revoked")
+        with store.fetch_version() as fetched:  # provider state as of (at least) its version
+            try:
+                messages, requests = await self._fetch(row["provider"], row["grant_id"],
+                                                       thread_id)
+            except AuthExpired:
+                return await self._grant_lost(ctx, row, job, "auth_expired")
+            except GrantNotFound:
+                return await self._grant_lost(ctx, row, job, "revoked")
+        version = fetched()
         prepared = await store.prepare_messages(messages)
 
         async with ctx.transaction() as conn:

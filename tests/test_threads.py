@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -143,3 +144,25 @@ async def test_the_last_thread_completes_its_backfill_without_the_monitor(
     row = await pool.fetchrow("SELECT backfill_status, backfill_completed_at FROM"
                               " flux_inbox_configurations WHERE id = $1", config)
     assert row["backfill_status"] == "completed" and row["backfill_completed_at"] is not None
+
+
+async def test_a_thread_is_versioned_after_its_wait_for_the_budget(
+        pool: asyncpg.Pool, sandbox: SandboxNylas) -> None:
+    """The sync version is the moment the request left, not the moment the job began: a
+    grant held by its budget for 3 s makes a sync whose rows are versioned after the hold, so
+    an event of the held seconds cannot overwrite what the sync read."""
+    from nova.store import VERSION_SKEW_SECONDS
+
+    inbox, _ = await discover(pool, sandbox)
+    tid = sandbox.thread_ids(sandbox.grant_ids[0])[0]
+    await pool.execute("DELETE FROM pgmq.q_thread_sync_jobs WHERE message->>'thread_id' <> $1",
+                       tid)
+    until = await pool.fetchval("SELECT now() + interval '3 seconds'")
+    await pool.execute("SELECT hold_provider_grant($1, $2)", sandbox.grant_ids[0], until)
+    await fast_worker(pool, sandbox).run(burst=True)
+    versions = await pool.fetch(
+        "SELECT provider_updated_at FROM flux_email_messages WHERE inbox_id = $1"
+        " AND provider_thread_id = $2", inbox, tid)
+    assert versions
+    earliest = until - timedelta(seconds=VERSION_SKEW_SECONDS + 1)  # whole seconds, less skew
+    assert all(v["provider_updated_at"] >= earliest for v in versions), (versions, until)
