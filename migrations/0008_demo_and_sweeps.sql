@@ -9,3 +9,9 @@ CREATE INDEX flux_inboxes_expired_idx ON flux_inboxes (auth_expired_at)
     WHERE status = 'auth_expired';
 CREATE INDEX flux_email_attachments_open_idx ON flux_email_attachments (inbox_id)
     WHERE status IN ('pending', 'failed');
+
+-- A Gmail history expiry met a running backfill whose listing may be past the gap's mail: the
+-- resync is owed, and queued as soon as that backfill ends (nova_follow_resyncs).
+ALTER TABLE flux_inboxes ADD COLUMN resync_requested_at timestamptz;
+CREATE INDEX flux_inboxes_resync_idx ON flux_inboxes (resync_requested_at)
+    WHERE resync_requested_at IS NOT NULL;

@@ -173,7 +173,7 @@ class BackfillProcessor(ProviderProcessor):
         while True:
             try:
                 with store.fetch_version() as fetched:
-                    page = await self._page(cfg, cur)
+                    page = await self._page(cfg, cur, feed=feed)
             except Permanent as exc:
                 # A page token the provider no longer accepts: list this part again from its
                 # first page (queueing is idempotent). Once per run; then it is an error.
@@ -219,11 +219,17 @@ class BackfillProcessor(ProviderProcessor):
             "UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now()"
             " WHERE id = $1 AND sync_cursor IS NULL", cfg["inbox_id"], cursor)
 
-    async def _page(self, cfg: asyncpg.Record, cur: Cursor) -> Page[Thread]:
+    async def _page(self, cfg: asyncpg.Record, cur: Cursor, *, feed: bool) -> Page[Thread]:
         if cur.in_main:  # the range, bounded at the moment the backfill was queued
             until = cfg["backfill_until"]
             after = cfg["backfill_since"]
             before = min(until, cfg["discovery_cutoff"]) if until else cfg["discovery_cutoff"]
+            if feed:
+                # The feed's position was taken before this listing: list the mailbox as it
+                # is now, up to the range's own end only. A bound at the cutoff would drop
+                # mail of its last second (`before:` counts whole seconds) that the feed,
+                # positioned after it, will not bring either (a history expiry's resync).
+                before = until
         else:
             after, before = cur.since, cfg["backfill_until"]
         grant_id, kind = cfg["grant_id"], cfg["provider"]

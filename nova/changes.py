@@ -107,6 +107,9 @@ WHERE t.id IN (SELECT m.thread_id FROM flux_email_messages m
                WHERE m.inbox_id = $1 AND m.provider_message_id = ANY ($2::text[]))
 ORDER BY t.id FOR UPDATE OF t
 """
+RESYNC_OWED = """
+UPDATE flux_inboxes SET resync_requested_at = CASE WHEN $2 THEN now() END WHERE id = $1
+"""
 RESYNC = """
 SELECT queue_inbox_backfill(c.inbox_id, greatest(c.backfill_since, now() - interval '1 year'),
                             NULL, 'full')
@@ -280,9 +283,13 @@ class ChangeSync:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(SET_CURSOR, inbox_id, current)
             config = await conn.fetchval(RESYNC, inbox_id)
+            # A running backfill's listing may be past the gap's mail: the resync is owed,
+            # and the monitor queues it when that backfill ends (nova_follow_resyncs).
+            await conn.execute(RESYNC_OWED, inbox_id, config is None)
             await conn.execute(SYNCED, inbox_id)
         log.warning("[Changes] inbox=%s history from %s expired: cursor now %s, %s", inbox_id,
                     cursor, current,
-                    f"full resync queued config={config}" if config else "a backfill is running")
+                    f"full resync queued config={config}" if config
+                    else "a backfill is running: the resync follows it")
         return (f"history from {cursor} expired: cursor {current}, "
-                + (f"resync config={config}" if config else "backfill already running"))
+                + (f"resync config={config}" if config else "resync after the running backfill"))

@@ -81,6 +81,7 @@ LIMIT 50
 """
 SET_STATUS = "SELECT * FROM nova_set_inbox_status($1, $2, now(), $3)"
 STRANDED = "SELECT nova_release_stranded_notifications()"
+FOLLOW_RESYNCS = "SELECT * FROM nova_follow_resyncs()"
 END_PARKED = "SELECT * FROM nova_end_parked_backfills($1)"
 # Gmail inboxes not synced from their history for GMAIL_HISTORY_POLL_SECONDS: a change sync
 # (nova.changes) through the webhooks queue, at most one asked per interval.
@@ -144,6 +145,7 @@ class Repairs:
     resumed: list[Any] = field(default_factory=list)
     retried: list[Any] = field(default_factory=list)  # threads whose retry round started
     released: int = 0  # 'waiting' notifications whose inbox is usable, queued again
+    resyncs: list[Any] = field(default_factory=list)  # (inbox, config) owed by a history expiry
     ended: list[Any] = field(default_factory=list)  # (inbox, threads) of long-expired inboxes
 
 
@@ -326,6 +328,12 @@ class CompletionMonitor:
                         repairs.recounted.append(config_id)
                         log.warning("[Recovery] config=%s completed after re-counting its "
                                     "threads", config_id)
+            async with self._step("Recovery", "owed resyncs"):
+                repairs.resyncs = await self.pool.fetch(FOLLOW_RESYNCS)
+                for r in repairs.resyncs:
+                    log.warning("[Recovery] inbox=%s resync queued after its backfill (its "
+                                "history expired meanwhile) config=%s", r["inbox_id"],
+                                r["config_id"])
             async with self._step("Recovery", "stranded notifications"):
                 repairs.released = await self.pool.fetchval(STRANDED)
                 if repairs.released:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from nova.providers.clean import clean_text
+from nova.providers.clean import clean_text, text_codec
 
 log = logging.getLogger("nova.extract")
 
@@ -82,10 +82,12 @@ def decode_text(source: bytes | Path, charset: str | None, max_chars: int) -> Ex
     meta: dict[str, Any] = {"charset": charset or "utf-8"}
     codec = "utf-8"
     if charset:
-        try:
-            codec = codecs.lookup(charset).name
-        except LookupError:
+        # Only a real text codec: a declared rot13 or hex would make the decoder raise.
+        found = text_codec(charset)
+        if found is None:
             meta["charset_unknown"] = True
+        else:
+            codec = found
     budget = max_chars * 4 + 4
     if isinstance(source, Path):
         with source.open("rb") as f:

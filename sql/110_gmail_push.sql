@@ -54,3 +54,32 @@ BEGIN
         coalesce(p_event_time, now()));
 END;
 $$;
+
+-- Resyncs owed by a history expiry that met a running backfill (nova.changes): queued by the
+-- monitor once that backfill has ended, listing the backfill's range as the mailbox is then.
+-- Driven by the partial index of owed resyncs. Returns each inbox and its resync's
+-- configuration.
+CREATE OR REPLACE FUNCTION nova_follow_resyncs()
+RETURNS TABLE (inbox_id uuid, config_id uuid)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_inbox flux_inboxes;
+    v_since timestamptz;
+BEGIN
+    FOR v_inbox IN
+        SELECT i.* FROM flux_inboxes i
+        WHERE i.resync_requested_at IS NOT NULL AND i.status = 'active' AND i.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM flux_inbox_configurations c
+                          WHERE c.inbox_id = i.id AND c.deleted_at IS NULL
+                            AND c.backfill_status IN ('queued', 'discovering', 'thread_sync'))
+        ORDER BY i.resync_requested_at
+        FOR UPDATE OF i SKIP LOCKED
+    LOOP
+        SELECT greatest(c.backfill_since, now() - interval '1 year') INTO v_since
+        FROM flux_inbox_configurations c WHERE c.inbox_id = v_inbox.id AND c.deleted_at IS NULL;
+        UPDATE flux_inboxes SET resync_requested_at = NULL WHERE id = v_inbox.id;
+        RETURN QUERY SELECT v_inbox.id, queue_inbox_backfill(v_inbox.id, v_since, NULL, 'full');
+    END LOOP;
+END;
+$$;

@@ -15,6 +15,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nova.extract import decode_text
+from nova.providers.clean import text_codec
 from nova.providers.gmail_mime import (
     ATTACHMENT_ID_PREFIX,
     MAX_DEPTH,
@@ -216,6 +218,32 @@ def test_unknown_charset_is_utf8_with_replacement() -> None:
     assert single(b"abc\xe9", "punycode").text == "abc\ufffd"  # a codec, not a charset
 
 
+def test_charset_naming_a_non_text_codec_or_nothing_is_read_as_utf8() -> None:
+    # rot13, hex, base64, zlib are codecs Python knows, but transforms, not text encodings:
+    # their decoders raise (TypeError, AssertionError) instead of decoding. The text is kept.
+    for charset in ("rot13", "hex", "base64", "zlib", "x-made-up"):
+        msg = single("Hello caf\u00e9".encode() + b" \xff", charset)
+        assert msg.text == "Hello caf\u00e9 \ufffd", charset
+    html_ = single(b"<p>Hello</p>", "rot13", "text/html")
+    assert html_.body == "<p>Hello</p>"
+
+
+def test_text_codec_only_names_text_encodings() -> None:
+    assert text_codec("UTF-8") == "utf-8" and text_codec(' "latin1" ') == "iso8859-1"
+    for name in ("rot13", "rot_13", "hex", "base64", "zlib", "bz2", "uu", "quopri",
+                 "x-made-up", "punycode", "unicode_escape", "", " ", "a\x00b", None):
+        assert text_codec(name) is None, name
+
+
+def test_attachment_text_with_a_lying_charset_is_decoded_not_failed() -> None:
+    # The attachment extractor shares the charset lookup: a rot13 or hex label used to raise
+    # (TypeError / AssertionError) inside the decoder and fail the attachment.
+    for charset in ("rot13", "hex", "x-made-up"):
+        out = decode_text(b"Hello \xff world", charset, 100)
+        assert out.text == "Hello \ufffd world", charset
+        assert out.meta["charset_unknown"] is True and out.skipped_reason is None
+
+
 def test_missing_charset_tries_utf8_then_windows_1252() -> None:
     assert single("r\u00e9sum\u00e9".encode(), None).text == "r\u00e9sum\u00e9"
     assert single(b"r\xe9sum\xe9 \x80", None).text == "r\u00e9sum\u00e9 \u20ac"
@@ -252,8 +280,37 @@ def test_rfc2047_subject_and_names() -> None:
     assert msg.to == (Participant("f@example.fr", "Fran\u00e7oise"),
                       Participant("john@example.com", "Doe, John"))
     assert msg.cc == (Participant("e@example.com", "\u00e9\u00e9"),)
-    assert msg.reply_to == (Participant("r@example.com", "=?x-unknown?q?abc?="),)
+    # a word in a charset nobody knows: the stdlib reads it as ASCII (other bytes: U+FFFD)
+    assert msg.reply_to == (Participant("r@example.com", "abc"),)
     assert msg.header("From") == "Jos\u00e9 N\u00fa\u00f1ez <jose@example.com>"
+
+
+def test_rfc2047_in_two_charsets_a_q_encoded_name_and_lying_charsets() -> None:
+    top = hdrs(
+        Subject="=?ISO-8859-1?Q?Gr=FC=DFe?= =?UTF-8?B?w6Agdm91cw==?= und =?koi8-r?b?8NLJ18XU?=",
+        From="=?iso-8859-1?q?Ren=E9e_M=FCller?= <renee@example.de>",
+        To="=?rot13?q?Uryyb?= <r@example.com>, =?hex?b?SGk=?= <h@example.com>",
+        X_Odd="=?x-made-up?q?plain?= text")
+    msg = parse_message(resource(leaf("", "text/plain", "x"), top=top), GRANT)
+    # adjacent words in different charsets: the space between them goes, as RFC 2047 says
+    assert msg.subject == "Gr\u00fc\u00dfe\u00e0 vous und \u041f\u0440\u0438\u0432\u0435\u0442"
+    assert msg.from_ == (Participant("renee@example.de", "Ren\u00e9e M\u00fcller"),)
+    # a transform named as charset decodes as ASCII: readable, never raising
+    assert msg.to == (Participant("r@example.com", "Uryyb"), Participant("h@example.com", "Hi"))
+    assert msg.header("X-Odd") == "plain text"
+
+
+def test_nul_and_lone_surrogate_produced_by_decoding_are_cleaned() -> None:
+    top = hdrs(Subject="=?utf-8?q?a=00b?= =?utf-8?b?Y/9k?=",  # NUL; a byte that is no UTF-8
+               From="=?x-made-up?q?Ev=FFe?= <eve@example.com>")  # unknown charset: \udcff
+    root = multi("", "mixed", text_part("0", "text/plain", b"x", "utf-8"),
+                 leaf("1", "application/pdf", attachment_id="A", headers=hdrs(
+                     Content_Disposition="attachment; filename*=utf-8''a%00b%FF.pdf")))
+    msg = parse_message(resource(root, top=top), GRANT)
+    assert msg.subject == "abc\ufffdd"
+    assert msg.from_ == (Participant("eve@example.com", "Ev\ufffde"),)
+    assert msg.attachments[0].filename == "ab\ufffd.pdf"
+    assert all(storable(s) for s in strings(msg))
 
 
 def test_encoded_words_split_inside_a_character_and_broken_ones() -> None:
@@ -325,6 +382,26 @@ def test_rfc2231_and_rfc2047_filenames() -> None:
         "na\u00efve.pdf", "caf\u00e9.pdf", "long na;me.pdf", "../../etc/passwd"]
     assert [a.id for a in msg.attachments] == ["1", "2", "3", "4", "5", "6", "7"]
     assert msg.text == "see files"
+
+
+def test_rfc2231_percent_escapes_continuations_and_lying_charsets() -> None:
+    root = multi(
+        "", "mixed", text_part("0", "text/plain", b"files", "utf-8"),
+        leaf("1", "application/pdf", attachment_id="A1", headers=hdrs(
+            Content_Disposition="attachment; filename*0*=utf-8''%E2%82%AC%20Rechnung%20; "
+                                "filename*1*=M%C3%A4rz; filename*2=.pdf")),
+        leaf("2", "text/plain", attachment_id="A2", headers=hdrs(
+            Content_Type="text/plain; name*=iso-8859-1'de'Gr%FC%DFe.txt")),
+        leaf("3", "application/pdf", attachment_id="A3", headers=hdrs(
+            Content_Disposition="attachment; filename*=rot13''Uryyb%20.pdf")),
+        leaf("4", "application/pdf", filename="hex''a%41.pdf", attachment_id="A4",
+             headers=[]),
+        leaf("5", "application/pdf", filename="Bob's and Al's.pdf", attachment_id="A5",
+             headers=[]))
+    msg = parse_message(resource(root), GRANT)
+    assert [a.filename for a in msg.attachments] == [
+        "\u20ac Rechnung M\u00e4rz.pdf", "Gr\u00fc\u00dfe.txt", "Uryyb .pdf",
+        "hex''a%41.pdf", "Bob's and Al's.pdf"]
 
 
 # ----------------------------------------------------------------------------- attachments

@@ -366,3 +366,58 @@ async def test_an_expired_gmail_inbox_is_checked_again_and_comes_back(
     sandbox.revoke(sandbox.users[0])  # the user removed Nova's access
     await pool.execute(expire, inbox)
     assert await monitor.recheck_grants() == [(inbox, "auth_expired")]
+
+
+async def test_mail_that_arrives_while_the_history_is_expired_is_not_lost(
+        pool: asyncpg.Pool, db_url: str, sandbox: SandboxGmail) -> None:
+    """The history expired (404) while a thread was created, a message added to an old
+    thread, one deleted and labels changed: after the fallback the inbox equals the mailbox."""
+    s = gmail_settings(sandbox)
+    inbox, config = await backfilled(pool, db_url, sandbox, s)
+    email = sandbox.users[0]
+    threads = sandbox.thread_ids(email)
+    fresh = sandbox.add_message(email, subject="Born in the gap", text="new thread")
+    reply = sandbox.add_message(email, thread_id=threads[3], text="a reply in the gap")
+    gone = sorted(set(sandbox.message_ids(email)) - {fresh["id"], reply["id"]})[0]
+    sandbox.delete_message(email, gone)
+    relabel = sorted(set(sandbox.message_ids(email)) - {fresh["id"], reply["id"]})[1]
+    sandbox.modify_labels(email, relabel, add=["STARRED"])
+    sandbox.expire_history(email)
+
+    await sync_changes(pool, db_url, s, inbox)
+    async with running(db_url, s, threads=2):
+        await wait_for(lambda: _status_is(pool, config, "completed"), 90, what="resync")
+    await assert_matches_mailbox(pool, sandbox, inbox, email)
+    for mid in (fresh["id"], reply["id"]):
+        assert await pool.fetchval("SELECT count(*) FROM flux_email_messages WHERE inbox_id = $1"
+                                   " AND provider_message_id = $2 AND deleted_at IS NULL",
+                                   inbox, mid) == 1
+
+
+async def test_a_history_expiry_during_a_backfill_is_followed_by_a_resync(
+        pool: asyncpg.Pool, db_url: str, sandbox: SandboxGmail) -> None:
+    """A 404 on history while a backfill of the inbox runs is never dropped: the resync is
+    owed, and the monitor queues it as soon as that backfill has ended."""
+    from nova.completion import CompletionMonitor
+
+    s = gmail_settings(sandbox)
+    inbox, config = await backfilled(pool, db_url, sandbox, s)
+    email = sandbox.users[0]
+    await pool.execute("UPDATE flux_inbox_configurations SET backfill_status = 'thread_sync'"
+                       " WHERE id = $1", config)  # a backfill past its listing, still running
+    fresh = sandbox.add_message(email, subject="Born in the gap", text="new thread")
+    sandbox.expire_history(email)
+    await sync_changes(pool, db_url, s, inbox)
+    assert await pool.fetchval("SELECT resync_requested_at IS NOT NULL FROM flux_inboxes"
+                               " WHERE id = $1", inbox)
+    assert await pool.fetch("SELECT * FROM nova_follow_resyncs()") == []  # it still runs
+    # The monitor's pass ends the backfill (every thread is done) and the resync follows.
+    assert [tuple(r) for r in (await CompletionMonitor(s, pool=pool).recover()).resyncs] \
+        == [(inbox, config)]
+    assert await pool.fetchval("SELECT resync_requested_at FROM flux_inboxes WHERE id = $1",
+                               inbox) is None
+    async with running(db_url, s, threads=2):
+        await wait_for(lambda: _status_is(pool, config, "completed"), 90, what="resync")
+    await assert_matches_mailbox(pool, sandbox, inbox, email)
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages WHERE inbox_id = $1"
+                               " AND provider_message_id = $2", inbox, fresh["id"]) == 1

@@ -14,6 +14,7 @@ strict mode would refuse the whole document), and the result is cleaned.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from typing import Any
@@ -34,6 +35,36 @@ def clean_text(value: str) -> str:
         # Paired surrogates were already joined by the JSON decoder: what is left is lone.
         return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
     return value
+
+
+# Python codecs that are text encodings but no mail charset (or slow on hostile input).
+_NOT_CHARSETS = frozenset({"idna", "punycode", "unicode-escape", "raw-unicode-escape",
+                           "undefined", "charmap", "mbcs", "oem"})
+
+
+def text_codec(charset: str | None) -> str | None:
+    """Python's codec name for a charset that mail declares, or None when it names none.
+
+    A declared charset is hostile input: `codecs.lookup` also finds bytes-to-bytes and
+    str-to-str transforms (``rot13``, ``hex``, ``base64``, ``zlib``...) whose decoders raise
+    TypeError or AssertionError instead of decoding, and a few text codecs that are no charset
+    at all (``punycode``, ``unicode_escape``). Only a real text encoding is returned; the
+    caller falls back (UTF-8 with replacement characters) on None. Never raises.
+    """
+    if not isinstance(charset, str):
+        return None
+    name = charset.strip().strip("\"'").strip()
+    if not name:
+        return None
+    try:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError, TypeError):
+        return None
+    # `_is_text_encoding` is how bytes.decode itself refuses the transforms.
+    if not getattr(info, "_is_text_encoding", True):
+        return None
+    found = info.name
+    return None if found.replace("_", "-") in _NOT_CHARSETS else found
 
 
 def clean(value: Any) -> Any:

@@ -36,16 +36,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import html
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from email.utils import getaddresses, parsedate_to_datetime
+from email import policy
+from email.headerregistry import UnstructuredHeader
+from email.utils import collapse_rfc2231_value, getaddresses, parsedate_to_datetime
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote
 
-from .clean import clean
+from .clean import clean, text_codec
 from .models import Attachment, Message, Participant
 
 __all__ = ["ATTACHMENT_ID_PREFIX", "MAX_DEPTH", "decode_body_data", "find_attachment_part",
@@ -101,29 +102,10 @@ def decode_body_data(data: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- charsets
-# Python codecs that are no mail charset (or are slow on hostile input): treated as unknown.
-_NOT_CHARSETS = frozenset({"idna", "punycode", "unicode_escape", "raw_unicode_escape",
-                           "undefined", "charmap", "mbcs", "oem"})
 # Labels that browsers decode as windows-1252 (WHATWG Encoding Standard), by Python codec name.
 _AS_CP1252 = frozenset({"latin_1", "iso8859-1", "ascii", "cp1252"})
 # windows-1252 leaves 0x81 0x8D 0x8F 0x90 0x9D undefined; WHATWG maps them to C1 controls.
 _C1_FROM_ESCAPES = {0xDC00 + b: b for b in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
-
-
-def _codec(charset: str | None) -> str | None:
-    """Python's name for a declared charset; None when missing or unknown."""
-    if not charset:
-        return None
-    name = charset.strip().strip("\"'").strip()
-    if "*" in name:  # RFC 2231 language suffix: utf-8*en
-        name = name.split("*", 1)[0]
-    if not name:
-        return None
-    try:
-        found = codecs.lookup(name).name
-    except (LookupError, ValueError, TypeError):
-        return None
-    return None if found in _NOT_CHARSETS else found
 
 
 def _cp1252(data: bytes) -> str:
@@ -137,10 +119,12 @@ def _decode_text(data: bytes, charset: str | None) -> str:
     windows-1252 (what browsers do: WHATWG Encoding Standard). A charset no codec knows:
     UTF-8 with replacement characters. Declared UTF-8 that is not UTF-8 and has not a single
     well-formed multi-byte sequence: windows-1252, since the label lies (as the sandbox's
-    ``lying_charset`` mail does); with one, UTF-8 with replacement characters.
+    ``lying_charset`` mail does); with one, UTF-8 with replacement characters. A label that
+    names a codec but no text encoding (``rot13``, ``hex``, ``zlib``: see
+    :func:`nova.providers.clean.text_codec`) counts as unknown.
     """
     declared = charset is not None and charset.strip().strip("\"'").strip() != ""
-    codec = _codec(charset)
+    codec = text_codec(charset)
     if codec in _AS_CP1252:
         return _cp1252(data)
     if codec is None and declared:
@@ -161,68 +145,34 @@ def _decode_text(data: bytes, charset: str | None) -> str:
         return data.decode("utf-8", "replace")
 
 
-# --------------------------------------------------------------------------- RFC 2047
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
-_ONLY_SPACE = re.compile(r"[ \t\r\n]*")
+# --------------------------------------------------------------------------- headers
 _FOLDING = re.compile(r"\r?\n(?=[ \t])")
+# Header values longer than this are kept as written (cleaned), not decoded: the stdlib's
+# header parser is quadratic on some hostile input, and no real encoded header is this long.
+_DECODE_MAX = 8_192
 
 
-def _word_bytes(encoding: str, text: str) -> bytes:
-    if encoding in "bB":
-        return decode_body_data(text)
-    return binascii.a2b_qp(text.encode("utf-8", "surrogateescape"), header=True)
+def _decoded(value: str) -> str:
+    """A header value (or a piece of one: a display name, a file name) with its RFC 2047
+    encoded words decoded by the stdlib (:mod:`email.headerregistry`, as ``policy.default``
+    reads an unstructured header), then cleaned.
 
-
-def decode_words(value: str) -> str:
-    """A header value with its RFC 2047 encoded words decoded; never raises.
-
-    Adjacent encoded words (only white space between them) are joined before decoding, so a
-    character split across two words survives. A word in an unknown charset stays as it was
-    written; bytes its charset cannot decode become U+FFFD. Text outside words is kept.
+    Adjacent encoded words are joined, so a character split across two survives; a word in a
+    charset Python does not know (or in a codec that is no text encoding) is read as ASCII, its
+    other bytes becoming U+FFFD. Never raises: whatever the parser chokes on is kept as
+    written, cleaned.
     """
-    if "=?" not in value:
-        return value
-    out: list[str] = []
-    pending = bytearray()
-    pending_cs: str | None = None
-    pos = 0
-
-    def flush() -> None:
-        nonlocal pending_cs
-        if pending_cs is not None:
-            out.append(_decode_text(bytes(pending), pending_cs))
-            pending.clear()
-            pending_cs = None
-
-    for m in _ENCODED_WORD.finditer(value):
-        gap = value[pos:m.start()]
-        if pending_cs is None or _ONLY_SPACE.fullmatch(gap) is None:
-            flush()
-            out.append(gap)
-        pos = m.end()
-        codec = _codec(m.group(1))
-        if codec is None:
-            flush()
-            out.append(m.group(0))
-            continue
-        try:
-            raw = _word_bytes(m.group(2), m.group(3))
-        except (binascii.Error, ValueError):
-            flush()
-            out.append(m.group(0))
-            continue
-        if pending_cs is not None and pending_cs != codec:
-            flush()
-        pending_cs = codec
-        pending += raw
-    flush()
-    out.append(value[pos:])
-    return "".join(out)
+    text = clean(_FOLDING.sub("", value))
+    if "=?" not in text or len(text) > _DECODE_MAX:
+        return text
+    try:
+        return clean(str(UnstructuredHeader.value_parser(text)))
+    except Exception:  # a parser bug on hostile input costs the decoding, not the header
+        return text
 
 
 def _header_value(value: Any) -> str:
-    text = value if isinstance(value, str) else ("" if value is None else str(value))
-    return clean(decode_words(_FOLDING.sub("", text)))
+    return _decoded(value if isinstance(value, str) else ("" if value is None else str(value)))
 
 
 # --------------------------------------------------------------------------- parts
@@ -257,70 +207,48 @@ def _raw_headers(part: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 # ------------------------------------------------------------------ MIME parameters
 # Content-Type / Content-Disposition values longer than this are cut before parsing: real ones
-# are far shorter, and a parameter parser must not be fed megabytes of semicolons.
-_PARAMS_MAX = 16_384
-# One parameter segment: text outside quotes, or a quoted string (unterminated: to the end).
-# Possessive quantifiers: the scan is linear whatever the input.
-_SEGMENT = re.compile(r'(?:[^;"]++|"(?:[^"\\]++|\\.?)*+"?)++', re.S)
-_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
-_EXTENDED_NAME = re.compile(r"([^*]+)\*(?:(\d{1,4})(\*)?)?")
-# charset'language'percent-encoded-value, as RFC 2231 writes an extended parameter.
-_RFC2231_VALUE = re.compile(r"([A-Za-z0-9._:-]*)'[A-Za-z0-9-]*'")
+# are far shorter (a long RFC 2231 file name is about a kilobyte), and the stdlib's parameter
+# parser is quadratic on hostile input such as a megabyte of semicolons.
+_PARAMS_MAX = 2_048
 
 
-def _rfc2231_text(value: str, first: bool = True) -> tuple[bytes, str | None]:
-    """(bytes, charset) of an extended value; only a first segment names a charset."""
-    charset = None
-    if first:
-        found = _RFC2231_VALUE.match(value)
-        if found is not None:
-            charset, value = found.group(1) or None, value[found.end():]
-    return unquote_to_bytes(value), charset
-
-
-def _mime_params(value: str | None) -> tuple[str, dict[str, str]]:
+def _mime_params(name: str, value: str | None) -> tuple[str, dict[str, str]]:
     """(lower-cased leading token, {lower-cased parameter: value}) of a Content-Type or
-    Content-Disposition value (RFC 2045), with RFC 2231 extended (``name*=utf-8''...``) and
-    continued (``name*0*=``, ``name*1*=``) parameters joined and decoded. Never raises."""
+    Content-Disposition header (``name``), as ``policy.default`` parses it: RFC 2231 extended
+    (``name*=utf-8''...``) and continued (``name*0*=``, ``name*1*=``) parameters are joined and
+    decoded, so are RFC 2047 words inside quoted values. Never raises: a value the parser
+    chokes on gives ("", {})."""
     if not value:
         return "", {}
-    value = value[:_PARAMS_MAX]
-    segments = [m.group(0) for m in _SEGMENT.finditer(value)]
-    head = ""
-    if segments and "=" not in segments[0] and not value.lstrip().startswith(";"):
-        head = segments.pop(0).strip().lower()
-    plain: dict[str, str] = {}
-    pieces: dict[str, dict[int, tuple[str, bool]]] = {}
-    for segment in segments:
-        name, sep, text = segment.partition("=")
-        name = name.strip().lower()
-        if not sep or not name:
-            continue
-        text = text.strip()
-        if text.startswith('"'):
-            text = _QUOTED_PAIR.sub(r"\1", text[1:-1] if text.endswith('"') and len(text) > 1
-                                    else text[1:])
-        extended = _EXTENDED_NAME.fullmatch(name)
-        if extended is None:
-            plain.setdefault(name, text)
-            continue
-        base, index, star = extended.groups()
-        at = 0 if index is None else int(index)
-        pieces.setdefault(base, {}).setdefault(at, (text, index is None or star is not None))
-    params = dict(plain)
-    for base, parts in pieces.items():
-        data = bytearray()
-        charset: str | None = None
-        for at in sorted(parts):
-            text, encoded = parts[at]
-            if encoded:
-                raw, named = _rfc2231_text(text, first=at == min(parts))
-                charset = charset or named
-                data += raw
-            else:
-                data += text.encode("utf-8", "surrogateescape")
-        params[base] = _decode_text(bytes(data), charset)
-    return head, params
+    value = clean(value[:_PARAMS_MAX])
+    try:
+        header: Any = policy.default.header_factory(name, value)
+        params = {clean(k): clean(v) for k, v in header.params.items()}
+        if name == "content-type":
+            # The stdlib assumes text/plain for a missing or broken type: only a real one counts.
+            head = header.content_type if "/" in value.partition(";")[0] else ""
+        else:
+            head = header.content_disposition or ""
+    except Exception:  # stdlib parser bugs (IndexError, RecursionError) on hostile input
+        return "", {}
+    return clean(head), params
+
+
+def _rfc2231_filename(name: str) -> str | None:
+    """A ``filename`` field that is still an RFC 2231 extended value (``utf-8''na%C3%AFve.pdf``)
+    decoded, by :func:`email.utils.collapse_rfc2231_value`; None when it is none (a name such as
+    ``Bob's and Al's.pdf`` names no charset before its first quote)."""
+    charset, quote, rest = name.partition("'")
+    if not quote or "'" not in rest:
+        return None
+    codec = text_codec(charset)
+    if codec is None:
+        return None
+    language, _, text = rest.partition("'")
+    try:  # as email.message decodes parameters: percent escapes to bytes, then the charset
+        return collapse_rfc2231_value((codec, language, unquote(text, encoding="latin-1")))
+    except Exception:
+        return None
 
 
 class _Part:
@@ -341,8 +269,8 @@ class _Part:
                 disposition = value
             elif key == "content-id" and cid is None:
                 cid = value
-        type_head, type_params = _mime_params(ctype)
-        disp_head, disp_params = _mime_params(disposition)
+        type_head, type_params = _mime_params("content-type", ctype)
+        disp_head, disp_params = _mime_params("content-disposition", disposition)
         mime = part.get("mimeType")
         self.mime = mime.strip().lower() if isinstance(mime, str) and mime.strip() else type_head
         self.charset = type_params.get("charset")
@@ -369,16 +297,13 @@ def _filename(part: dict[str, Any], from_headers: str | None) -> str | None:
     its Content-Disposition (``filename``) or Content-Type (``name``) parameters give."""
     given = part.get("filename")
     name = given if isinstance(given, str) else ""
-    encoded = _RFC2231_VALUE.match(name)
-    if encoded is not None and _codec(encoded.group(1)) is None:
-        encoded = None
+    encoded = _rfc2231_filename(name)
     if not name or "=?" in name or encoded is not None:
         if from_headers:
             name = from_headers
         elif encoded is not None:
-            raw, charset = _rfc2231_text(name)
-            name = _decode_text(raw, charset)
-    name = clean(decode_words(name))
+            name = encoded
+    name = _decoded(name)
     return name or None
 
 
@@ -489,10 +414,10 @@ def _people(values: list[str]) -> tuple[Participant, ...]:
         except Exception:
             continue
         for name, address in pairs:
-            email = clean(decode_words(address)).strip()
+            email = clean(address).strip()  # an addr-spec holds no encoded words (RFC 2047 5)
             if "@" not in email:
                 continue
-            display = clean(decode_words(name)).strip()
+            display = _decoded(name).strip()
             out.append(Participant(email=email, name=display or None))
     return tuple(out)
 
