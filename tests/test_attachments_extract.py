@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from synchelp import add_inbox, make_sandbox
 
+from nova.extract import decode_text
 from nova.sandbox.nylas import SandboxNylas
 from nova.sandbox.nylas.blobs import make_pdf
 
@@ -209,3 +210,12 @@ async def test_rows_with_a_plain_url_are_downloaded_from_it(
     assert (gone["status"], gone["retry_count"]) == ("failed", 1)
     assert "HTTP 404" in gone["error_message"]
     assert downloads(sandbox) == 0
+
+
+def test_attachment_text_with_a_lying_charset_is_decoded_not_failed() -> None:
+    # The attachment extractor shares the charset lookup: a rot13 or hex label used to raise
+    # (TypeError / AssertionError) inside the decoder and fail the attachment.
+    for charset in ("rot13", "hex", "x-made-up"):
+        out = decode_text(b"Hello \xff world", charset, 100)
+        assert out.text == "Hello \ufffd world", charset
+        assert out.meta["charset_unknown"] is True and out.skipped_reason is None

@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email import policy
-from email.headerregistry import UnstructuredHeader
+from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.utils import collapse_rfc2231_value, getaddresses, parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote
@@ -150,6 +150,9 @@ _FOLDING = re.compile(r"\r?\n(?=[ \t])")
 # Header values longer than this are kept as written (cleaned), not decoded: the stdlib's
 # header parser is quadratic on some hostile input, and no real encoded header is this long.
 _DECODE_MAX = 8_192
+# Every header read as unstructured text: decoded as written, not reformatted (an address
+# header's str() would be re-quoted, a Date header's re-rendered).
+_AS_TEXT = HeaderRegistry(default_class=UnstructuredHeader, use_default_map=False)
 
 
 def _decoded(value: str) -> str:
@@ -166,7 +169,10 @@ def _decoded(value: str) -> str:
     if "=?" not in text or len(text) > _DECODE_MAX:
         return text
     try:
-        return clean(str(UnstructuredHeader.value_parser(text)))
+        # the registry's header, not the bare parse tree: its str() turns the bytes an
+        # encoded word could not decode back into UTF-8 or U+FFFD, joining a character split
+        # across two words
+        return clean(str(_AS_TEXT("x-nova", text)))
     except Exception:  # a parser bug on hostile input costs the decoding, not the header
         return text
 
