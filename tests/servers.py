@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
 from typing import Any
 
 import uvicorn
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range (32768 and up), for a server a
+    test starts later: a port the kernel handed out for port 0 could be handed out again,
+    meanwhile, to a sandbox binding port 0 in the process under test."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 class ServerThread:

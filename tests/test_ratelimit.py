@@ -51,10 +51,11 @@ async def test_concurrent_callers_never_share_a_slot(db_url: str) -> None:
         for p in pools:
             await p.close()
     gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
-    # 40 callers, 50/s, no burst: 40 distinct slots 20 ms apart (less the few milliseconds
-    # between the function's clock and the statement's).
-    assert min(gaps) > 0.012
-    assert slots[-1] - slots[0] == pytest.approx(0.78, abs=0.015)
+    # 40 callers, 50/s, no burst: 40 distinct slots 20 ms apart, less the milliseconds between
+    # the function's clock and the statement's (more on a loaded machine). Callers sharing a
+    # slot would be ~0 apart.
+    assert min(gaps) > 0.005
+    assert slots[-1] - slots[0] == pytest.approx(0.78, abs=0.03)
 
 
 @pytest.mark.parametrize(("bad", "args"), [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from servers import free_port
 
 # What differs on the embedded Postgres: CI runs these there too (README's test command).
 pytestmark = pytest.mark.embedded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def completed_providers(conn: psycopg.Connection[Any]) -> list[str]:

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ import psycopg
 import pytest
 import yaml
 from cryptography.fernet import Fernet
+from servers import free_port
 from synchelp import API_KEY, FULL_YEAR, make_sandbox
 
 from nova.sandbox.nylas import SandboxNylas
@@ -37,12 +39,6 @@ pytestmark = pytest.mark.embedded
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSORS = ["webhooks", "backfill", "threads", "completion", "attachments", "receiver"]
 SECRET = "shipped-webhook-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env_file(folder: Path, values: dict[str, str]) -> Path:
@@ -238,6 +234,24 @@ def backfills_and_stops(fleet: Fleet, db_url: str, sandbox: SandboxNylas, port: 
     assert codes == {name: 0 for name in fleet.procs}, {n: fleet.log(n)[-800:] for n in codes}
 
 
+def metrics_base() -> int:
+    """A base for ecosystem.config.js's metrics blocks whose six first ports are free."""
+    for _ in range(100):
+        base = random.randrange(200, 290) * 100
+        if all(_bindable(base + 100 * block) for block in range(6)):
+            return base
+    raise AssertionError("no free block of metrics ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _python(argv: list[str]) -> list[str]:
     """A file's command with this test's interpreter: `python -m x` and the `nova` script."""
     if argv[0] in ("python", "python3"):
@@ -279,7 +293,7 @@ def test_the_compose_services_start_with_their_environment_and_stop_cleanly(
                                                           "cannot be read")
 def test_the_pm2_apps_start_with_their_environment_and_stop_cleanly(
         db_url: str, sandbox: SandboxNylas, port: int, tmp_path: Path) -> None:
-    base = free_port() // 1000 * 100  # metrics blocks of 100 from here
+    base = metrics_base()  # the apps' blocks of 100 metrics ports from here
     listed = subprocess.run(
         ["node", "-e", "console.log(JSON.stringify(require(process.argv[1]).apps))",
          str(ROOT / "ecosystem.config.js")], capture_output=True, text=True, check=True,
