@@ -178,12 +178,9 @@ class QueueSQL:
         self.retry = (
             f"UPDATE {table} SET vt = clock_timestamp() + make_interval(secs => $3::float8)"
             " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
-        # Giving a message back (shutdown, Fatal) costs no attempt: the read is undone.
+        # Giving a message back costs no attempt: the read is undone. It is visible again
+        # after $3 seconds: at once (shutdown, Fatal), or later (Defer).
         self.release = (
-            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0), vt = clock_timestamp()"
-            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
-        # A deferred job (Defer) comes back later, its read undone as well.
-        self.defer = (
             f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0),"
             " vt = clock_timestamp() + make_interval(secs => $3::float8)"
             " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
@@ -715,7 +712,7 @@ class Worker:
     async def _defer(self, job: Job, deferred: Defer) -> None:
         """Put a job back for `deferred.delay` seconds, its read undone (no attempt)."""
         try:
-            held = await self.pool.fetchval(self.sql.defer, job.msg_id, job.read_ct,
+            held = await self.pool.fetchval(self.sql.release, job.msg_id, job.read_ct,
                                             float(deferred.delay))
         except DATABASE_ERRORS as exc:  # its lease runs out soon anyway
             log.warning("[%s] could not defer job %d (%s); it comes back when its lease runs "
@@ -734,7 +731,7 @@ class Worker:
         job given back (shutdown, Fatal) costs no attempt."""
         try:
             held = await asyncio.shield(asyncio.wait_for(
-                self.pool.fetchval(self.sql.release, job.msg_id, job.read_ct), 5))
+                self.pool.fetchval(self.sql.release, job.msg_id, job.read_ct, 0.0), 5))
         except Exception as exc:  # its lease runs out soon anyway
             log.warning("[%s] could not release job %d (%s); it comes back when its lease runs "
                         "out", self.component, job.msg_id, describe_error(exc))
