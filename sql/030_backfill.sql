@@ -489,6 +489,24 @@ BEGIN
 END;
 $$;
 
+-- The changes of a configuration's counters not folded into inbox_sync_stats yet: the sums of
+-- its delta rows (at most one check interval's). A simple SQL function: inlined into the
+-- statement that reads it, on that statement's snapshot.
+CREATE OR REPLACE FUNCTION nova_unfolded_sync_stats(p_config_id uuid)
+RETURNS TABLE (queued bigint, pending bigint, processing bigint, completed bigint,
+               failed bigint, messages bigint, retry_waiting bigint, last_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(x.threads_queued), 0)::bigint,
+           coalesce(sum(x.threads_pending), 0)::bigint,
+           coalesce(sum(x.threads_processing), 0)::bigint,
+           coalesce(sum(x.threads_completed), 0)::bigint,
+           coalesce(sum(x.threads_failed), 0)::bigint,
+           coalesce(sum(x.messages_synced), 0)::bigint,
+           coalesce(sum(x.threads_retry_waiting), 0)::bigint,
+           max(x.created_at)
+    FROM inbox_sync_stats_deltas x WHERE x.config_id = p_config_id;
+$$;
+
 -- inbox_sync_stats as it is right now: each base row plus its delta rows not folded yet. For
 -- readers that want exact counters between two folds of the monitor (metrics, listings,
 -- the seed's monitoring queries); the table itself lags by at most one check interval.
@@ -504,16 +522,7 @@ SELECT s.config_id, s.inbox_id, s.backfill_status,
        greatest(s.last_updated_at, d.last_at) AS last_updated_at,
        s.threads_retry_waiting + d.retry_waiting AS threads_retry_waiting
 FROM inbox_sync_stats s
-CROSS JOIN LATERAL (
-    SELECT coalesce(sum(x.threads_queued), 0)::bigint AS queued,
-           coalesce(sum(x.threads_pending), 0)::bigint AS pending,
-           coalesce(sum(x.threads_processing), 0)::bigint AS processing,
-           coalesce(sum(x.threads_completed), 0)::bigint AS completed,
-           coalesce(sum(x.threads_failed), 0)::bigint AS failed,
-           coalesce(sum(x.messages_synced), 0)::bigint AS messages,
-           coalesce(sum(x.threads_retry_waiting), 0)::bigint AS retry_waiting,
-           max(x.created_at) AS last_at
-    FROM inbox_sync_stats_deltas x WHERE x.config_id = s.config_id) d;
+CROSS JOIN LATERAL nova_unfolded_sync_stats(s.config_id) d;
 
 -- Progress from the counters alone: the base row plus the delta rows not folded yet (one
 -- interval's changes), read in one statement, so on one snapshot: a fold that commits
@@ -548,16 +557,7 @@ BEGIN
                greatest(s.last_updated_at, d.last_at) AS last_at
         FROM (SELECT 1) one
         LEFT JOIN inbox_sync_stats s ON s.config_id = v_config.id
-        CROSS JOIN (
-            SELECT coalesce(sum(x.threads_queued), 0)::bigint AS queued,
-                   coalesce(sum(x.threads_pending), 0)::bigint AS pending,
-                   coalesce(sum(x.threads_processing), 0)::bigint AS processing,
-                   coalesce(sum(x.threads_completed), 0)::bigint AS completed,
-                   coalesce(sum(x.threads_failed), 0)::bigint AS failed,
-                   coalesce(sum(x.messages_synced), 0)::bigint AS messages,
-                   coalesce(sum(x.threads_retry_waiting), 0)::bigint AS retry_waiting,
-                   max(x.created_at) AS last_at
-            FROM inbox_sync_stats_deltas x WHERE x.config_id = v_config.id) d
+        CROSS JOIN nova_unfolded_sync_stats(v_config.id) d
     )
     SELECT v_config.id, v_config.inbox_id, v_config.backfill_status, v_config.backfill_kind,
            v_config.discovery_completed_at IS NOT NULL,
