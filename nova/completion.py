@@ -273,10 +273,11 @@ class CompletionMonitor:
                     log.info("[Monitor] Config %s... completed threads=%d failed=%d "
                              "messages=%d", str(p["config_id"])[:8], result["threads_queued"],
                              p["threads_failed"], p["messages_synced"])
-                else:
+                elif result["outcome"] == "waiting":
                     log.warning("[Monitor] Config %s... counters said done, rows say %s open: "
                                 "counters re-derived", str(p["config_id"])[:8],
                                 result["threads_open"])
+                # 'not_ready': no longer in thread_sync, completed by its last thread meanwhile
         return completed
 
     async def recover(self) -> Repairs:

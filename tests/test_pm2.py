@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import httpx
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import metrics_base
 from synchelp import API_KEY, FULL_YEAR, make_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,24 +41,6 @@ def pm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "--loglevel=error", "pm2"], check=True, timeout=600,
                    capture_output=True, text=True)
     return folder / "node_modules" / ".bin" / "pm2"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _metrics_base() -> int:
-    """A block of ports whose first ten of each app's hundred are free."""
-    for _ in range(50):
-        base = random.randrange(200, 500) * 100
-        if all(_free(base + block * 100 + n) for block in range(6) for n in range(10)):
-            return base
-    raise AssertionError("no free block of metrics ports")
 
 
 class Pm2:
@@ -109,7 +91,7 @@ def _sample(port: int, name: str, **labels: str) -> float:
 @pytest.fixture
 def fleet(pm2: Path, db_url: str, tmp_path: Path) -> Iterator[tuple[Pm2, Any, int]]:
     with make_sandbox(THREADS, seed=5, latency_ms=100, thread_bodies=False) as sandbox:
-        base = _metrics_base()
+        base = metrics_base(instances=10)  # room for `pm2 scale`
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             receiver = s.getsockname()[1]

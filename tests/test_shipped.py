@@ -11,10 +11,8 @@ import hashlib
 import hmac
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import psycopg
 import pytest
 import yaml
 from cryptography.fernet import Fernet
-from servers import free_port
+from servers import free_port, metrics_base
 from synchelp import API_KEY, FULL_YEAR, make_sandbox
 
 from nova.sandbox.nylas import SandboxNylas
@@ -232,24 +230,6 @@ def backfills_and_stops(fleet: Fleet, db_url: str, sandbox: SandboxNylas, port: 
     finally:
         codes = fleet.stop()
     assert codes == {name: 0 for name in fleet.procs}, {n: fleet.log(n)[-800:] for n in codes}
-
-
-def metrics_base() -> int:
-    """A base for ecosystem.config.js's metrics blocks whose six first ports are free."""
-    for _ in range(100):
-        base = random.randrange(200, 290) * 100
-        if all(_bindable(base + 100 * block) for block in range(6)):
-            return base
-    raise AssertionError("no free block of metrics ports")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _python(argv: list[str]) -> list[str]:
