@@ -142,6 +142,7 @@ class BackfillProcessor(ProviderProcessor):
     max_attempts: ClassVar[int] = 3
 
     transient_retries = 3
+    patience_factor = 3.0  # a listing page goes ahead of its own thread syncs' requests
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         config_id = _config_id(job)

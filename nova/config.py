@@ -150,6 +150,11 @@ class Settings(BaseSettings):
                                          validation_alias="NOVA_PROVIDER_RATE_CEILING")
     provider_rate_floor: float = Field(default=1.0, gt=0,
                                        validation_alias="NOVA_PROVIDER_RATE_FLOOR")
+    # A thread-sync or attachment job whose grant's next slot is further off than this goes
+    # back to its queue until about then, and the worker takes another inbox's job (a backfill
+    # page waits three times as long; webhooks wait for their slot).
+    budget_patience_seconds: float = Field(default=1.0, gt=0, le=60,
+                                           validation_alias="NOVA_BUDGET_PATIENCE_SECONDS")
 
     # Catch-up backfills (after a grant comes back, or a silence of webhooks).
     catchup_overlap_seconds: int = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -29,7 +30,8 @@ from nova.providers import (
     Unauthorized,
 )
 from nova.providers.registry import KINDS, configured
-from nova.ratelimit import ProviderBudget, provider_from_settings
+from nova.ratelimit import BudgetWait, ProviderBudget, provider_from_settings
+from nova.ratelimit import patience as waiting_at_most
 from nova.runtime import (
     Defer,
     Fatal,
@@ -65,6 +67,9 @@ class ProviderProcessor(Processor):
     names, and closes what it built."""
 
     transient_retries: int = 0
+    # How many times NOVA_BUDGET_PATIENCE_SECONDS a request of this processor waits for its
+    # grant's slot before its job goes back to the queue (None: it waits; live mail does).
+    patience_factor: float | None = 1.0
 
     def __init__(self, settings: Settings, provider: MailProvider | None = None, *,
                  retry_base_delay: float = 2.0, retry_max_delay: float = 300.0) -> None:
@@ -74,6 +79,13 @@ class ProviderProcessor(Processor):
         self.retry_max_delay = retry_max_delay
         self.providers: dict[str, MailProvider] = {}
         self._clients: list[httpx.AsyncClient] = []
+
+    @property
+    def patience(self) -> float | None:
+        """Seconds a request waits for its grant's slot before the job is deferred."""
+        if self.patience_factor is None or not self.budgeted:
+            return None
+        return self.patience_factor * self.settings.budget_patience_seconds
 
     @property
     def budgeted(self) -> bool:
@@ -148,11 +160,20 @@ class ProviderProcessor(Processor):
         A 401/403 says nothing certain (Nylas answers api.authentication_error for a bad API
         key, a grant of another region and an expired grant alike), so with ``grant_id`` it is
         confirmed with the grant itself (`confirm_unauthorized`). An API key the provider
-        refuses stops the processor (runtime.Fatal): every job would fail the same way."""
+        refuses stops the processor (runtime.Fatal): every job would fail the same way.
+
+        A grant whose next slot is further off than this processor's patience (a busy grant,
+        or one held after a 429) defers the job (runtime.Defer, no attempt counted) until about
+        when the slot frees: the worker takes other inboxes' jobs meanwhile."""
         limited = 0
         while True:
             try:
-                return await request()
+                with waiting_at_most(self.patience):
+                    return await request()
+            except BudgetWait as exc:
+                # A little spread, so that the jobs of one grant do not all come back at once.
+                raise Defer(str(exc), exc.delay + random.uniform(0, self.patience or 1.0),
+                            grant=grant_id) from None
             except RateLimited as exc:
                 limited += 1
                 if limited >= MAX_RATE_LIMITED_IN_A_ROW:

@@ -12,13 +12,19 @@ provider fetches inside one call and its own transient retries.
 
     budget = ProviderBudget(pool, rate=10, burst=5, ceiling=200)
     provider = budgeted_nylas(budget, api_key, api_uri)
+
+A caller may say how long it is willing to wait (`patience`, set around its requests): when
+the grant's next slot is further off, no slot is taken and `BudgetWait` says when one frees,
+so that a job of a busy grant goes back to its queue instead of holding a worker's slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -33,10 +39,35 @@ from nova.providers.registry import KINDS
 
 log = logging.getLogger("nova.ratelimit")
 
-__all__ = ["ProviderBudget", "budgeted_client", "budgeted_nylas",
-           "grant_of", "provider_from_settings"]
+__all__ = ["BudgetWait", "ProviderBudget", "budgeted_client", "budgeted_nylas",
+           "grant_of", "patience", "provider_from_settings"]
 
-ACQUIRE = "SELECT acquire_provider_budget($1, $2, $3, $4, $5, $6)"
+ACQUIRE = "SELECT acquire_provider_budget($1, $2, $3, $4, $5, $6, $7)"
+
+# How long a request of the current task may wait for its grant's slot (None: as long as it
+# takes). Set by the processors around their requests (nova.processor).
+_PATIENCE: contextvars.ContextVar[float | None] = contextvars.ContextVar("nova_budget_patience",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def patience(seconds: float | None) -> Iterator[None]:
+    """Requests made inside wait at most ``seconds`` for a slot, else raise `BudgetWait`."""
+    token = _PATIENCE.set(seconds)
+    try:
+        yield
+    finally:
+        _PATIENCE.reset(token)
+
+
+class BudgetWait(Exception):  # noqa: N818 - it is a decision, not a failure
+    """The grant's next slot is `delay` seconds away, longer than the caller's patience: no
+    slot was taken and nothing was sent."""
+
+    def __init__(self, grant_id: str, delay: float) -> None:
+        super().__init__(f"grant {grant_id}: no budget for {delay:.1f}s")
+        self.grant_id = grant_id
+        self.delay = delay
 LIMITED = "SELECT provider_rate_limited($1, $2, $3, $4, $5)"
 
 
@@ -65,6 +96,7 @@ class ProviderBudget:
         self.api_delay = api_delay_ms / 1000
         self.waited = 0.0  # seconds spent waiting for slots (for logs and benchmarks)
         self.throttled = 0  # 429 answers seen by this process
+        self.deferred = 0  # requests not sent: their slot was further off than the patience
         self._answered: dict[str, int] = {}  # per grant, not reported yet
 
     @classmethod
@@ -77,14 +109,19 @@ class ProviderBudget:
 
     async def acquire(self, grant_id: str, cost: float = 1.0) -> float:
         """Reserve the grant's next slot (``cost`` units of its rate) and sleep until it;
-        returns the seconds waited."""
+        returns the seconds waited. Under a `patience` the slot is taken only when it comes
+        within it, else `BudgetWait`."""
         answered = self._answered.pop(grant_id, 0)
+        limit = _PATIENCE.get()
         try:
             wait = float(await self.pool.fetchval(ACQUIRE, grant_id, self.rate, self.burst,
-                                                  answered, self.ceiling, cost))
+                                                  answered, self.ceiling, cost, limit))
         except BaseException:
             self._answered[grant_id] = self._answered.get(grant_id, 0) + answered
             raise
+        if wait < 0:  # further off than the patience: not taken
+            self.deferred += 1
+            raise BudgetWait(grant_id, -wait)
         wait += self.api_delay
         if wait > 0:
             self.waited += wait

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import signal
 import time
 from collections import deque
@@ -55,6 +54,7 @@ import asyncpg
 
 from nova import db, metrics
 from nova.config import Settings
+from nova.queue_sql import QueueSQL
 
 log = logging.getLogger("nova.runtime")
 
@@ -114,12 +114,15 @@ class Fatal(Exception):
 
 class Defer(Exception):  # noqa: N818 - it is a decision, not a failure
     """Raised by a processor when the job cannot run here yet for a reason that is not the
-    job's fault (its inbox's provider is not configured in this process, say): the message
-    comes back after `delay` seconds without costing an attempt, and nothing is recorded."""
+    job's fault (its inbox's provider is not configured in this process, or its grant has no
+    budget left for now): the message comes back after `delay` seconds without costing an
+    attempt, and nothing is recorded. With `grant`, the worker also leaves that grant's other
+    jobs for that long (the read skips them)."""
 
-    def __init__(self, message: str, delay: float) -> None:
+    def __init__(self, message: str, delay: float, *, grant: str | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+        self.grant = grant
 
 
 class LeaseLost(Exception):  # noqa: N818
@@ -152,43 +155,6 @@ class RetryPolicy:
             return RetryDecision(retry=True, delay=min(error.delay, self.max_delay))
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return RetryDecision(retry=True, delay=random.uniform(ceiling / 2, ceiling))
-
-
-_QUEUE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
-
-
-class QueueSQL:
-    """The statements a worker runs against its queue. PGMQ has no call that checks read_ct, so
-    the lease statements address the queue's table, pgmq.q_<queue>, as PGMQ's functions do."""
-
-    def __init__(self, queue: str) -> None:
-        if not _QUEUE_NAME.fullmatch(queue):
-            raise ValueError(f"not a PGMQ queue name: {queue!r}")
-        table = f"pgmq.q_{queue}"
-        self.read = "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.read($1, $2, $3)"
-        self.next_vt = f"SELECT extract(epoch FROM min(vt) - clock_timestamp()) FROM {table}"
-        # The heartbeat: every lease of the worker at once; the ones it no longer holds are
-        # missing from the result.
-        self.renew = (
-            f"UPDATE {table} q SET vt = clock_timestamp() + make_interval(secs => $3::float8)"
-            " FROM unnest($1::bigint[], $2::int[]) AS l(msg_id, read_ct)"
-            " WHERE q.msg_id = l.msg_id AND q.read_ct = l.read_ct RETURNING q.msg_id")
-        self.hold = f"SELECT msg_id FROM {table} WHERE msg_id = $1 AND read_ct = $2 FOR UPDATE"
-        self.delete = f"DELETE FROM {table} WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id"
-        self.retry = (
-            f"UPDATE {table} SET vt = clock_timestamp() + make_interval(secs => $3::float8)"
-            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
-        # Giving a message back costs no attempt: the read is undone. It is visible again
-        # after $3 seconds: at once (shutdown, Fatal), or later (Defer).
-        self.release = (
-            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0),"
-            " vt = clock_timestamp() + make_interval(secs => $3::float8)"
-            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
-        # TESTING_MODE keeps a finished job's message; its run costs no attempt either.
-        self.keep = (
-            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0)"
-            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
-        self.archive = "SELECT pgmq.archive($1, $2::bigint)"
 
 
 @dataclass(eq=False)
@@ -334,6 +300,9 @@ class Worker:
         # when there is nowhere: behind a pooler without NOVA_DATABASE_DIRECT_URL.
         self._listen_url: str | None = None
         self._polling = False
+        # Grants whose jobs this worker leaves in the queue for now (a job of theirs was
+        # deferred for lack of budget): grant -> time.monotonic() until which.
+        self._blocked: dict[str, float] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -433,10 +402,16 @@ class Worker:
                 continue
             await self._idle_wait()
 
+    def _blocked_grants(self) -> list[str]:
+        now = time.monotonic()
+        for grant in [g for g, until in self._blocked.items() if until <= now]:
+            del self._blocked[grant]
+        return list(self._blocked)
+
     async def _read(self, qty: int) -> list[Job]:
         self._wakeup.clear()  # a notify from now on means "look again"
-        rows = await self.pool.fetch(self.sql.read, self.queue, self.vt, qty,
-                                     timeout=READ_TIMEOUT)
+        rows = await self.pool.fetch(self.sql.read, qty, float(self.vt),
+                                     self._blocked_grants(), timeout=READ_TIMEOUT)
         return [Job(self.queue, r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"] or {})
                 for r in rows]
 
@@ -445,9 +420,13 @@ class Worker:
         try:
             # A message becomes visible without any insert (a retry's delay, or the lease of a
             # dead worker running out): wake for the first one.
-            next_vt = await self.pool.fetchval(self.sql.next_vt, timeout=READ_TIMEOUT)
+            next_vt = await self.pool.fetchval(self.sql.next_vt, self._blocked_grants(),
+                                               timeout=READ_TIMEOUT)
             if next_vt is not None:
                 timeout = max(0.0, min(timeout, float(next_vt) + 0.01))
+            if self._blocked:  # a grant's jobs become takeable again
+                timeout = min(timeout, max(0.0, min(self._blocked.values()) - time.monotonic())
+                              + 0.01)
         except DATABASE_ERRORS as exc:
             log.warning("[%s] idle wait: next visibility unknown (%s); waiting %.1fs",
                         self.component, describe_error(exc), timeout)
@@ -710,7 +689,12 @@ class Worker:
                   f"{describe_error(unrecorded)})" if unrecorded else "")
 
     async def _defer(self, job: Job, deferred: Defer) -> None:
-        """Put a job back for `deferred.delay` seconds, its read undone (no attempt)."""
+        """Put a job back for `deferred.delay` seconds, its read undone (no attempt); with a
+        grant, leave that grant's other jobs in the queue as long."""
+        if deferred.grant is not None:
+            until = time.monotonic() + deferred.delay
+            self._blocked[deferred.grant] = max(until, self._blocked.get(deferred.grant, 0.0))
+            self._wakeup.set()  # a slot is free: read again, without this grant
         try:
             held = await self.pool.fetchval(self.sql.release, job.msg_id, job.read_ct,
                                             float(deferred.delay))
@@ -723,8 +707,9 @@ class Worker:
                                 "worker")
             return
         metrics.job_outcome(self.queue, "deferred")
-        log.info("[%s] job %d deferred %.0fs (not counted): %s", self.component, job.msg_id,
-                 deferred.delay, deferred)
+        log.log(logging.DEBUG if deferred.grant is not None else logging.INFO,
+                "[%s] job %d deferred %.1fs (not counted): %s", self.component, job.msg_id,
+                deferred.delay, deferred)
 
     async def _release(self, job: Job) -> None:
         """Make a job's message visible again now, for another worker, undoing its read: a

@@ -462,7 +462,7 @@ async def soft_delete_thread(conn: Any, inbox_id: uuid.UUID, provider_thread_id:
 # A thread named by a message while the inbox's backfill runs, and not yet listed by it:
 # discovery may miss a thread that moves under it, so it is queued for a whole sync.
 _FOLLOW_BACKFILL = """
-SELECT queue_thread_sync(c.id, t.tid)
+SELECT queue_thread_sync(c.id, t.tid, 0, true)
 FROM flux_inbox_configurations c, unnest($2::text[]) AS t(tid)
 WHERE c.inbox_id = $1 AND c.deleted_at IS NULL
   AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')

@@ -110,6 +110,7 @@ class WebhookProcessor(ProviderProcessor):
     queue: ClassVar[str] = "nylas_webhook_notifications"
     component: ClassVar[str] = "Webhooks"
     max_attempts: ClassVar[int] = 3
+    patience_factor = None  # live mail waits for its slot, ahead of backfills' deferred jobs
 
     # Behind a connection pooler, with NOVA_DATABASE_DIRECT_URL: the pool on it that holds the
     # change syncs' lock transactions, so that no sync keeps a server connection of the pooler

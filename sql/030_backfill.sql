@@ -222,17 +222,48 @@ LANGUAGE sql IMMUTABLE AS $$
                               'thread_id', q.provider_thread_id);
 $$;
 
+-- Turns: thread-sync jobs of different inboxes are served in turn (start-time fair queueing).
+-- Each message names its lane (the inbox; the inbox's '/live' lane for threads that webhooks
+-- or history name while its backfill runs) and a turn. The reader takes the lowest turns first
+-- (nova.queue_sql), so an inbox that queues 4,000 threads and one that queues 40 a moment later
+-- alternate instead of the second waiting behind the first. A lane continues after its own
+-- last queued turn, or starts at the frontier (the lowest turn still waiting to be read), never
+-- behind work already waiting: a new inbox, and live mail, go to the front of the line. Turns
+-- only order messages that are in the queue at once, so nothing keeps a counter (no row to
+-- lock): two senders of one lane at once may share turns, which only ties them.
+CREATE OR REPLACE FUNCTION nova_thread_turn(p_lane text)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT greatest(
+        coalesce(
+            (SELECT coalesce((m.message->>'turn')::bigint, 0) FROM pgmq.q_thread_sync_jobs m
+             WHERE m.vt <= clock_timestamp()
+             ORDER BY coalesce((m.message->>'turn')::bigint, 0), m.msg_id LIMIT 1),
+            (SELECT coalesce((m.message->>'turn')::bigint, 0) FROM pgmq.q_thread_sync_jobs m
+             ORDER BY coalesce((m.message->>'turn')::bigint, 0) DESC, m.msg_id DESC LIMIT 1),
+            0),
+        (SELECT coalesce((m.message->>'turn')::bigint, 0) + 1 FROM pgmq.q_thread_sync_jobs m
+         WHERE m.message->>'lane' = p_lane
+         ORDER BY m.message->>'lane' DESC, coalesce((m.message->>'turn')::bigint, 0) DESC
+         LIMIT 1));
+$$;
+
 -- Queues (or re-queues) one thread of a backfill for sync; returns the PGMQ message id.
+-- p_live: a thread that live mail named (webhooks, history) goes in the inbox's live lane,
+-- ahead of the rest of its backfill.
+DROP FUNCTION IF EXISTS queue_thread_sync(uuid, text, integer);
 CREATE OR REPLACE FUNCTION queue_thread_sync(
     p_config_id          uuid,
     p_provider_thread_id text,
-    p_delay_seconds      integer DEFAULT 0
+    p_delay_seconds      integer DEFAULT 0,
+    p_live               boolean DEFAULT false
 )
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_row    queued_threads;
     v_msg_id bigint;
+    v_lane   text;
 BEGIN
     IF p_delay_seconds IS NULL OR p_delay_seconds < 0 THEN
         RAISE EXCEPTION 'queue_thread_sync: delay must be >= 0, got %', p_delay_seconds
@@ -245,7 +276,11 @@ BEGIN
     PERFORM insert_queued_thread_idempotent(p_config_id, p_provider_thread_id);
     SELECT * INTO v_row FROM queued_threads
     WHERE config_id = p_config_id AND provider_thread_id = p_provider_thread_id FOR UPDATE;
-    SELECT * INTO v_msg_id FROM pgmq.send('thread_sync_jobs', nova_thread_job(v_row), p_delay_seconds);
+    v_lane := v_row.inbox_id::text || CASE WHEN p_live THEN '/live' ELSE '' END;
+    SELECT * INTO v_msg_id FROM pgmq.send(
+        'thread_sync_jobs',
+        nova_thread_job(v_row) || jsonb_build_object('lane', v_lane, 'turn', nova_thread_turn(v_lane)),
+        p_delay_seconds);
     UPDATE queued_threads
     SET status = 'queued', queue_msg_id = v_msg_id, error_message = NULL,
         attempts = CASE WHEN v_row.status = 'failed' THEN 0 ELSE attempts END
@@ -268,10 +303,18 @@ DECLARE
     v_jobs    jsonb[];
     v_msgs    bigint[];
 BEGIN
-    SELECT array_agg(q.id ORDER BY q.id), array_agg(q.provider_thread_id ORDER BY q.id),
-           array_agg(nova_thread_job(q) ORDER BY q.id)
+    -- Each inbox's threads take consecutive turns of its lane, from where the lane stands.
+    SELECT array_agg(t.id ORDER BY t.id), array_agg(t.provider_thread_id ORDER BY t.id),
+           array_agg(t.job || jsonb_build_object('lane', t.lane, 'turn', t.first + t.n - 1)
+                     ORDER BY t.id)
     INTO v_ids, v_threads, v_jobs
-    FROM queued_threads q WHERE q.id = ANY (p_ids);
+    FROM (SELECT q.id, q.provider_thread_id, nova_thread_job(q) AS job, l.lane, l.first,
+                 row_number() OVER (PARTITION BY l.lane ORDER BY q.id) AS n
+          FROM queued_threads q
+          JOIN (SELECT i.lane, nova_thread_turn(i.lane) AS first
+                FROM (SELECT DISTINCT q2.inbox_id::text AS lane FROM queued_threads q2
+                      WHERE q2.id = ANY (p_ids)) AS i) AS l ON l.lane = q.inbox_id::text
+          WHERE q.id = ANY (p_ids)) AS t;
     IF v_ids IS NULL THEN
         RETURN;   -- nothing to send: pgmq.send_batch rejects an empty batch
     END IF;

@@ -26,16 +26,23 @@
 
 -- p_cost: what this request spends of the rate (a Nylas request 1; a Gmail call its method's
 -- quota units, the rate then being units per second).
+-- p_max_wait: the longest the caller will wait. When its slot would be later, no slot is taken
+-- (the answers it reports and what the rate learns from the queue still count) and the wait is
+-- returned negated (a slot taken returns >= 0, one refused < 0): the caller puts its job back for that long and its worker takes another inbox's
+-- (nova.ratelimit.BudgetWait). NULL: the caller waits whatever it takes.
 DROP FUNCTION IF EXISTS acquire_provider_budget(text, double precision, double precision);
 DROP FUNCTION IF EXISTS acquire_provider_budget(text, double precision, double precision,
                                                 integer, double precision);
+DROP FUNCTION IF EXISTS acquire_provider_budget(text, double precision, double precision,
+                                                integer, double precision, double precision);
 CREATE OR REPLACE FUNCTION acquire_provider_budget(
     p_grant_id text,
     p_rate     double precision,
     p_burst    double precision DEFAULT 1,
     p_answered integer DEFAULT 0,
     p_ceiling  double precision DEFAULT NULL,
-    p_cost     double precision DEFAULT 1
+    p_cost     double precision DEFAULT 1,
+    p_max_wait double precision DEFAULT NULL
 )
 RETURNS double precision
 LANGUAGE plpgsql AS $$
@@ -49,6 +56,7 @@ DECLARE
     v_tolerance interval;
     v_tat       timestamptz;
     v_start     timestamptz;
+    v_taken     boolean;
 BEGIN
     IF p_grant_id IS NULL OR p_grant_id = '' THEN
         RAISE EXCEPTION 'acquire_provider_budget: grant id is required'
@@ -101,15 +109,20 @@ BEGIN
         v_tat := greatest(v_tat, v_row.held_until + v_tolerance);
     END IF;
     v_start := greatest(v_now, v_tat - v_tolerance);
+    -- Too far off for this caller: no slot taken, it stays for whoever can use it now.
+    v_taken := p_max_wait IS NULL OR v_start - v_now <= make_interval(secs => p_max_wait);
     UPDATE provider_rate_limits
-    SET next_free_at = v_tat + v_step, requests = requests + 1, updated_at = v_now,
+    SET next_free_at = CASE WHEN v_taken THEN v_tat + v_step ELSE next_free_at END,
+        requests = requests + CASE WHEN v_taken THEN 1 ELSE 0 END,
+        updated_at = v_now,
         answered = answered + p_answered,
         rate = CASE WHEN p_ceiling IS NULL THEN rate ELSE v_rate END,
         rate_changed_at = v_row.rate_changed_at,
         tick_answered = v_row.tick_answered, tick_at = v_row.tick_at,
         answered_rate = v_row.answered_rate
     WHERE grant_id = p_grant_id;
-    RETURN extract(epoch FROM v_start - v_now)::double precision;
+    RETURN CASE WHEN v_taken THEN 1 ELSE -1 END
+           * extract(epoch FROM v_start - v_now)::double precision;
 END;
 $$;
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nova.runtime import (  # noqa: E402
+    Defer,
     Fatal,
     GiveUp,
     Job,
@@ -46,7 +47,8 @@ class Recorder(Processor):
     long each attempt takes, "sleep_first" how long the first one takes (before its
     transaction), "sleep_in_tx" how long it waits inside its transaction after writing;
     "give_up" raises GiveUp; "fatal" raises Fatal; "die" kills the worker's process (SIGKILL,
-    as the OOM killer would).
+    as the OOM killer would); "defer" defers the first run that long, for the message's
+    "grant_id" (a grant without budget).
     """
 
     queue: ClassVar[str] = TEST_QUEUE
@@ -65,6 +67,9 @@ class Recorder(Processor):
             os.kill(os.getpid(), signal.SIGKILL)
         if message.get("fatal"):
             raise Fatal(str(message["fatal"]))
+        if message.get("defer") and await ctx.pool.fetchval(
+                "SELECT count(*) FROM runtime_log WHERE msg_id = $1", job.msg_id) == 1:
+            raise Defer("no budget", float(message["defer"]), grant=message.get("grant_id"))
         await asyncio.sleep(float(message.get("sleep", 0)))
         if job.read_ct == 1:
             await asyncio.sleep(float(message.get("sleep_first", 0)))

@@ -397,7 +397,7 @@ def test_queue_thread_sync_adds_the_thread_and_queues_its_job(
     assert job["msg_id"] == msg_id
     assert job["message"] == {"queued_thread_id": row["id"], "config_id": str(cfg),
                               "inbox_id": str(inbox), "grant_id": "grant-a",
-                              "thread_id": "thr-1"}
+                              "thread_id": "thr-1", "lane": str(inbox), "turn": 0}
     assert job["vt"] <= scalar(conn, "SELECT clock_timestamp()")
     assert assert_stats_exact(conn, cfg)["threads_pending"] == 1
 
@@ -478,7 +478,11 @@ def test_discovery_adds_and_queues_each_new_thread_once(
         assert row["queue_msg_id"] == a["msg_id"]
         assert jobs[a["msg_id"]] == {"queued_thread_id": row["id"], "config_id": str(cfg),
                                      "inbox_id": str(inbox), "grant_id": "grant-a",
-                                     "thread_id": a["provider_thread_id"]}
+                                     "thread_id": a["provider_thread_id"],
+                                     "lane": str(inbox), "turn": jobs[a["msg_id"]]["turn"]}
+    # The inbox's threads take consecutive turns of its lane, in the order they were added.
+    assert [jobs[a["msg_id"]]["turn"] for a in sorted(added, key=lambda a: a["queued_thread_id"])
+            ] == [0, 1, 2]
     c = assert_stats_exact(conn, cfg)
     assert c["threads_queued"] == c["threads_pending"] == 3
 

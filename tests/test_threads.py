@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -28,8 +29,8 @@ def sandbox() -> Iterator[SandboxNylas]:
         yield sb
 
 
-def fast_worker(pool: asyncpg.Pool, sb: SandboxNylas) -> Worker:
-    s = settings(sb)
+def fast_worker(pool: asyncpg.Pool, sb: SandboxNylas, **kw: Any) -> Worker:
+    s = settings(sb, **kw)
     return Worker(ThreadSyncProcessor(s, retry_base_delay=0.02, retry_max_delay=0.05), s,
                   pool=pool)
 
@@ -159,7 +160,8 @@ async def test_a_thread_is_versioned_after_its_wait_for_the_budget(
                        tid)
     until = await pool.fetchval("SELECT now() + interval '3 seconds'")
     await pool.execute("SELECT hold_provider_grant($1, $2)", sandbox.grant_ids[0], until)
-    await fast_worker(pool, sandbox).run(burst=True)
+    # Patient enough to wait the hold out in its slot (with less, the job is deferred).
+    await fast_worker(pool, sandbox, budget_patience_seconds=10).run(burst=True)
     versions = await pool.fetch(
         "SELECT provider_updated_at FROM flux_email_messages WHERE inbox_id = $1"
         " AND provider_thread_id = $2", inbox, tid)
