@@ -41,6 +41,7 @@ is checked when a backfill is queued, not when it resumes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, replace
@@ -171,10 +172,11 @@ class BackfillProcessor(ProviderProcessor):
         if feed and cfg["sync_cursor"] is None:
             await self._start_feed(ctx, cfg)
         restarted = False
+        # The next page is requested while this one is written: listing and writing overlap.
+        fetching = self._prefetch(cfg, cur, feed)
         while True:
             try:
-                with store.fetch_version() as fetched:
-                    page = await self._page(cfg, cur, feed=feed)
+                page, version = await fetching
             except Permanent as exc:
                 # A page token the provider no longer accepts: list this part again from its
                 # first page (queueing is idempotent). Once per run; then it is an error.
@@ -183,17 +185,23 @@ class BackfillProcessor(ProviderProcessor):
                 log.warning("[Backfill] page token rejected config=%s (%s): listing again from "
                             "the first page", _short(config_id), exc)
                 cur, restarted = replace(cur, token=None), True
+                fetching = self._prefetch(cfg, cur, feed)
                 continue
-            version = fetched()
             nxt, done, ids = _advance(cfg, cur, page, feed=feed)
             work = await PageWork.build(
                 page, ids, version,
                 summaries=bool(getattr(provider, "lists_thread_summaries", True)))
             if done:
                 break
-            async with ctx.pool.acquire() as conn, conn.transaction():
-                await ctx.hold_lease(conn)  # a page commits only while the job is ours
-                nxt = await self._save_page(conn, cfg, cur, nxt, work)
+            fetching = self._prefetch(cfg, nxt, feed)
+            try:
+                async with ctx.pool.acquire() as conn, conn.transaction():
+                    await ctx.hold_lease(conn)  # a page commits only while the job is ours
+                    nxt = await self._save_page(conn, cfg, cur, nxt, work)
+            except BaseException:
+                fetching.cancel()
+                await asyncio.gather(fetching, return_exceptions=True)
+                raise
             log.info("[Backfill] page saved config=%s page=%d threads=%d found=%d %s",
                      _short(config_id), nxt.pages, len(page.items), nxt.found, _phase(cur))
             cur = nxt
@@ -219,6 +227,17 @@ class BackfillProcessor(ProviderProcessor):
         await ctx.pool.execute(
             "UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now()"
             " WHERE id = $1 AND sync_cursor IS NULL", cfg["inbox_id"], cursor)
+
+    def _prefetch(self, cfg: asyncpg.Record, cur: Cursor,
+                  feed: bool) -> asyncio.Task[tuple[Page[Thread], datetime]]:
+        """The page at ``cur``, requested now, with the version of what it read."""
+
+        async def fetch() -> tuple[Page[Thread], datetime]:
+            with store.fetch_version() as fetched:
+                page = await self._page(cfg, cur, feed=feed)
+            return page, fetched()
+
+        return asyncio.create_task(fetch(), name=f"backfill:{_short(cfg['id'])}:page")
 
     async def _page(self, cfg: asyncpg.Record, cur: Cursor, *, feed: bool) -> Page[Thread]:
         if cur.in_main:  # the range, bounded at the moment the backfill was queued
