@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # The Nova seed's configuration table, names and defaults unchanged.
     poll_interval_ms: int = Field(default=5000, ge=1, validation_alias="POLL_INTERVAL_MS")
     batch_size: int = Field(default=10, ge=1, le=1000, validation_alias="BATCH_SIZE")
+    # nova.webhooks: message notifications read together are written in one transaction, at
+    # most this many (a read asks for at most BATCH_SIZE); 1: one transaction each.
+    webhook_batch_max: int = Field(default=100, ge=1, le=1000,
+                                   validation_alias="NOVA_WEBHOOK_BATCH_MAX")
     # The seed held a read message for 300 s. Nova holds it by a lease that the worker's heartbeat
     # renews every third of this, so a long job is never handed out twice while a dead worker's
     # jobs come back within seconds; hence 10.
@@ -191,6 +195,9 @@ class Settings(BaseSettings):
     # Webhook receiver.
     receiver_host: str = Field(default="0.0.0.0", validation_alias="NOVA_RECEIVER_HOST")
     receiver_port: int = Field(default=8080, ge=0, le=65535, validation_alias="NOVA_RECEIVER_PORT")
+    # `python -m nova.receiver`: worker processes on the one port (SO_REUSEPORT), under a
+    # supervisor; 1: a single process (`python -m nova` always runs one, in its event loop).
+    receiver_workers: int = Field(default=2, ge=1, le=64, validation_alias="NOVA_RECEIVER_WORKERS")
     receiver_max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, validation_alias="NOVA_RECEIVER_MAX_BODY_BYTES"
     )

@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -89,6 +90,9 @@ log = logging.getLogger("nova.receiver")
 STORE = "SELECT notification_id, is_new FROM queue_nylas_webhook_notification($1, $2, $3)"
 STORE_GMAIL = ("SELECT notification_id, is_new"
                " FROM queue_gmail_push_notification($1, $2, $3, $4, $5, $6)")
+
+
+POOL_CONNECTIONS = 20  # database connections of the receiver, all its workers together
 
 
 class TooLarge(Exception):
@@ -168,6 +172,8 @@ class Receiver:
         self.secret = (settings.nylas_webhook_secret.get_secret_value()
                        if settings.nylas_webhook_secret is not None else None)
         self.cap = settings.receiver_max_body_bytes
+        # POOL_CONNECTIONS for the receiver as a whole, shared by its worker processes.
+        self.pool_size = max(2, -(-POOL_CONNECTIONS // settings.receiver_workers))
         self.database_url = database_url
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -229,7 +235,8 @@ class Receiver:
                 if self._pool is None:
                     assert self.database_url is not None
                     self._pool = await asyncio.wait_for(
-                        db.create_pool(self.database_url, min_size=1, max_size=20), 10)
+                        db.create_pool(self.database_url, min_size=1,
+                                       max_size=self.pool_size), 10)
         return self._pool
 
     async def challenge(self, request: Request) -> Response:
@@ -353,7 +360,8 @@ class ReceiverServer:
     here, exit status 2 and one line, in `python -m nova.receiver` and `python -m nova` alike:
     nothing has started serving yet."""
 
-    def __init__(self, settings: Settings, database_url: str | None = None) -> None:
+    def __init__(self, settings: Settings, database_url: str | None = None, *,
+                 sock: socket.socket | None = None) -> None:
         import uvicorn
 
         try:
@@ -368,9 +376,10 @@ class ReceiverServer:
                                     settings.shutdown_grace_seconds)))
         self.server = uvicorn.Server(config)
         self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        self.sock = sock  # a worker of nova.receiver_workers: the socket it was handed
 
     async def run(self) -> None:
-        await self.server.serve()
+        await self.server.serve(sockets=[self.sock] if self.sock is not None else None)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -378,18 +387,25 @@ class ReceiverServer:
 
 def main() -> int:
     """`python -m nova.receiver`: until SIGTERM/SIGINT, then exit 0 once in-flight deliveries
-    are answered."""
+    are answered. NOVA_RECEIVER_WORKERS > 1: a supervisor of that many worker processes on
+    the one port (nova.receiver_workers)."""
     from nova import metrics
-    from nova.runtime import run_parts
+    from nova.receiver_workers import ReceiverWorkers, inherited_socket
+    from nova.runtime import Runnable, run_parts
 
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
+    sock = inherited_socket()
     try:
-        server = ReceiverServer(settings)
-    except ValueError as exc:
+        if sock is None and settings.receiver_workers > 1:
+            Receiver(settings, database_url="")  # settings it refuses end it here, once
+            part: Runnable = ReceiverWorkers(settings, settings.receiver_workers)
+        else:
+            part = ReceiverServer(settings, sock=sock)
+    except ValueError as exc:  # ConfigError too
         log.error("[Receiver] %s", exc)
         return 2
-    return asyncio.run(run_parts([server, *metrics.server_parts(settings, "Receiver")]))
+    return asyncio.run(run_parts([part, *metrics.server_parts(settings, "Receiver")]))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from nova.providers import (
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
 from nova.runtime import GiveUp, Job, JobContext, Worker
+from nova.webhook_batch import INBOX_SEEN, Batcher, batchable
 
 log = logging.getLogger("nova.webhooks")
 
@@ -80,10 +81,6 @@ LEFT JOIN flux_inboxes i ON i.grant_id = n.grant_id AND i.provider = n.provider
 WHERE n.id = $1
 """
 ACK = "SELECT acknowledge_webhook_notification($1, $2, $3, $4)"
-INBOX_SEEN = """
-UPDATE flux_inboxes SET last_event_at = greatest(last_event_at, $2), updated_at = now()
-WHERE id = $1
-"""
 # Grant events and the grant checks of workers change an inbox's status through one function
 # (sql/020_webhooks.sql): ordered by time, revoked final, a catch-up when it comes back.
 SET_STATUS = """
@@ -116,6 +113,8 @@ class WebhookProcessor(ProviderProcessor):
     # change syncs' lock transactions, so that no sync keeps a server connection of the pooler
     # busy for its length (nova.changes). Connections are opened when first needed.
     lock_pool: asyncpg.Pool | None = None
+    # Message notifications read together are written together (nova.webhook_batch).
+    batcher: Batcher | None = None
 
     @property
     def catchup_overlap(self) -> float:
@@ -123,6 +122,7 @@ class WebhookProcessor(ProviderProcessor):
 
     async def setup(self, worker: Worker) -> None:
         await super().setup(worker)
+        self.batcher = Batcher(self.settings.webhook_batch_max)
         direct = self.settings.database_direct_url
         if direct and worker.database_url and await db.behind_pooler(worker.database_url):
             self.lock_pool = await db.create_pool(direct, min_size=0,
@@ -142,6 +142,10 @@ class WebhookProcessor(ProviderProcessor):
                 raise GiveUp(f"bad changes job: {job.message}") from exc
             return f"changes inbox={inbox_id}: {await self._changes(ctx.pool, inbox_id)}"
         notification_id = _notification_id(job)
+        if self.batcher is not None and batchable(job):
+            note = await self.batcher.submit(job, ctx, notification_id)
+            if note is not None:  # written and acknowledged by its batch, message deleted
+                return note
         started = time.perf_counter()
         row = await ctx.pool.fetchrow(LOAD, notification_id)
         if row is None:

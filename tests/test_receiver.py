@@ -8,14 +8,21 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from servers import ServerThread
+from servers import ServerThread, free_port
 
 from nova.config import load_settings
 from nova.receiver import Receiver, create_app
@@ -200,3 +207,103 @@ def test_health_answers_a_bare_status_and_logs_why_once_per_change(
 def test_receiver_refuses_to_start_without_a_secret() -> None:
     with pytest.raises(ValueError, match="NYLAS_WEBHOOK_SECRET"):
         create_app(load_settings(), database_url="postgresql://x@127.0.0.1/x")
+
+
+# --- NOVA_RECEIVER_WORKERS: several processes on one port (nova.receiver_workers) ----------
+
+def children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(check: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def test_workers_share_one_port_store_each_delivery_once_and_stop_with_the_supervisor(
+        db_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "NOVA_DATABASE_URL": db_url, "NYLAS_WEBHOOK_SECRET": SECRET,
+           "NOVA_RECEIVER_HOST": "127.0.0.1", "NOVA_RECEIVER_PORT": str(port),
+           "NOVA_RECEIVER_WORKERS": "2", "LOG_LEVEL": "info"}
+    env.pop("NOVA_METRICS_PORT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "nova.receiver"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        workers = wait_for(lambda: len(children(proc.pid)) == 2 and children(proc.pid),
+                           "two worker processes")
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, "the receiver answers")
+        notes = [notification() for _ in range(24)]
+
+        def deliver(note: dict[str, Any]) -> int:
+            with httpx.Client() as client:  # a connection each: spread over the workers
+                return post_with(client, url, note).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(deliver, [*notes, *notes[:4]])) == [200] * 28
+        assert sorted(r[0] for r in stored(db_url)) == sorted(n["id"] for n in notes)
+        assert queued(db_url) == 24
+
+        # a worker that dies is started again, on the same port
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        renewed = wait_for(lambda: len(children(proc.pid) - {victim}) == 2
+                           and children(proc.pid), "the dead worker is replaced")
+        assert victim not in renewed
+        wait_for(healthy, "the receiver answers again")
+        late = notification()
+        for _ in range(6):  # new connections, whichever worker takes them
+            with httpx.Client() as client:
+                assert post_with(client, url, late).status_code == 200
+        assert queued(db_url) == 25
+
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert "2 worker processes" in out and "exited with status" in out
+    assert not any(alive(pid) for pid in renewed)
+
+
+def post_with(client: httpx.Client, url: str, note: dict[str, Any]) -> httpx.Response:
+    body = json.dumps(note).encode()
+    return client.post(f"{url}/webhooks/nylas", content=body, timeout=10,
+                       headers={"X-Nylas-Signature": sign(body)})
+
+
+def test_workers_refuse_a_port_in_use_at_start(db_url: str) -> None:
+    with ServerThread(create_app(settings(), database_url=db_url)) as server:
+        env = {**os.environ, "NOVA_DATABASE_URL": db_url, "NYLAS_WEBHOOK_SECRET": SECRET,
+               "NOVA_RECEIVER_HOST": "127.0.0.1", "NOVA_RECEIVER_PORT": str(server.port),
+               "NOVA_RECEIVER_WORKERS": "2"}
+        env.pop("NOVA_METRICS_PORT", None)
+        proc = subprocess.run([sys.executable, "-m", "nova.receiver"], env=env, timeout=60,
+                              capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot listen" in lines[0], lines

@@ -427,3 +427,150 @@ def test_webhooks_without_api_key_exits_with_a_clear_message(db_url: str) -> Non
     proc = subprocess.run([sys.executable, "-m", "nova.webhooks"], capture_output=True,
                           text=True, timeout=60, env={**env, "NOVA_DATABASE_URL": db_url})
     assert proc.returncode != 0 and "NYLAS_API_KEY" in proc.stderr
+
+
+# --- batches (nova.webhook_batch) ---------------------------------------------------------
+
+def batch_worker(db_url: str, pool: asyncpg.Pool, sandbox: SandboxNylas, *, slots: int,
+                 batch_max: int = 100) -> Worker:
+    settings = load_settings(batch_size=slots, webhook_batch_max=batch_max,
+                             poll_interval_ms=1000, nylas_api_key=API_KEY,
+                             nylas_api_uri=sandbox.base_url, database_url=db_url)
+    return Worker(WebhookProcessor(settings), settings, pool=pool, database_url=db_url)
+
+
+async def test_a_burst_is_written_in_batches_each_event_once_in_queue_order(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    grant = sandbox.grant_ids[0]
+    thread = sandbox.thread_ids(grant)[0]
+    msgs = [sandbox.add_message(grant, subject=f"burst {i}", send=False,
+                                thread_id=thread if i % 2 else None).message
+            for i in range(10)]
+    first = msgs[0]
+    assert first is not None and all(m is not None for m in msgs)
+    events = [event("message.created", {**m}, 1_780_000_000) for m in msgs if m]
+    # the same message again in the same read, newer, then a redelivery of an event
+    events.append(event("message.updated", {**first, "unread": False, "starred": True},
+                        1_780_000_060))
+    for note in [*events, events[3]]:
+        await post_signed(receiver, note)
+    worker = batch_worker(db_url, pool, sandbox, slots=16)
+    stats = await worker.run(burst=True)
+    processor = worker.processor
+    assert isinstance(processor, WebhookProcessor) and processor.batcher is not None
+    batched = processor.batcher.stats
+    assert stats.processed == 11 and stats.retried == 0 and stats.lost == 0
+    assert batched.batches >= 1 and batched.applied == 11 and batched.failed == 0
+    rows = await pool.fetch("SELECT provider_message_id, unread, starred, thread_id"
+                            " FROM flux_email_messages")
+    assert sorted(r["provider_message_id"] for r in rows) == sorted(m["id"] for m in msgs if m)
+    newest = next(r for r in rows if r["provider_message_id"] == first["id"])
+    assert (newest["unread"], newest["starred"]) == (False, True)
+    assert all(r["thread_id"] is not None for r in rows)
+    notes = await notifications(pool)
+    assert [(n["status"], n["attempts"]) for n in notes] == [("processed", 1)] * 11
+    assert all(n["processing_duration_ms"] is not None and n["processed_at"] is not None
+               for n in notes)
+    assert await pool.fetchval("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications") == 0
+    seen = await pool.fetchval("SELECT last_event_at FROM flux_inboxes WHERE id = $1", inbox)
+    assert seen is not None and int(seen.timestamp()) == 1_780_000_060
+    # the thread rows were re-derived from the stored messages
+    assert await pool.fetchval("SELECT message_count FROM flux_email_threads t JOIN"
+                               " flux_email_messages m ON m.thread_id = t.id"
+                               " WHERE m.provider_message_id = $1", msgs[1]["id"]) == 5
+
+
+async def test_an_older_event_in_the_same_batch_never_overwrites_a_newer_one(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    msg = sandbox.add_message(sandbox.grant_ids[0], subject="order", send=False).message
+    assert msg is not None
+    other = sandbox.add_message(sandbox.grant_ids[0], subject="other", send=False).message
+    assert other is not None
+    updated = event("message.updated", {**msg, "unread": False, "starred": True},
+                    1_780_000_060)
+    created = event("message.created", {**msg, "unread": True}, 1_780_000_000)
+    for note in (updated, created, event("message.created", other, 1_780_000_000)):
+        await post_signed(receiver, note)  # the newer one is queued first
+    worker = batch_worker(db_url, pool, sandbox, slots=8)
+    await worker.run(burst=True)
+    assert isinstance(worker.processor, WebhookProcessor) and worker.processor.batcher
+    assert worker.processor.batcher.stats.applied == 3
+    row = await pool.fetchrow("SELECT unread, starred FROM flux_email_messages"
+                              " WHERE provider_message_id = $1", msg["id"])
+    assert (row["unread"], row["starred"]) == (False, True)
+    assert {n["status"] for n in await notifications(pool)} == {"processed"}
+
+
+async def test_a_batch_that_fails_rolls_back_and_its_jobs_run_one_by_one(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    # The first statement writing more than one message fails, once (a sequence: no rollback
+    # undoes it): the batch's. Alone, each job writes one message and passes.
+    await pool.execute("""
+        CREATE SEQUENCE fail_seq;
+        CREATE FUNCTION fail_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF (SELECT count(*) FROM added) > 1 AND nextval('fail_seq') = 1 THEN
+                RAISE EXCEPTION 'injected batch failure';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER fail_batch AFTER INSERT ON flux_email_messages
+            REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION fail_batch();
+    """)
+    msgs = [sandbox.add_message(sandbox.grant_ids[0], subject=f"fail {i}", send=False).message
+            for i in range(4)]
+    for m in msgs:
+        assert m is not None
+        await post_signed(receiver, event("message.created", m, 1_780_000_000))
+    worker = batch_worker(db_url, pool, sandbox, slots=8)
+    stats = await worker.run(burst=True)
+    assert isinstance(worker.processor, WebhookProcessor) and worker.processor.batcher
+    assert worker.processor.batcher.stats.failed == 1
+    assert stats.processed == 4 and stats.retried == 0
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages") == 4
+    notes = await notifications(pool)
+    # the rolled-back batch counted no attempt: one each, the one that wrote
+    assert [(n["status"], n["attempts"]) for n in notes] == [("processed", 1)] * 4
+    assert await pool.fetchval("SELECT count(*) FROM pgmq.q_nylas_webhook_notifications") == 0
+
+
+async def test_other_types_run_alone_beside_a_batch_and_batch_max_1_turns_batches_off(
+        receiver: str, sandbox: SandboxNylas, inbox: uuid.UUID, pool: asyncpg.Pool,
+        db_url: str) -> None:
+    grant = sandbox.grant_ids[0]
+    msgs = [sandbox.add_message(grant, subject=f"mixed {i}", send=False).message
+            for i in range(3)]
+    assert all(m is not None for m in msgs)
+    for m in msgs:
+        assert m is not None
+        await post_signed(receiver, event("message.created", m, 1_780_000_000))
+    first = msgs[0]
+    assert first is not None
+    await post_signed(receiver, event("message.deleted", {"id": first["id"], "grant_id": grant},
+                                      1_780_000_100))
+    await post_signed(receiver, event("calendar.created", {"id": "c1", "grant_id": grant},
+                                      1_780_000_000))
+    worker = batch_worker(db_url, pool, sandbox, slots=8)
+    stats = await worker.run(burst=True)
+    assert stats.processed == 5
+    assert isinstance(worker.processor, WebhookProcessor) and worker.processor.batcher
+    assert worker.processor.batcher.stats.applied == 3
+    deleted = await pool.fetchval("SELECT deleted_at FROM flux_email_messages"
+                                  " WHERE provider_message_id = $1", first["id"])
+    assert deleted is not None  # the delete is newer than the create, whatever ran first
+    statuses = sorted(n["status"] for n in await notifications(pool))
+    assert statuses == ["processed"] * 4 + ["skipped"]
+
+    more = sandbox.add_message(grant, subject="alone", send=False).message
+    assert more is not None
+    for kind in ("message.created", "message.updated"):
+        await post_signed(receiver, event(kind, more, 1_780_000_200))
+    alone = batch_worker(db_url, pool, sandbox, slots=8, batch_max=1)
+    assert (await alone.run(burst=True)).processed == 2
+    assert isinstance(alone.processor, WebhookProcessor) and alone.processor.batcher
+    assert alone.processor.batcher.stats.batches == 0
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_messages"
+                               " WHERE provider_message_id = $1", more["id"]) == 1
