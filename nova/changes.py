@@ -20,9 +20,15 @@ in the same page come with the fetch. Label changes and deletes carry the versio
 A cursor the provider no longer keeps (Gmail answers 404: history is kept for about a week,
 https://developers.google.com/workspace/gmail/api/guides/sync) falls back to a full resync:
 the current history id becomes the cursor first, then a backfill of the inbox's window is
-queued; upserts by provider id keep it free of duplicates. An inbox without a cursor starts at
-the current history id (its backfill covers what came before: discovery takes the cursor
-before it lists its first page).
+queued (or owed to the monitor while one runs: nova_follow_resyncs); upserts by provider id keep
+it free of duplicates. Its listing is not bounded at its start (nova.backfill): it lists the
+mailbox as it is, new threads included. Threads deleted whole during the gap get no history
+record, so the expiry marks the configuration (`history_expired_at`): once the resync's listing
+has ended and a pass of this feed that started after it has run, the threads stored in its range
+that it did not list and that nothing wrote since it began are soft-deleted with their messages
+(`nova_prune_unlisted_threads`, sql/120_gmail_resync.sql; called after each pass here and when
+the backfill completes). An inbox without a cursor starts at the current history id (its
+backfill covers what came before: discovery takes the cursor before it lists its first page).
 
 Syncs are started by Pub/Sub pushes (POST /webhooks/gmail, via the webhooks queue) and by the
 completion monitor every GMAIL_HISTORY_POLL_SECONDS. One runs per inbox at a time (an advisory
@@ -77,6 +83,36 @@ WHERE id = $1 AND (sync_cursor IS NULL OR sync_cursor !~ '^[0-9]+$'
 """
 SET_CURSOR = "UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now() WHERE id = $1"
 SYNCED = "UPDATE flux_inboxes SET changes_synced_at = now() WHERE id = $1"
+# A pass that read the feed to its end, and when it started (sql/120_gmail_resync.sql waits for
+# one that started after a resync's listing ended).
+PASSED = """
+UPDATE flux_inboxes SET changes_synced_at = now(),
+    history_pass_started_at = greatest(history_pass_started_at, $2)
+WHERE id = $1
+"""
+# A deleted message keeps the history id of its deletion, the last record that touched it
+# (nova.verify_gmail compares a thread's history id with the highest one stored for it).
+DELETED_AT_RECORD = """
+UPDATE flux_email_messages m
+SET raw = coalesce(m.raw, '{}'::jsonb) || jsonb_build_object('historyId', x.hid)
+FROM jsonb_to_recordset($2::jsonb) AS x(mid text, hid text)
+WHERE m.inbox_id = $1 AND m.provider_message_id = x.mid AND m.deleted_at IS NOT NULL
+  AND x.hid ~ '^[0-9]{1,30}$'
+  AND (m.raw ->> 'historyId' IS NULL OR m.raw ->> 'historyId' !~ '^[0-9]{1,30}$'
+       OR (m.raw ->> 'historyId')::numeric < x.hid::numeric)
+"""
+# After a pass: a resync owed a prune of what its listing did not see (sql/120).
+PRUNE = """
+SELECT p.pruned, p.queued FROM flux_inbox_configurations c
+CROSS JOIN LATERAL nova_prune_unlisted_threads(c.id) p
+WHERE c.inbox_id = $1 AND c.deleted_at IS NULL AND c.history_expired_at IS NOT NULL
+"""
+# The expiry marks the configuration: the first full backfill queued from now on (the resync)
+# soft-deletes, once its listing has ended, the stored threads it did not list (sql/120).
+EXPIRED = """
+UPDATE flux_inbox_configurations SET history_expired_at = now()
+WHERE inbox_id = $1 AND deleted_at IS NULL
+"""
 # Labels added / removed, one statement for the page: in record order per message.
 RELABEL = """
 WITH ops AS (
@@ -127,6 +163,7 @@ class PagePlan:
     delete: dict[str, None] = field(default_factory=dict)
     labels: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)  # adds, removes
     label_records: dict[str, str] = field(default_factory=dict)  # message -> last record id
+    delete_records: dict[str, str] = field(default_factory=dict)  # message -> its deletion's
 
     @classmethod
     def of(cls, page: HistoryPage) -> PagePlan:
@@ -140,6 +177,7 @@ class PagePlan:
                 plan.fetch.pop(gone, None)
                 plan.labels.pop(gone, None)
                 plan.delete[gone] = None
+                plan.delete_records[gone] = str(record.get("id") or "")
             for kind in ("labelsAdded", "labelsRemoved"):
                 for item in record.get(kind) or ():
                     mid = _message_id(item)
@@ -195,11 +233,13 @@ class ChangeSync:
                 if not await lock_conn.fetchval(TRY_LOCK, LOCK_CLASS, str(inbox_id)):
                     return "; ".join(notes) or "a sync of this inbox is running: it goes again"
                 started = await lock_conn.fetchval("SELECT clock_timestamp()")
-                notes.append(await self._sync(inbox_id))
+                notes.append(await self._sync(inbox_id, started))
             if not await self.pool.fetchval(REQUESTED_SINCE, inbox_id, started):
                 return "; ".join(notes)
 
-    async def _sync(self, inbox_id: uuid.UUID) -> str:
+    async def _sync(self, inbox_id: uuid.UUID, started: datetime | None = None) -> str:
+        if started is None:  # when this pass began (PASSED)
+            started = await self.pool.fetchval("SELECT clock_timestamp()")
         inbox = await self.pool.fetchrow(LOAD, inbox_id)
         if inbox is None or inbox["deleted_at"] is not None:
             return "inbox removed"
@@ -237,6 +277,9 @@ class ChangeSync:
                      if p.row["provider_thread_id"]}))
                 for mid in [*plan.delete, *gone]:
                     await store.soft_delete_message(conn, inbox_id, mid, version)
+                if plan.delete_records:
+                    await conn.execute(DELETED_AT_RECORD, inbox_id, [
+                        {"mid": mid, "hid": hid} for mid, hid in plan.delete_records.items()])
                 relabelled += await self._relabel(conn, inbox_id, plan, version)
                 if last is not None:
                     await conn.execute(SAVE_CURSOR, inbox_id, last)
@@ -246,9 +289,20 @@ class ChangeSync:
             if page.next_page_token is None:
                 break
             token = page.next_page_token
-        await self.pool.execute(SYNCED, inbox_id)
+        await self.pool.execute(PASSED, inbox_id, started)
+        pruned = await self._prune(inbox_id)
         return (f"history from {cursor}: pages={pages} added={added} deleted={deleted} "
-                f"relabelled={relabelled}")
+                f"relabelled={relabelled}{pruned}")
+
+    async def _prune(self, inbox_id: uuid.UUID) -> str:
+        """A resync whose listing has ended soft-deletes what it did not list (sql/120)."""
+        rows = await self.pool.fetch(PRUNE, inbox_id)
+        pruned, queued = sum(r["pruned"] for r in rows), sum(r["queued"] for r in rows)
+        if not pruned + queued:
+            return ""
+        log.info("[Changes] inbox=%s resync listing ended: %d thread(s) gone at the provider "
+                 "soft-deleted, %d queued to check", inbox_id, pruned, queued)
+        return f" gone={pruned} checked={queued}"
 
     async def _fetch(self, grant: str, ids: list[str]) -> list[Message | None]:
         """Each added message, whole; None for one deleted since."""
@@ -286,6 +340,7 @@ class ChangeSync:
             # A running backfill's listing may be past the gap's mail: the resync is owed,
             # and the monitor queues it when that backfill ends (nova_follow_resyncs).
             await conn.execute(RESYNC_OWED, inbox_id, config is None)
+            await conn.execute(EXPIRED, inbox_id)
             await conn.execute(SYNCED, inbox_id)
         log.warning("[Changes] inbox=%s history from %s expired: cursor now %s, %s", inbox_id,
                     cursor, current,

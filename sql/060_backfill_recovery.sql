@@ -98,6 +98,7 @@ BEGIN
         RETURN QUERY SELECT 'not_ready'::text, NULL::bigint, NULL::bigint;
         RETURN;
     END IF;
+    PERFORM nova_prune_unlisted_threads(p_config_id);  -- a Gmail resync: what it did not list is gone (sql/120)
     v_stats := initialize_sync_stats(p_config_id);
     IF v_stats.threads_pending + v_stats.threads_processing > 0
        OR v_stats.threads_completed + v_stats.threads_failed <> v_stats.threads_queued THEN

@@ -421,3 +421,157 @@ async def test_a_history_expiry_during_a_backfill_is_followed_by_a_resync(
     await assert_matches_mailbox(pool, sandbox, inbox, email)
     assert await pool.fetchval("SELECT count(*) FROM flux_email_messages WHERE inbox_id = $1"
                                " AND provider_message_id = $2", inbox, fresh["id"]) == 1
+
+
+async def test_a_history_gap_with_a_thread_deleted_whole_ends_equal_and_verifies_clean(
+        pool: asyncpg.Pool, db_url: str, sandbox: SandboxGmail) -> None:
+    """The history expired (404) while a thread was created, a message added to an old
+    thread, a thread deleted whole (no history record will ever say so once expired) and
+    labels changed: the resync lists the whole mailbox, and once its listing has ended (and a
+    history pass after it) what it did not list is soft-deleted. The inbox ends equal to the
+    mailbox and `nova verify` reports zero drift."""
+    from nova.ratelimit import ProviderBudget, provider_from_settings
+    from nova.verify import find_inbox, format_report, verify_inbox
+
+    s = gmail_settings(sandbox)
+    inbox, config = await backfilled(pool, db_url, sandbox, s)
+    # The backfill was a while ago (a history expires after days): its writes are older than
+    # the resync's listing by more than the versions' clock skew (store.VERSION_SKEW_SECONDS).
+    for table in ("flux_email_threads", "flux_email_messages"):
+        await pool.execute(f"UPDATE {table} SET provider_updated_at = provider_updated_at"
+                           " - interval '1 hour' WHERE inbox_id = $1", inbox)
+    email = sandbox.users[0]
+    threads = sandbox.thread_ids(email)
+    fresh = sandbox.add_message(email, subject="Born in the gap", text="new thread")
+    reply = sandbox.add_message(email, thread_id=threads[3], text="a reply in the gap")
+    doomed = threads[5]
+    doomed_ids = [r["provider_message_id"] for r in await pool.fetch(
+        "SELECT provider_message_id FROM flux_email_messages WHERE inbox_id = $1"
+        " AND provider_thread_id = $2", inbox, doomed)]
+    assert doomed_ids
+    for mid in doomed_ids:
+        sandbox.delete_message(email, mid)
+    relabel = sorted(set(sandbox.message_ids(email)) - {fresh["id"], reply["id"]})[1]
+    sandbox.modify_labels(email, relabel, add=["STARRED", "Label_1"], remove=["INBOX"])
+    sandbox.expire_history(email)
+
+    await sync_changes(pool, db_url, s, inbox)  # 404: the resync is queued, the config marked
+    assert await pool.fetchval("SELECT history_expired_at IS NOT NULL FROM"
+                               " flux_inbox_configurations WHERE id = $1", config)
+    async with running(db_url, s, threads=2):
+        await wait_for(lambda: _status_is(pool, config, "completed"), 90, what="resync")
+    await sync_changes(pool, db_url, s, inbox)  # the history pass after the listing
+    await assert_matches_mailbox(pool, sandbox, inbox, email)
+    gone = await pool.fetch("SELECT deleted_at IS NOT NULL AS deleted FROM flux_email_messages"
+                            " WHERE inbox_id = $1 AND provider_thread_id = $2", inbox, doomed)
+    assert gone and all(r["deleted"] for r in gone)
+    assert await pool.fetchval("SELECT deleted_at IS NOT NULL FROM flux_email_threads"
+                               " WHERE inbox_id = $1 AND provider_thread_id = $2", inbox, doomed)
+    assert await pool.fetchval("SELECT history_expired_at FROM flux_inbox_configurations"
+                               " WHERE id = $1", config) is None
+
+    budget = ProviderBudget.from_settings(pool, s, "gmail")
+    provider, client = provider_from_settings(s, budget, kind="gmail")
+    try:
+        report = await verify_inbox(pool, provider, await find_inbox(pool, str(inbox)))
+    finally:
+        await client.aclose()
+    assert report.drift == 0, format_report(report)
+    assert report.threads.expected == len(sandbox.thread_ids(email))
+
+
+PRUNE = "SELECT * FROM nova_prune_unlisted_threads($1)"
+
+
+async def test_the_prune_after_a_resync_deletes_only_unlisted_threads_unchanged_since(
+        pool: asyncpg.Pool) -> None:
+    """What a resync's listing did not see, in its range, unchanged since it began, is
+    soft-deleted with its messages; a thread written after the listing began (its row or a
+    message), one the listing saw, one before the range and a thread still holding mail from
+    before the range (queued for a sync that decides) are not. Nothing happens for a Nylas
+    inbox, a backfill queued before the expiry, a catch-up, or before a history pass that
+    started after the listing ended."""
+    async def setup(provider: str) -> tuple[uuid.UUID, uuid.UUID]:
+        inbox = await pool.fetchval(
+            "INSERT INTO flux_inboxes (provider, grant_id, email, history_pass_started_at)"
+            " VALUES ($1, $2, $2, now()) RETURNING id", provider, f"{provider}@example.com")
+        config = await pool.fetchval(
+            "INSERT INTO flux_inbox_configurations (inbox_id, backfill_status, backfill_kind,"
+            " backfill_since, discovery_cutoff, discovery_completed_at, history_expired_at)"
+            " VALUES ($1, 'thread_sync', 'full', now() - interval '30 days',"
+            " now() - interval '10 minutes', now() - interval '1 minute',"
+            " now() - interval '11 minutes') RETURNING id", inbox)
+        return inbox, config
+
+    async def thread(inbox: uuid.UUID, tid: str, *, last: str = "1 day",
+                     version: str = "1 hour", first: str | None = None,
+                     message_version: str | None = None) -> None:
+        row = await pool.fetchval(
+            "INSERT INTO flux_email_threads (inbox_id, provider_thread_id, first_message_at,"
+            " last_message_at, provider_updated_at, message_count) VALUES ($1, $2,"
+            " now() - $3::text::interval, now() - $4::text::interval,"
+            " now() - $5::text::interval, 2) RETURNING id",
+            inbox, tid, first or last, last, version)
+        for k, (ago, mv) in enumerate([(first or last, version),
+                                       (last, message_version or version)]):
+            await pool.execute(
+                "INSERT INTO flux_email_messages (inbox_id, thread_id, provider_message_id,"
+                " provider_thread_id, sent_at, provider_updated_at) VALUES ($1, $2, $3, $4,"
+                " now() - $5::text::interval, now() - $6::text::interval)",
+                inbox, row, f"{tid}-m{k}", tid, ago, mv)
+
+    inbox, config = await setup("gmail")
+    await thread(inbox, "gone")
+    await thread(inbox, "listed")
+    await pool.execute("SELECT queue_thread_sync($1, 'listed')", config)
+    await thread(inbox, "written-since", version="1 second")
+    await thread(inbox, "reply-since", message_version="0 seconds")
+    await thread(inbox, "before-the-range", last="60 days")
+    await thread(inbox, "spans-the-start", first="40 days")
+
+    # Not yet: no history pass since the listing ended.
+    await pool.execute("UPDATE flux_inboxes SET history_pass_started_at = now() - interval"
+                       " '2 minutes' WHERE id = $1", inbox)
+    assert await pool.fetch(PRUNE, config) == []
+    await pool.execute("UPDATE flux_inboxes SET history_pass_started_at = now() WHERE id = $1",
+                       inbox)
+    assert [tuple(r) for r in await pool.fetch(PRUNE, config)] == [(1, 1)]
+    live = {r["provider_thread_id"]: r["deleted"] for r in await pool.fetch(
+        "SELECT provider_thread_id, deleted_at IS NOT NULL AS deleted FROM flux_email_threads"
+        " WHERE inbox_id = $1", inbox)}
+    assert live == {"gone": True, "listed": False, "written-since": False,
+                    "reply-since": False, "before-the-range": False, "spans-the-start": False}
+    assert await pool.fetchval(
+        "SELECT bool_and(deleted_at IS NOT NULL) FROM flux_email_messages"
+        " WHERE provider_thread_id = 'gone'")
+    assert await pool.fetchval(
+        "SELECT count(*) FROM flux_email_messages WHERE inbox_id = $1"
+        " AND deleted_at IS NOT NULL", inbox) == 2
+    assert await pool.fetchval(
+        "SELECT status FROM queued_threads WHERE config_id = $1"
+        " AND provider_thread_id = 'spans-the-start'", config) == "queued"
+    assert await pool.fetchval("SELECT history_expired_at FROM flux_inbox_configurations"
+                               " WHERE id = $1", config) is None
+    assert await pool.fetch(PRUNE, config) == []  # done once
+
+    # Never on a Nylas inbox, a backfill queued before the expiry, or a catch-up.
+    nylas_inbox, nylas_config = await setup("nylas")
+    await thread(nylas_inbox, "nylas-gone")
+    assert await pool.fetch(PRUNE, nylas_config) == []
+    other = await pool.fetchval("INSERT INTO flux_inboxes (provider, grant_id, email,"
+                                " history_pass_started_at) VALUES ('gmail', 'b@example.com',"
+                                " 'b@example.com', now()) RETURNING id")
+    for kind, cutoff in (("full", "20 minutes"), ("catch_up", "10 minutes")):
+        await pool.execute("DELETE FROM flux_inbox_configurations WHERE inbox_id = $1", other)
+        cfg = await pool.fetchval(
+            "INSERT INTO flux_inbox_configurations (inbox_id, backfill_status, backfill_kind,"
+            " backfill_since, discovery_cutoff, discovery_completed_at, history_expired_at)"
+            " VALUES ($1, 'thread_sync', $2, now() - interval '30 days',"
+            " now() - $3::text::interval, now() - interval '1 minute',"
+            " now() - interval '11 minutes') RETURNING id", other, kind, cutoff)
+        await thread(other, f"{kind}-gone")
+        assert await pool.fetch(PRUNE, cfg) == []
+        assert await pool.fetchval("SELECT history_expired_at IS NOT NULL FROM"
+                                   " flux_inbox_configurations WHERE id = $1", cfg)
+    assert await pool.fetchval("SELECT count(*) FROM flux_email_threads WHERE deleted_at IS"
+                               " NOT NULL AND provider_thread_id <> 'gone'") == 0
