@@ -160,6 +160,24 @@ class PreparedMessage:
     row: dict[str, Any]
 
 
+# Bodies live in their columns (body_html, body_text, body_cleaned); `raw` keeps the rest of the
+# provider's object. A copy there doubled a message's size (and a thread's latest message).
+_BODY_KEYS = frozenset({"body"})
+
+
+def _raw(raw: dict[str, Any] | None) -> dict[str, Any]:
+    if not raw or _BODY_KEYS.isdisjoint(raw):
+        return raw or {}
+    return {k: v for k, v in raw.items() if k not in _BODY_KEYS}
+
+
+def _thread_raw(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    latest = raw.get("latest_draft_or_message") if raw else None
+    if not isinstance(latest, dict) or _BODY_KEYS.isdisjoint(latest):
+        return raw or None
+    return {**raw, "latest_draft_or_message": _raw(latest)}  # type: ignore[dict-item]
+
+
 def _people(participants: Iterable[Participant]) -> list[dict[str, str | None]]:
     return [{"name": p.name, "email": p.email} for p in participants]
 
@@ -186,7 +204,7 @@ def _prepare(message: Message) -> PreparedMessage:
         "has_attachments": bool(message.attachments),
         "headers": [{"name": k, "value": v} for k, v in message.headers]
         if message.headers is not None else None,
-        "raw": message.raw or {},
+        "raw": _raw(message.raw),
         "partial": message.present is not None,
         "attachments": [{
             "id": a.id, "filename": a.filename, "url": a.raw.get("url") if a.raw else None,
@@ -197,10 +215,18 @@ def _prepare(message: Message) -> PreparedMessage:
     return PreparedMessage(frozenset(fields), row)
 
 
+# Bodies up to this many characters in all are rendered on the event loop: lxml takes some
+# microseconds for them, less than the hand-over to a worker thread and back costs.
+INLINE_BODY_CHARS = 64_000
+
+
 async def prepare_messages(messages: Sequence[Message]) -> list[PreparedMessage]:
-    """Render bodies and build rows in a worker thread: CPU work stays off the event loop."""
+    """Render bodies and build rows; large bodies in a worker thread, so CPU work stays off
+    the event loop."""
     if not messages:
         return []
+    if sum(len(m.body or "") for m in messages) <= INLINE_BODY_CHARS:
+        return [_prepare(m) for m in messages]
     return await asyncio.to_thread(lambda: [_prepare(m) for m in messages])
 
 
@@ -214,7 +240,7 @@ ORDER BY 2
 ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING
 """
 _LOCK_THREADS = """
-SELECT id FROM flux_email_threads
+SELECT id, provider_thread_id FROM flux_email_threads
 WHERE inbox_id = $1 AND provider_thread_id = ANY ($2::text[])
 ORDER BY id FOR UPDATE
 """
@@ -251,25 +277,33 @@ def _upsert_sql(fields: frozenset[str], partial: bool) -> str:
     insert_cols = ["inbox_id", "provider_message_id", "provider_updated_at", "raw",
                    "deleted_at", *names]
     values = ["$1", "x.provider_message_id", "$3", "x.raw", "NULL", *(f"x.{c}" for c in names)]
-    join = ""
     updates = [f"{c} = EXCLUDED.{c}" for c in names]
     if "thread_id" in fields:
+        # The thread's row id comes with the row (upsert_messages locked the threads first): a
+        # join on (inbox_id, provider_thread_id) here got, once prepared, a generic plan that
+        # read every thread of the inbox.
+        record += ", thread_row_id uuid"
         insert_cols.append("thread_id")
-        values.append("t.id")
-        join = ("LEFT JOIN flux_email_threads t ON t.inbox_id = $1"
-                " AND t.provider_thread_id = x.provider_thread_id")
+        values.append("x.thread_row_id")
         updates.append("thread_id = EXCLUDED.thread_id")
-    raw = "coalesce(m.raw, '{}'::jsonb) || EXCLUDED.raw" if partial else "EXCLUDED.raw"
+    # (a body kept in raw by an older Nova goes: its columns hold it)
+    raw = ("(coalesce(m.raw, '{}'::jsonb) - 'body') || EXCLUDED.raw" if partial
+           else "EXCLUDED.raw")
     sql = f"""
 WITH x AS (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
         provider_message_id text, raw jsonb, attachments jsonb{', ' + record if record else ''})
 ), before AS (  -- the thread each message was under (the statement's snapshot: before it)
-    SELECT provider_message_id, thread_id FROM flux_email_messages
-    WHERE inbox_id = $1 AND provider_message_id IN (SELECT provider_message_id FROM x)
+    -- one probe per message by its whole unique key (OFFSET 0 keeps the probe a probe): with
+    -- `= ANY`, a generic plan took the (inbox_id, provider_thread_id) index, the whole inbox
+    SELECT k.provider_message_id, b.thread_id
+    FROM unnest($4::text[]) AS k(provider_message_id)
+    CROSS JOIN LATERAL (SELECT thread_id FROM flux_email_messages
+                        WHERE inbox_id = $1 AND provider_message_id = k.provider_message_id
+                        OFFSET 0) b
 ), m AS (
     INSERT INTO flux_email_messages AS m ({', '.join(insert_cols)})
-    SELECT {', '.join(values)} FROM x {join}
+    SELECT {', '.join(values)} FROM x
     ON CONFLICT (inbox_id, provider_message_id) DO UPDATE
     SET provider_updated_at = EXCLUDED.provider_updated_at, raw = {raw}, deleted_at = NULL,
         updated_at = now(){''.join(', ' + u for u in updates)}
@@ -295,22 +329,47 @@ async def upsert_messages(conn: Any, inbox_id: uuid.UUID,
     """
     threads = sorted({p.row["provider_thread_id"] for p in messages
                       if "thread_id" in p.fields and p.row["provider_thread_id"]})
+    row_ids: dict[str, str] = {}
     if threads:
         await conn.execute(_ENSURE_THREADS, inbox_id, threads)
-        await conn.execute(_LOCK_THREADS, inbox_id, threads)
+        row_ids = {r["provider_thread_id"]: str(r["id"])
+                   for r in await conn.fetch(_LOCK_THREADS, inbox_id, threads)}
     groups: dict[tuple[frozenset[str], bool], list[dict[str, Any]]] = {}
     for p in messages:
-        groups.setdefault((p.fields, p.row["partial"]), []).append(p.row)
+        row = p.row
+        if "thread_id" in p.fields:
+            row = {**row, "thread_row_id": row_ids.get(row["provider_thread_id"] or "")}
+        groups.setdefault((p.fields, p.row["partial"]), []).append(row)
     written: dict[str, uuid.UUID] = {}
     touched: set[uuid.UUID] = set()
     for (fields, partial), rows in groups.items():
-        for r in await conn.fetch(_upsert_sql(fields, partial), inbox_id, rows, version):
+        ids = [r["provider_message_id"] for r in rows]
+        for r in await conn.fetch(_upsert_sql(fields, partial), inbox_id, rows, version, ids):
             written[r["provider_message_id"]] = r["id"]
             # a message that moved leaves a thread to re-derive too
             touched.update(t for t in (r["thread_id"], r["left_thread_id"]) if t is not None)
     if touched:
         await conn.execute(REFRESH_THREADS, sorted(touched))
     return written
+
+
+WRITE_SYNCED_THREAD = "SELECT nova_write_synced_thread($1, $2, $3::jsonb, $4::text[], $5, $6, $7)"
+
+
+async def write_synced_thread(conn: Any, inbox_id: uuid.UUID, provider_thread_id: str,
+                              messages: Sequence[PreparedMessage], version: datetime,
+                              queued_id: int, msg_id: int) -> bool:
+    """A thread sync's write in one round trip (sql/080_mailbox.sql): the thread row, its
+    messages (complete ones, as the provider's API lists them) and attachment rows, the stored
+    messages it no longer lists soft-deleted, the thread derived again, then queued thread
+    `queued_id` completed for job `msg_id`. False when that job no longer owns the queued thread:
+    nothing is written then."""
+    if any(p.row["partial"] for p in messages):
+        raise ValueError("a thread sync writes complete messages, not partial payloads")
+    rows = [p.row for p in messages]
+    return bool(await conn.fetchval(
+        WRITE_SYNCED_THREAD, inbox_id, provider_thread_id, rows,
+        [r["provider_message_id"] for r in rows], version, queued_id, msg_id))
 
 
 async def upsert_message(conn: Any, inbox_id: uuid.UUID, message: Message,
@@ -367,7 +426,7 @@ async def upsert_threads(conn: Any, inbox_id: uuid.UUID, threads: Sequence[Threa
              "unread": t.unread, "starred": t.starred, "has_attachments": t.has_attachments,
              "message_count": len(t.message_ids),
              "first_message_at": _iso(t.earliest_message_date),
-             "last_message_at": _iso(t.latest_message_date), "raw": t.raw or None}
+             "last_message_at": _iso(t.latest_message_date), "raw": _thread_raw(t.raw)}
             for t in {t.id: t for t in threads}.values()]
     return {r["provider_thread_id"]: r["id"]
             for r in await conn.fetch(_UPSERT_THREADS, inbox_id, rows, version)}

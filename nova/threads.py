@@ -12,13 +12,13 @@ Run any number of copies. For each job:
    thread object itself came with discovery's listing, and threads whose one message came
    whole with it never get a job); bodies are rendered to text off the event loop;
 4. ONE transaction, its rows taken in the one lock order (DESIGN.md; sql/030_backfill.sql):
-   first the thread row and its messages -- upsert the messages (one statement for all
-   messages and their attachment rows), soft-delete the stored ones the provider no longer
-   lists, derive the thread row from the messages, all versioned with `store.sync_version()`
-   --, then set the queued thread `completed` (again only for this job: when a newer job took
-   the thread over, a savepoint rolls every write of this one back and nothing is written),
-   and delete the queue message. The progress counters take no lock (delta rows). The log
-   line counts the requests the thread took.
+   first the thread row and its messages -- upsert the messages and their attachment rows,
+   soft-delete the stored ones the provider no longer lists, derive the thread row from the
+   messages, all versioned with `store.sync_version()` --, then set the queued thread
+   `completed` (again only for this job: when a newer job took the thread over, every write of
+   this one is rolled back and nothing is written): all of it one SQL call, one round trip
+   (`store.write_synced_thread`); then delete the queue message. The progress counters take
+   no lock (delta rows). The log line counts the requests the thread took.
 
 A 401 is confirmed with the grant itself (nova.ratelimit): an expired grant marks the inbox
 `auth_expired` and parks the thread, a deleted one marks it `revoked` and fails its threads, a
@@ -261,22 +261,23 @@ async def write_thread(conn: Any, row: Any, msg_id: int, messages: list[Message]
     changed threads, recovery) learns it only after writing; the savepoint then rolls those
     writes back, and the job's transaction commits only the delete of its message."""
     thread_id = row["provider_thread_id"]
+    if messages:
+        # One call, one round trip (store.write_synced_thread): the thread row is derived from
+        # its messages (discovery wrote the provider's thread object already), and the queued
+        # thread is completed last, in the same lock order; superseded, it writes nothing.
+        if not await store.write_synced_thread(conn, row["inbox_id"], thread_id, prepared,
+                                               version, row["id"], msg_id):
+            return "superseded during sync: nothing written"
+        return None
     try:
-        async with conn.transaction():
-            if messages:
-                # The thread row is derived from its messages (discovery wrote the provider's
-                # thread object already): one request per thread of up to 200 messages.
-                await store.upsert_messages(conn, row["inbox_id"], prepared, version)
-                await store.delete_absent_messages(conn, row["inbox_id"], thread_id,
-                                                   [m.id for m in messages], version)
-            else:  # deleted at the provider since it was listed
-                await store.soft_delete_thread(conn, row["inbox_id"], thread_id, version)
-            note = None if messages else "thread no longer exists at provider"
-            if await conn.fetchval(COMPLETE, row["id"], msg_id, len(messages), note) is None:
+        async with conn.transaction():  # deleted at the provider since it was listed
+            await store.soft_delete_thread(conn, row["inbox_id"], thread_id, version)
+            if await conn.fetchval(COMPLETE, row["id"], msg_id, 0,
+                                   "thread no longer exists at provider") is None:
                 raise Superseded
     except Superseded:
         return "superseded during sync: nothing written"
-    return None if messages else "gone at the provider"
+    return "gone at the provider"
 
 
 async def _row_id(conn: Any, job: Job) -> int | None:

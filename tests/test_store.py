@@ -196,3 +196,75 @@ def test_any_interleaving_converges_to_the_newest_version(db_url: str, versions:
     assert (row["deleted_at"] is not None) == is_delete
     if not is_delete:
         assert (row["subject"], row["unread"], row["starred"]) == (f"v{secs}", unread, starred)
+
+
+async def test_a_message_body_is_stored_once_not_again_in_raw(pool: asyncpg.Pool) -> None:
+    body = "<p>Hi <b>Bob</b></p>"
+    raw = {"id": "m1", "body": body, "object": "message", "snippet": "Hi Bob"}
+    latest = {**raw, "thread_id": "t1"}
+    async with pool.acquire() as conn:
+        inbox = await new_inbox(conn)
+        await store.upsert_thread(conn, inbox, thread(raw={"id": "t1",
+                                                          "latest_draft_or_message": latest}), T0)
+        await store.upsert_message(conn, inbox, message(body=body, raw=raw), T0)
+        row = await conn.fetchrow("SELECT body_html, body_text, raw FROM flux_email_messages")
+        assert row["body_html"] == body and row["body_text"] == "Hi Bob"
+        assert row["raw"] == {"id": "m1", "object": "message", "snippet": "Hi Bob"}
+        # A partial write merges into raw, and takes out a body an older Nova left there.
+        await conn.execute("UPDATE flux_email_messages SET raw = raw || '{\"body\": \"old\"}'")
+        await store.upsert_message(conn, inbox, message(
+            present=frozenset({"unread"}), unread=False, raw={"unread": False}), T0)
+        assert await conn.fetchval("SELECT raw FROM flux_email_messages") == {
+            "id": "m1", "object": "message", "snippet": "Hi Bob", "unread": False}
+        thread_raw = await conn.fetchval("SELECT raw FROM flux_email_threads")
+        assert thread_raw["latest_draft_or_message"] == {
+            k: v for k, v in latest.items() if k != "body"}
+
+
+async def _queued(conn: Any, inbox: uuid.UUID, tid: str) -> tuple[int, int]:
+    config = await conn.fetchval("SELECT queue_inbox_backfill($1)", inbox)
+    await conn.fetch("SELECT * FROM queue_discovered_threads($1, $2)", config, [tid])
+    row = await conn.fetchrow("UPDATE queued_threads SET status = 'processing'"
+                              " WHERE config_id = $1 AND provider_thread_id = $2"
+                              " RETURNING id, queue_msg_id", config, tid)
+    return row["id"], row["queue_msg_id"]
+
+
+async def test_a_synced_thread_write_is_one_call_with_the_upserts_guards(
+        pool: asyncpg.Pool) -> None:
+    """write_synced_thread: fields the answer lacks keep their stored value, a newer stored
+    version wins, absent messages are deleted, the thread is derived, the queued thread is
+    completed; for a job that no longer owns the thread, nothing is written."""
+    async with pool.acquire() as conn:
+        inbox = await new_inbox(conn)
+        await store.upsert_messages(conn, inbox, await store.prepare_messages([
+            message("m1", headers=(("X-Kept", "yes"),)),
+            message("m2", subject="Newer", date=T0 + timedelta(minutes=1)),
+            message("gone", date=T0 - timedelta(days=1))]), T0)
+        await conn.execute("UPDATE flux_email_messages SET provider_updated_at = $1"
+                           " WHERE provider_message_id = 'm2'", T0 + timedelta(hours=2))
+        row_id, msg_id = await _queued(conn, inbox, "t1")
+        synced = [message("m1", subject="Synced", headers=None, body=None),
+                  message("m2", subject="Older", date=T0 + timedelta(minutes=1))]
+        prepared = await store.prepare_messages(synced)
+        version = T0 + timedelta(hours=1)
+        async with conn.transaction():
+            assert not await store.write_synced_thread(conn, inbox, "t1", prepared, version,
+                                                       row_id, msg_id + 1000)
+        assert await conn.fetchval("SELECT subject FROM flux_email_messages"
+                                   " WHERE provider_message_id = 'm1'") == "Hello"
+        async with conn.transaction():
+            assert await store.write_synced_thread(conn, inbox, "t1", prepared, version,
+                                                   row_id, msg_id)
+        rows = {r["provider_message_id"]: r for r in await conn.fetch(
+            "SELECT * FROM flux_email_messages")}
+        assert rows["m1"]["subject"] == "Synced"
+        assert rows["m1"]["headers"] == [{"name": "X-Kept", "value": "yes"}]
+        assert rows["m1"]["body_html"].startswith("<p>Hi")  # the answer had no body
+        assert rows["m2"]["subject"] == "Newer"  # stored with a newer version
+        assert rows["gone"]["deleted_at"] is not None
+        t = await conn.fetchrow("SELECT message_count, subject FROM flux_email_threads")
+        assert t["message_count"] == 2
+        q = await conn.fetchrow("SELECT status, message_count FROM queued_threads"
+                                " WHERE id = $1", row_id)
+        assert (q["status"], q["message_count"]) == ("completed", 2)

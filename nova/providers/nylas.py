@@ -93,8 +93,9 @@ def _str(value: Any) -> str | None:
 
 
 def parse_attachment(data: Mapping[str, Any], grant_id: str,
-                     message_id: str | None = None) -> Attachment:
-    d: dict[str, Any] = clean(dict(data))
+                     message_id: str | None = None, *, storable: bool = False) -> Attachment:
+    """``storable``: `data` came from `loads` (or Postgres), already clean (see parse_message)."""
+    d: dict[str, Any] = dict(data) if storable else clean(dict(data))
     size = d.get("size")
     return Attachment(
         id=str(d["id"]), grant_id=str(d.get("grant_id") or grant_id),
@@ -110,13 +111,15 @@ _KEY_OF = {"body_cleaned": "body"}
 
 
 def parse_message(data: Mapping[str, Any], grant_id: str, *, partial: bool = False,
-                  cleaned: bool = False) -> Message:
+                  cleaned: bool = False, storable: bool = False) -> Message:
     """A message from an API answer, or (``partial``) from a webhook payload that may lack
     fields. ``cleaned``: the payload is a `.cleaned` one, whose ``body`` is Nylas's markdown
     rendering (unless ``cleaning_status`` says the cleaning failed: then it is the HTML)
     (https://developer.nylas.com/docs/reference/notifications/messages/message-created-cleaned/).
+    ``storable``: `data` was decoded by `loads`, which cleaned it already: it is not walked
+    again (the walk cost more than the rest of the parsing).
     """
-    d: dict[str, Any] = clean(dict(data))
+    d: dict[str, Any] = dict(data) if storable else clean(dict(data))
     markdown = cleaned and d.get("cleaning_status") != "failed"
     present: frozenset[str] | None = None
     if partial:
@@ -138,7 +141,7 @@ def parse_message(data: Mapping[str, Any], grant_id: str, *, partial: bool = Fal
         body_cleaned=str(body) if markdown and body is not None else None,
         folders=tuple(str(f) for f in d.get("folders") or ()), unread=bool(d.get("unread")),
         starred=bool(d.get("starred")),
-        attachments=tuple(parse_attachment(a, grant_id, str(d["id"]))
+        attachments=tuple(parse_attachment(a, grant_id, str(d["id"]), storable=True)
                           for a in d.get("attachments") or () if isinstance(a, Mapping)),
         headers=None if not isinstance(headers, list) else tuple(
             (str(h.get("name")), str(h.get("value"))) for h in headers
@@ -146,8 +149,9 @@ def parse_message(data: Mapping[str, Any], grant_id: str, *, partial: bool = Fal
         created_at=_dt(d.get("created_at")), present=present, raw=d)
 
 
-def parse_thread(data: Mapping[str, Any], grant_id: str) -> Thread:
-    d: dict[str, Any] = clean(dict(data))
+def parse_thread(data: Mapping[str, Any], grant_id: str, *, storable: bool = False) -> Thread:
+    """A thread object; ``storable`` as for `parse_message`."""
+    d: dict[str, Any] = dict(data) if storable else clean(dict(data))
     latest = d.get("latest_draft_or_message")
     return Thread(
         id=str(d["id"]), grant_id=str(d.get("grant_id") or grant_id),
@@ -161,7 +165,7 @@ def parse_thread(data: Mapping[str, Any], grant_id: str) -> Thread:
         earliest_message_date=_dt(d.get("earliest_message_date")),
         latest_message_received_date=_dt(d.get("latest_message_received_date")),
         latest_message_sent_date=_dt(d.get("latest_message_sent_date")),
-        latest_message=parse_message(latest, grant_id)
+        latest_message=parse_message(latest, grant_id, storable=True)
         if isinstance(latest, Mapping) and latest.get("object") == "message" else None,
         raw=d)
 
@@ -363,7 +367,7 @@ class NylasProvider:
             params["in"] = folder
         try:
             data = await self._get_json(self._g(grant_id) + "/threads", params)
-            items = [parse_thread(t, grant_id) for t in data["data"]]
+            items = [parse_thread(t, grant_id, storable=True) for t in data["data"]]
         except (KeyError, TypeError, AttributeError) as exc:
             raise Transient(f"malformed thread list: {exc!r}") from exc
         return Page(items=items, next_page_token=data.get("next_cursor") or None)
@@ -391,7 +395,7 @@ class NylasProvider:
             params["fields"] = "include_headers"
         try:
             data = await self._get_json(self._g(grant_id) + "/messages", params)
-            items = [parse_message(m, grant_id) for m in data["data"]]
+            items = [parse_message(m, grant_id, storable=True) for m in data["data"]]
         except (KeyError, TypeError, AttributeError) as exc:
             raise Transient(f"malformed message list: {exc!r}") from exc
         return Page(items=items, next_page_token=data.get("next_cursor") or None)
