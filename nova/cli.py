@@ -313,10 +313,7 @@ def cmd_progress(settings: Settings, args: argparse.Namespace) -> int:
         if args.json:
             rows = [conn.execute("SELECT * FROM get_sync_progress(%s)", (c,)).fetchone()
                     for c in args.config_id] if args.config_id else conn.execute(
-                "SELECT p.* FROM flux_inbox_configurations c"
-                " CROSS JOIN LATERAL get_sync_progress(c.id) p WHERE c.deleted_at IS NULL"
-                " AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')"
-                " ORDER BY c.created_at").fetchall()
+                "SELECT * FROM nova_backfill_progress('{}', true)").fetchall()
             shown: Any = rows[0] if len(args.config_id) == 1 else rows
             print(json.dumps(shown, default=_json_default, indent=2))
             return 0
@@ -356,24 +353,30 @@ def _age(seconds: Any) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-QUEUES = """
-SELECT m.queue_name, m.queue_length, m.oldest_msg_age_sec, m.newest_msg_age_sec,
-       m.total_messages, (SELECT count(*) FROM nova_dead_letters(q.queue_name)) AS dead_letters
-FROM flux_pgmq_list_queues() q, flux_pgmq_metrics(q.queue_name) m
-ORDER BY m.queue_name
-"""
+# Dead letters counted up to 10,000 and estimated past it (~): never a walk of the archive.
+QUEUES = "SELECT * FROM nova_queue_overview(10000)"
+RETENTION = "SELECT * FROM nova_retention_status()"
 
 
 def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
-    with _connect(settings, args) as conn:
+    with _connect(settings, args) as conn, conn.transaction():
+        conn.execute("SELECT set_config('jit', 'off', true)")
         rows = conn.execute(QUEUES).fetchall()
+        pruned = conn.execute(RETENTION).fetchall()
+    days = settings.retention_days
     if args.json:
         print(json.dumps(rows, default=_json_default, indent=2))
         return 0
     print(f"{'queue':<30} {'depth':>8} {'oldest':>9} {'dead letters':>13} {'ever sent':>10}")
     for r in rows:
+        dead = f"{'~' if r['dead_letters_estimated'] else ''}{r['dead_letters']:,}"
         print(f"{r['queue_name']:<30} {r['queue_length']:>8,} {_age(r['oldest_msg_age_sec']):>9}"
-              f" {r['dead_letters']:>13,} {r['total_messages']:>10,}")
+              f" {dead:>13} {r['total_messages']:>10,}")
+    done = ", ".join(f"{r['pruned']:,} {r['kind'].replace('_', ' ')}" for r in pruned)
+    last = max((r["last_pruned_at"] for r in pruned if r["last_pruned_at"]), default=None)
+    print(f"retention: {f'{days:g} days' if days else 'off (everything kept)'} "
+          f"(NOVA_RETENTION_DAYS, NOVA_RETENTION_BATCH={settings.retention_batch:,}); pruned "
+          f"{done or 'nothing yet'}{f', last at {last:%Y-%m-%d %H:%M:%S}' if last else ''}")
     return 0
 
 
@@ -537,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("queues", help="depth, oldest message and dead letters of every queue")
+    p = sub.add_parser("queues", help="depth, oldest message and dead letters of every queue, "
+                                      "and what retention pruned")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_queues)
 
@@ -550,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_date, help="YYYY-MM-DD (default: the backfill's range)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
     return parser
 
 

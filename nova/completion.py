@@ -2,13 +2,16 @@
 
 Not a queue processor: a loop.
 
-- Every COMPLETION_CHECK_INTERVAL_MS, for each running backfill: one progress line from the
-  counters (`get_sync_progress`, constant time), e.g.
-  `[Monitor] Config 12345678... | Status: thread_sync | Progress: 75% (150/200)`; while discovery
-  runs the total is unknown and the line says `discovering (1,200 threads found, ...)` instead
-  of a percentage. When discovery is over and the counters say every thread is completed or
-  failed, `complete_backfill_if_done` re-derives the counters from the rows (COUNT ... GROUP BY
-  status) under the configuration's lock and only then marks it `completed`.
+- Every COMPLETION_CHECK_INTERVAL_MS, the running backfills' figures from the counters, all in
+  one statement (`nova_backfill_progress`), and what changed in the log (nova.monitor_progress):
+  the seed's line, e.g.
+  `[Monitor] Config 12345678... | Status: thread_sync | Progress: 75% (150/200)`, for a backfill
+  that starts, changes phase or, with a few running, moves; with many, one summary line per
+  check. While discovery runs the total is unknown and the line says
+  `discovering (1,200 threads found, ...)` instead of a percentage. When discovery is over and
+  the counters say every thread is completed or failed, `complete_backfill_if_done` re-derives
+  the counters from the rows (COUNT ... GROUP BY status) under the configuration's lock and
+  only then marks it `completed`.
 - Every RECOVERY_CHECK_INTERVAL_MS, with ENABLE_AUTO_RECOVERY: premature completions (completed
   with threads still queued/processing) go back to `thread_sync`, timestamps cleared; threads
   no worker will pick up again (queued without a live queue message, or processing past the
@@ -20,9 +23,18 @@ Not a queue processor: a loop.
 - Every RECOVERY_CHECK_INTERVAL_MS, with ENABLE_AUTO_RECOVERY and NOVA_THREAD_RETRY_ROUNDS > 0:
   failed threads whose next retry round is due get a new job (`retry_failed_threads`, driven by
   the index of what is due), whether or not their backfill completed meanwhile.
-- On the same interval, with NOVA_CATCHUP_GAP_SECONDS > 0: an active, fully backfilled inbox
-  that has not had a webhook for longer than that gets a catch-up backfill from its last sign of
-  life minus NOVA_CATCHUP_OVERLAP_SECONDS.
+- On the same interval, with NOVA_CATCHUP_GAP_SECONDS > 0: when the webhook intake has been
+  silent that long (no notification of any Nylas grant: an outage, not a quiet inbox), an
+  active, fully backfilled inbox not heard of for as long gets a catch-up backfill from its last
+  sign of life minus NOVA_CATCHUP_OVERLAP_SECONDS, and one more when webhooks come back
+  (queue_due_catchups). A quiet inbox in a flowing fleet costs nothing.
+- On the same interval, with NOVA_RETENTION_DAYS > 0: rows of work finished that long ago are
+  pruned, at most NOVA_RETENTION_BATCH of each kind a pass (nova_prune_finished): processed
+  webhook notifications, completed backfills' per-thread rows, resolved dead letters.
+
+Every timed statement costs what is active (running backfills, open threads, what is due),
+never what is stored (issue #19; benchmarks/bench_periodic.py measures them at 10,000 inboxes),
+and runs with JIT off (db.periodic: per transaction, which also holds behind a pooler).
 
 A database error (unreachable, too many connections, a repair raising in a race) never stops
 the monitor: the failing step is logged in one line, the other steps of the pass still run, and
@@ -37,7 +49,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -47,16 +59,12 @@ import asyncpg
 from nova import db, metrics
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
+from nova.monitor_progress import ProgressLog, progress_line
 from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, describe_error, run_parts
 
 log = logging.getLogger("nova.completion")
 
-ACTIVE = """
-SELECT p.* FROM flux_inbox_configurations c
-CROSS JOIN LATERAL get_sync_progress(c.id) p
-WHERE c.backfill_status IN ('queued', 'discovering', 'thread_sync') AND c.deleted_at IS NULL
-ORDER BY c.created_at, c.id
-"""
+ACTIVE = "SELECT * FROM nova_backfill_progress('{}', true)"
 COMPLETE = "SELECT * FROM complete_backfill_if_done($1)"
 PREMATURE = "SELECT * FROM recover_premature_completions()"
 STUCK = "SELECT * FROM recover_stuck_threads($1, $2)"
@@ -65,11 +73,14 @@ CATCHUPS = "SELECT * FROM queue_due_catchups($1, $2)"
 FOLD = "SELECT fold_sync_stats_deltas()"
 RETRIES = "SELECT * FROM retry_failed_threads($1, $2, $3)"
 RETRY_BATCH = 500
-# Counters that drifted low would never say "done": recovery re-counts every waiting backfill.
-SYNCING = """
-SELECT id FROM flux_inbox_configurations
-WHERE backfill_status = 'thread_sync' AND discovery_completed_at IS NOT NULL AND deleted_at IS NULL
-"""
+# Counters that drifted low would never say "done": recovery re-counts the running backfills
+# whose rows say they may be (no thread open), not every running one.
+SYNCING = "SELECT config_id AS id FROM nova_backfills_to_recount()"
+# Retention, one statement per kind (sql/065_periodic.sql), each a short transaction.
+PRUNE = {"notifications": "SELECT nova_prune_notifications(now() - $1::interval, $2)",
+         "threads": "SELECT nova_prune_finished_threads(now() - $1::interval, $2)"}
+PRUNE_DEAD = "SELECT nova_prune_dead_letters($3, now() - $1::interval, $2)"
+QUEUE_NAMES = "SELECT queue_name FROM pgmq.meta ORDER BY queue_name"
 STUCK_BATCH = 1000
 # Expired inboxes not heard of for a while: their grants are asked again (recheck_grants).
 EXPIRED_INBOXES = """
@@ -90,8 +101,9 @@ WITH due AS (
     UPDATE flux_inboxes SET changes_requested_at = now()
     WHERE provider = 'gmail' AND status = 'active' AND deleted_at IS NULL
       AND grant_id IS NOT NULL
-      AND coalesce(changes_synced_at, '-infinity') < now() - $1::interval
-      AND coalesce(changes_requested_at, '-infinity') < now() - $1::interval
+      AND greatest(coalesce(changes_synced_at, '-infinity'::timestamptz),
+                   coalesce(changes_requested_at, '-infinity'::timestamptz))
+          < now() - $1::interval  -- flux_inboxes_gmail_poll_idx
     RETURNING id
 )
 SELECT id, pgmq.send('nylas_webhook_notifications', jsonb_build_object('changes_inbox_id', id))
@@ -103,7 +115,7 @@ WATCH_DUE = """
 SELECT id, grant_id FROM flux_inboxes
 WHERE provider = 'gmail' AND status = 'active' AND deleted_at IS NULL AND grant_id IS NOT NULL
   AND (watch_expires_at IS NULL OR watch_expires_at < now() + interval '6 days')
-ORDER BY watch_expires_at NULLS FIRST LIMIT 100
+ORDER BY watch_expires_at NULLS FIRST LIMIT 100  -- flux_inboxes_gmail_watch_idx
 """
 WATCH_STOP = """
 SELECT id, grant_id, status FROM flux_inboxes
@@ -113,24 +125,6 @@ LIMIT 100
 """
 WATCHED = "UPDATE flux_inboxes SET watch_expires_at = $2 WHERE id = $1"
 RESUME_FAILED = "SELECT * FROM resume_failed_backfills($1, $2)"
-
-
-def progress_line(p: Mapping[str, Any]) -> str:
-    """The seed's monitor line; never a percentage of a total that is not known yet."""
-    status = p["backfill_status"]
-    done = int(p["threads_completed"]) + int(p["threads_failed"])
-    failed = f", {p['threads_failed']:,} failed" if p["threads_failed"] else ""
-    if status == "queued":
-        progress = "waiting for discovery"
-    elif not p["discovery_complete"]:
-        progress = (f"discovering ({p['threads_discovered']:,} threads found, "
-                    f"{done:,} synced{failed})")
-    else:
-        pct = p["percent_complete"]
-        shown = 100 if pct is None else int(pct)  # floor: 99.6% is not "100%"
-        progress = f"{shown}% ({done:,}/{int(p['threads_queued']):,}{failed})"
-    config = str(p["config_id"])[:8]
-    return f"[Monitor] Config {config}... | Status: {status} | Progress: {progress}"
 
 
 @dataclass
@@ -147,6 +141,7 @@ class Repairs:
     released: int = 0  # 'waiting' notifications whose inbox is usable, queued again
     resyncs: list[Any] = field(default_factory=list)  # (inbox, config) owed by a history expiry
     ended: list[Any] = field(default_factory=list)  # (inbox, threads) of long-expired inboxes
+    pruned: dict[str, int] = field(default_factory=dict)  # retention: rows pruned, by kind
 
 
 class CompletionMonitor:
@@ -167,6 +162,7 @@ class CompletionMonitor:
         self.retry_idle = timedelta(seconds=settings.thread_retry_seconds)
         self._stopping = asyncio.Event()
         self._failed_steps = 0
+        self.progress_log = ProgressLog()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -239,6 +235,19 @@ class CompletionMonitor:
             return False
         return self._failed_steps == 0
 
+    # Every statement of a pass in a transaction of its own with JIT off (db.periodic).
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        async with db.periodic(self.pool) as conn:
+            return list(await conn.fetch(query, *args))
+
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        async with db.periodic(self.pool) as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        async with db.periodic(self.pool) as conn:
+            return await conn.fetchval(query, *args)
+
     @contextlib.asynccontextmanager
     async def _step(self, component: str, what: str) -> AsyncIterator[None]:
         """One step of a pass: when it fails, the next steps still run."""
@@ -250,24 +259,25 @@ class CompletionMonitor:
                         describe_error(exc))
 
     async def check(self) -> list[Any]:
-        """One pass: a progress line per running backfill; completes the finished ones; asks
-        for the change syncs that are due."""
+        """One pass: what changed in the running backfills goes to the log; completes the
+        finished ones; asks for the change syncs that are due."""
         if self.settings.gmail_history_poll_seconds > 0 and self.settings.credentials_key:
             async with self._step("Monitor", "history poll"):
-                await self.pool.fetch(
+                await self._fetch(
                     POLL_CHANGES, timedelta(seconds=self.settings.gmail_history_poll_seconds))
         async with self._step("Monitor", "counter fold"):
-            await self.pool.fetchval(FOLD)
+            await self._fetchval(FOLD)
         completed = []
-        for p in await self.pool.fetch(ACTIVE):
-            log.info(progress_line(p))
+        running = await self._fetch(ACTIVE)
+        self.progress_log.log(running)
+        for p in running:
             finished = (p["backfill_status"] == "thread_sync" and p["discovery_complete"]
                         and p["threads_pending"] + p["threads_processing"] == 0
                         and p["threads_completed"] + p["threads_failed"] == p["threads_queued"])
             if not finished:
                 continue
             async with self._step("Monitor", f"completion of config {p['config_id']}"):
-                result = await self.pool.fetchrow(COMPLETE, p["config_id"])
+                result = await self._fetchrow(COMPLETE, p["config_id"])
                 if result["outcome"] == "completed":
                     completed.append(p["config_id"])
                     log.info("[Monitor] Config %s... completed threads=%d failed=%d "
@@ -284,25 +294,25 @@ class CompletionMonitor:
         repairs = Repairs()
         if self.settings.enable_auto_recovery:
             async with self._step("Recovery", "premature completions"):
-                repairs.premature = await self.pool.fetch(PREMATURE)
+                repairs.premature = await self._fetch(PREMATURE)
                 for r in repairs.premature:
                     log.warning("[Recovery] premature completion repaired config=%s "
                                 "open_threads=%d completed_at=%s -> thread_sync",
                                 r["config_id"], r["threads_open"],
                                 r["completed_at"].isoformat() if r["completed_at"] else None)
             async with self._step("Recovery", "stuck threads"):
-                repairs.threads = await self.pool.fetch(STUCK, self.stuck_after, STUCK_BATCH)
+                repairs.threads = await self._fetch(STUCK, self.stuck_after, STUCK_BATCH)
                 for r in repairs.threads:
                     log.warning("[Recovery] thread re-queued config=%s thread=%s was=%s job=%d",
                                 r["config_id"], r["provider_thread_id"], r["was"], r["msg_id"])
             async with self._step("Recovery", "lost backfill jobs"):
-                repairs.jobs = await self.pool.fetch(LOST_JOBS, self.stuck_after)
+                repairs.jobs = await self._fetch(LOST_JOBS, self.stuck_after)
                 for r in repairs.jobs:
                     log.warning("[Recovery] backfill job re-sent config=%s job=%d",
                                 r["config_id"], r["msg_id"])
             if self.retry_rounds > 0:
                 async with self._step("Recovery", "failed thread retries"):
-                    repairs.retried = await self.pool.fetch(
+                    repairs.retried = await self._fetch(
                         RETRIES, self.stuck_after, self.retry_idle, RETRY_BATCH)
                     for r in repairs.retried:
                         log.warning("[Recovery] thread retried config=%s thread=%s was=%s "
@@ -311,7 +321,7 @@ class CompletionMonitor:
                                     self.retry_rounds, r["msg_id"])
             if self.settings.backfill_max_resumes > 0:
                 async with self._step("Recovery", "failed backfills"):
-                    repairs.resumed = await self.pool.fetch(
+                    repairs.resumed = await self._fetch(
                         RESUME_FAILED, timedelta(seconds=self.settings.backfill_resume_seconds),
                         self.settings.backfill_max_resumes)
                     for r in repairs.resumed:
@@ -321,28 +331,28 @@ class CompletionMonitor:
                                     (r["last_error"] or "")[:200])
             syncing: list[Any] = []
             async with self._step("Recovery", "listing backfills to re-count"):
-                syncing = [r["id"] for r in await self.pool.fetch(SYNCING)]
+                syncing = [r["id"] for r in await self._fetch(SYNCING)]
             for config_id in syncing:
                 async with self._step("Recovery", f"re-count of config {config_id}"):
-                    result = await self.pool.fetchrow(COMPLETE, config_id)
+                    result = await self._fetchrow(COMPLETE, config_id)
                     if result["outcome"] == "completed":
                         repairs.recounted.append(config_id)
                         log.warning("[Recovery] config=%s completed after re-counting its "
                                     "threads", config_id)
             async with self._step("Recovery", "owed resyncs"):
-                repairs.resyncs = await self.pool.fetch(FOLLOW_RESYNCS)
+                repairs.resyncs = await self._fetch(FOLLOW_RESYNCS)
                 for r in repairs.resyncs:
                     log.warning("[Recovery] inbox=%s resync queued after its backfill (its "
                                 "history expired meanwhile) config=%s", r["inbox_id"],
                                 r["config_id"])
             async with self._step("Recovery", "stranded notifications"):
-                repairs.released = await self.pool.fetchval(STRANDED)
+                repairs.released = await self._fetchval(STRANDED)
                 if repairs.released:
                     log.warning("[Recovery] %d waiting notification(s) of active inboxes "
                                 "queued again", repairs.released)
             if self.settings.parked_backfill_seconds > 0:
                 async with self._step("Recovery", "backfills parked on expired inboxes"):
-                    repairs.ended = await self.pool.fetch(
+                    repairs.ended = await self._fetch(
                         END_PARKED, timedelta(seconds=self.settings.parked_backfill_seconds))
                     for r in repairs.ended:
                         log.warning("[Recovery] inbox=%s expired for over %ds: %d thread(s) "
@@ -351,7 +361,7 @@ class CompletionMonitor:
                                     r["threads"])
         if self.settings.catchup_gap_seconds > 0:
             async with self._step("Monitor", "catch-up scan"):
-                repairs.catchups = await self.pool.fetch(
+                repairs.catchups = await self._fetch(
                     CATCHUPS, timedelta(seconds=self.settings.catchup_gap_seconds),
                     timedelta(seconds=self.settings.catchup_overlap_seconds))
                 for r in repairs.catchups:
@@ -359,6 +369,9 @@ class CompletionMonitor:
                         log.info("[Monitor] catch-up queued inbox=%s config=%s since=%s "
                                  "last_seen=%s", r["inbox_id"], r["config_id"],
                                  r["since"].isoformat(), r["last_seen"].isoformat())
+        if self.settings.retention_days > 0:
+            async with self._step("Retention", "pruning finished work"):
+                repairs.pruned = await self.prune()
         if self.settings.grant_recheck_seconds > 0:
             async with self._step("Monitor", "grant checks"):
                 repairs.grants = await self.recheck_grants()
@@ -366,6 +379,25 @@ class CompletionMonitor:
             async with self._step("Monitor", "Gmail watches"):
                 repairs.watches = await self.renew_watches(self.settings.gmail_pubsub_topic)
         return repairs
+
+    async def prune(self) -> dict[str, int]:
+        """Rows of work finished NOVA_RETENTION_DAYS ago, at most NOVA_RETENTION_BATCH of each
+        kind: one line when anything went."""
+        age = timedelta(days=self.settings.retention_days)
+        batch = self.settings.retention_batch
+        pruned: dict[str, int] = {}
+        for kind, statement in PRUNE.items():
+            pruned[kind] = int(await self._fetchval(statement, age, batch))
+        for row in await self._fetch(QUEUE_NAMES):
+            queue = row["queue_name"]
+            pruned[f"dead_letters:{queue}"] = int(
+                await self._fetchval(PRUNE_DEAD, age, batch, queue))
+        pruned = {kind: n for kind, n in pruned.items() if n}
+        if pruned:
+            log.info("[Retention] pruned %s (finished over %gd ago)",
+                     " ".join(f"{k}={n:,}" for k, n in sorted(pruned.items())),
+                     self.settings.retention_days)
+        return pruned
 
     async def renew_watches(self, topic: str) -> list[tuple[Any, str]]:
         """users.watch for active Gmail inboxes whose watch is missing or a day old;
@@ -376,8 +408,8 @@ class CompletionMonitor:
         from nova.providers.gmail import GmailProvider
         from nova.ratelimit import ProviderBudget, provider_from_settings
 
-        due = await self.pool.fetch(WATCH_DUE)
-        gone = await self.pool.fetch(WATCH_STOP)
+        due = await self._fetch(WATCH_DUE)
+        gone = await self._fetch(WATCH_STOP)
         done: list[tuple[Any, str]] = []
         if not due and not gone:
             return done
@@ -419,7 +451,7 @@ class CompletionMonitor:
 
         done: list[tuple[Any, str]] = []
         for kind in configured(self.settings):
-            rows = await self.pool.fetch(
+            rows = await self._fetch(
                 EXPIRED_INBOXES, timedelta(seconds=self.settings.grant_recheck_seconds),
                 kind.name)
             if not rows:
@@ -462,6 +494,9 @@ def main() -> int:
     setup_logging(settings.log_level, settings.log_format)
     return asyncio.run(run_parts([CompletionMonitor(settings),
                                   *metrics.server_parts(settings, "Monitor")]))
+
+
+__all__ = ["CompletionMonitor", "Repairs", "main", "progress_line"]
 
 
 if __name__ == "__main__":

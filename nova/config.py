@@ -61,6 +61,16 @@ class Settings(BaseSettings):
         default=Path.home() / ".local" / "share" / "nova" / "pgdata",
         validation_alias="NOVA_EMBEDDED_PGDATA",
     )
+    # The most connections one pool of a Nova process opens (a worker's jobs share them: a job
+    # holds one only for a statement or its transaction). Each process says its budget at start.
+    db_pool_max: int = Field(default=4, ge=1, le=100, validation_alias="NOVA_DB_POOL_MAX")
+    # Rows of finished work are pruned this many days after it finished, by the completion
+    # monitor, at most NOVA_RETENTION_BATCH rows of each kind per recovery pass: processed and
+    # skipped webhook notifications, completed backfills' per-thread rows, and dead letters
+    # whose work was done since. Failed, waiting and unresolved records stay. 0: keep all.
+    retention_days: float = Field(default=7.0, ge=0, validation_alias="NOVA_RETENTION_DAYS")
+    retention_batch: int = Field(default=1000, ge=1, le=100_000,
+                                 validation_alias="NOVA_RETENTION_BATCH")
 
     # The Nova seed's configuration table, names and defaults unchanged.
     poll_interval_ms: int = Field(default=5000, ge=1, validation_alias="POLL_INTERVAL_MS")

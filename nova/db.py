@@ -18,12 +18,26 @@ a session may be needed beyond one transaction. So Nova, wherever the URL leads:
   nova.migrate), never for a session;
 - keeps temp tables on NOVA_DATABASE_DIRECT_URL, or inside one transaction (nova.verify).
 How a pooler is recognised: `through_pooler`.
+
+JIT compilation is off for Nova's sessions: Nova's statements are short and planned to
+indexes, and a JIT compile of a plan the planner over-costs took 170 ms of a 219 ms sweep. On
+a direct connection `jit=off` is a start-up setting (`create_pool`); a transaction-mode pooler
+passes no start-up settings, so the periodic statements also say it per transaction (`NO_JIT`,
+`periodic`), as the metrics set their statement timeout.
+
+The connection budget (issue #19): a Nova process (`python -m nova.<processor>`) opens at most
+NOVA_DB_POOL_MAX connections per pool, whatever its BATCH_SIZE (a job holds a connection only
+for a statement or its one transaction, never while it waits on a provider), and says once at
+start how many connections it may open and why (`connection_plan`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -176,6 +190,112 @@ async def listen_url(settings: Settings, url: str) -> str | None:
     return None
 
 
+# JIT off for the length of a transaction: the way that also holds behind a transaction pooler.
+NO_JIT = "SELECT set_config('jit', 'off', true)"
+
+
+@contextlib.asynccontextmanager
+async def periodic(pool: Any) -> AsyncIterator[Any]:
+    """A connection in a transaction with JIT off, for statements on a timer (the monitor's
+    sweeps): off by start-up setting on a direct connection, and here, per transaction, for
+    the way through a pooler, which passes no start-up settings."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(NO_JIT)
+        yield conn
+
+
+def process_name() -> str:
+    """The module a process was started as (`nova.threads` for `python -m nova.threads`), or
+    the script's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or Path(sys.argv[0] if sys.argv else "python").stem
+    return name.removesuffix(".__main__")
+
+
+def is_nova_process(name: str | None = None) -> bool:
+    name = process_name() if name is None else name
+    return name == "nova" or name.startswith("nova.")
+
+
+def nests_connections(settings: Settings, process: str) -> bool:
+    """Whether the process's worker pool must hold more connections than its jobs: a Gmail
+    change sync (nova.changes) holds one of the webhook processor's pool for its lock
+    transaction while it takes others from the same pool, unless its lock goes to a pool of
+    its own (NOVA_DATABASE_DIRECT_URL behind a pooler). A cap below its jobs could then leave
+    every connection held by a sync waiting for another."""
+    return (process in ("nova", "nova.webhooks") and settings.credentials_key is not None
+            and settings.database_direct_url is None)
+
+
+def pool_cap() -> int | None:
+    """NOVA_DB_POOL_MAX for a Nova process; None elsewhere (a test or a script sizes its own
+    pools), and where a pool's connections nest (`nests_connections`)."""
+    process = process_name()
+    if not is_nova_process(process):
+        return None
+    from nova.config import ConfigError, get_settings
+
+    try:
+        settings = get_settings()
+    except ConfigError:  # the process reports bad settings on its own
+        return None
+    return None if nests_connections(settings, process) else settings.db_pool_max
+
+
+# What each process opens besides its main pool (nova.runtime.Worker, nova.receiver, ...).
+_LISTENERS = ("nova.webhooks", "nova.backfill", "nova.threads", "nova.attachments")
+
+
+def connection_plan(settings: Settings, process: str, *, pooled: bool,
+                    asked: int) -> list[tuple[int, str]]:
+    """The connections a Nova process may open at most, each with why: what its start-up line
+    says, and what tests/test_connection_budget.py counts in pg_stat_activity."""
+    cap = settings.db_pool_max
+    size = asked if nests_connections(settings, process) else min(asked, cap)
+    if process == "nova":  # python -m nova: every processor in one process
+        return [(size * 5 + 2, f"pools of the receiver, four workers and the monitor, up to "
+                               f"{size} each (NOVA_DB_POOL_MAX={cap}) and 2 for the monitor"),
+                (4, "LISTEN wake-ups, one per worker"),
+                *([(1, "metrics scrapes (NOVA_METRICS_PORT)")] if settings.metrics_port
+                  is not None else [])]
+    why = {"nova.receiver": "webhook inserts",
+           "nova.completion": "the monitor's passes"}.get(
+        process, f"statements of {settings.batch_size} concurrent jobs (BATCH_SIZE), reads and "
+                 f"lease renewals")
+    plan = [(size, f"pool: {why} (asked {asked}, NOVA_DB_POOL_MAX={cap})")]
+    if process in _LISTENERS and (settings.database_direct_url or not pooled):
+        plan.append((1, "LISTEN wake-ups of its queue"))
+    if process == "nova.webhooks" and nests_connections(settings, process):
+        plan[0] = (size, f"pool: {why} and Gmail change syncs' lock transactions (asked "
+                         f"{asked}, not capped: a sync holds one while it takes another)")
+    elif process == "nova.webhooks" and settings.credentials_key and pooled:
+        plan.append((min(settings.batch_size, cap), "Gmail change syncs' lock transactions "
+                     "on NOVA_DATABASE_DIRECT_URL, opened while syncs run"))
+    if process == "nova.attachments":
+        plan.append((min(2, cap), "the janitor's sweeps"))
+    if settings.metrics_port is not None:
+        plan.append((1, "metrics scrapes (NOVA_METRICS_PORT)"))
+    return plan
+
+
+def _say_budget(url: str, pooled: bool, asked: int) -> None:
+    process = process_name()
+    if not is_nova_process(process):
+        return
+    from nova.config import ConfigError, get_settings
+
+    try:
+        settings = get_settings()
+    except ConfigError:
+        return
+    plan = connection_plan(settings, process, pooled=pooled, asked=asked)
+    say_once("budget", logging.INFO,
+             "[Database] connection budget process=%s at most %d connection(s) to %s%s: %s",
+             process, sum(n for n, _ in plan), describe(url),
+             " (through a pooler: server connections are the pooler's)" if pooled else "",
+             "; ".join(f"{n} {why}" for n, why in plan))
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any:
     """An asyncpg pool with JSON codecs, for processors.
 
@@ -185,7 +305,10 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any
     server connection, where the name does not exist, or exists already because another
     client prepared it there. Without the cache asyncpg sends every statement unnamed, parsed
     and planned again on each run, with one more round trip (describe, then bind and execute):
-    a price worth paying only where it must be, so a direct connection keeps the cache."""
+    a price worth paying only where it must be, so a direct connection keeps the cache.
+
+    In a Nova process the pool holds at most NOVA_DB_POOL_MAX connections (`pool_cap`); its
+    connections carry the process's name (application_name) and, when direct, `jit=off`."""
     import json
 
     import asyncpg
@@ -195,6 +318,11 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any
         say_once("pooled", logging.INFO,
                  "[Database] connection pooler detected: statements are not prepared "
                  "database=%s", describe(url))
+    _say_budget(url, pooled, max_size)
+    cap = pool_cap()
+    if cap is not None:
+        max_size = max(1, min(max_size, cap))
+        min_size = min(min_size, max_size)
 
     async def init(conn: Any) -> None:
         for typ in ("json", "jsonb"):
@@ -208,6 +336,11 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Any
         # connection, locks are transaction-scoped); an open transaction is still rolled back.
         return None
 
+    # A pooler takes application_name at start-up and refuses settings it does not know.
+    server_settings = {"application_name": process_name()[:63]}
+    if not pooled:
+        server_settings["jit"] = "off"
     return await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, init=init, reset=reset,
+        server_settings=server_settings,
         statement_cache_size=0 if pooled else STATEMENT_CACHE_SIZE)

@@ -112,14 +112,13 @@ def webhook_lag(seconds: float) -> None:
 
 # --- what the fleet has to do, from Postgres -----------------------------------------------
 
+# Dead letters are the queue's PGMQ archive (only the runtime archives): counted exactly up to
+# a cap and estimated past it (nova_queue_overview), so a scrape never walks a large archive.
+DEAD_LETTER_CAP = 10_000
 QUEUES = """
-SELECT m.queue_name, m.queue_length, m.oldest_msg_age_sec
-FROM flux_pgmq_list_queues() q, flux_pgmq_metrics(q.queue_name) m
+SELECT queue_name, queue_length, oldest_msg_age_sec, dead_letters
+FROM nova_queue_overview(%s)
 """
-# Dead letters are the queue's PGMQ archive (only the runtime archives); counted up to a cap so
-# a scrape stays cheap even if an archive grows huge.
-DEAD_LETTER_CAP = 100_000
-DEAD_LETTERS = "SELECT count(*) FROM (SELECT 1 FROM pgmq.{} LIMIT %s) a"
 # The grants' budgets by provider kind, never by grant (module docstring): how many, how many
 # a refusal holds now, and the lowest, median and highest rate. A grant whose rate is not
 # learned runs at its kind's configured one: Nylas's NOVA_PROVIDER_RATE_LIMIT until learned,
@@ -136,12 +135,11 @@ GROUP BY provider
 """
 RATE_STATS = ("min", "median", "max")
 BACKFILL_THREADS = """
-SELECT coalesce(sum(s.threads_pending), 0) AS queued,
-       coalesce(sum(s.threads_processing), 0) AS processing,
-       coalesce(sum(s.threads_completed), 0) AS completed,
-       coalesce(sum(s.threads_failed), 0) AS failed
-FROM flux_inbox_configurations c JOIN inbox_sync_stats_current s ON s.config_id = c.id
-WHERE c.backfill_status IN ('queued', 'discovering', 'thread_sync') AND c.deleted_at IS NULL
+SELECT coalesce(sum(threads_pending), 0) AS queued,
+       coalesce(sum(threads_processing), 0) AS processing,
+       coalesce(sum(threads_completed), 0) AS completed,
+       coalesce(sum(threads_failed), 0) AS failed
+FROM nova_backfill_progress('{}', true)
 """
 BACKFILLS = """
 SELECT backfill_status, count(*) FROM flux_inbox_configurations WHERE deleted_at IS NULL
@@ -201,7 +199,9 @@ class PostgresCollector:
                                         connect_timeout=max(1, int(self.timeout)),
                                         application_name="nova-metrics")
             with self._conn.transaction():
-                self._conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                # JIT off too, per transaction for the same reason (db.NO_JIT)
+                self._conn.execute("SELECT set_config('statement_timeout', %s, true),"
+                                   " set_config('jit', 'off', true)",
                                    (str(int(self.timeout * 1000)),))
                 metrics = self._figures(self._conn)
         except psycopg.Error as exc:
@@ -218,8 +218,6 @@ class PostgresCollector:
         return [up, *metrics]
 
     def _figures(self, conn: Any) -> list[Metric]:
-        from psycopg import sql
-
         depth = GaugeMetricFamily("nova_queue_depth", "Messages in the queue, visible or held.",
                                   labels=["queue"])
         oldest = GaugeMetricFamily("nova_queue_oldest_message_age_seconds",
@@ -227,13 +225,11 @@ class PostgresCollector:
                                    labels=["queue"])
         dead = GaugeMetricFamily("nova_queue_dead_letters", "Messages archived after their last "
                                  "attempt (the queue's PGMQ archive).", labels=["queue"])
-        queues = conn.execute(QUEUES).fetchall()
-        for name, length, age in queues:
+        queues = conn.execute(QUEUES, (DEAD_LETTER_CAP,)).fetchall()
+        for name, length, age, dead_letters in queues:
             depth.add_metric([name], length)
             oldest.add_metric([name], age or 0)
-            count = conn.execute(sql.SQL(DEAD_LETTERS).format(sql.Identifier("a_" + name)),
-                                 (DEAD_LETTER_CAP,)).fetchone()
-            dead.add_metric([name], count[0] if count else 0)
+            dead.add_metric([name], dead_letters)
 
         rate = GaugeMetricFamily("nova_provider_rate", "The lowest, median and highest rate "
                                  "the provider's grants may send at (Nylas: requests/s; Gmail: "

@@ -116,22 +116,32 @@ $$;
 -- Completed backfills that still have queued or processing threads go back to thread_sync,
 -- with their completion timestamps cleared. Returns what it repaired. A thread on a retry
 -- round (retry_at set) is not one: it is retried on its own, after its backfill completed.
+-- O(open work): the configurations with open threads come from queued_threads_open_config_idx
+-- one at a time (a skip scan: one probe per configuration), never from every completed one.
 CREATE OR REPLACE FUNCTION recover_premature_completions()
 RETURNS TABLE (config_id uuid, threads_open bigint, completed_at timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH bad AS (
+    WITH RECURSIVE open_configs AS (
+        SELECT (SELECT q.config_id FROM queued_threads q
+                WHERE q.status IN ('queued', 'processing') AND q.retry_at IS NULL
+                ORDER BY q.config_id LIMIT 1) AS id
+        UNION ALL
+        SELECT (SELECT q.config_id FROM queued_threads q
+                WHERE q.status IN ('queued', 'processing') AND q.retry_at IS NULL
+                  AND q.config_id > o.id
+                ORDER BY q.config_id LIMIT 1)
+        FROM open_configs o WHERE o.id IS NOT NULL
+    ), bad AS (
         SELECT c.id, c.backfill_completed_at,
                (SELECT count(*) FROM queued_threads q
                 WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')
                   AND q.retry_at IS NULL) AS open
         FROM flux_inbox_configurations c
-        WHERE c.backfill_status = 'completed' AND c.deleted_at IS NULL
-          AND EXISTS (SELECT 1 FROM queued_threads q
-                      WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')
-                        AND q.retry_at IS NULL)
+        WHERE c.id IN (SELECT o.id FROM open_configs o WHERE o.id IS NOT NULL)
+          AND c.backfill_status = 'completed' AND c.deleted_at IS NULL
         FOR UPDATE OF c SKIP LOCKED
     ), fixed AS (
         UPDATE flux_inbox_configurations c
@@ -146,19 +156,54 @@ $$;
 -- Threads of running backfills (active inboxes only) that no worker will ever pick up again:
 -- 'queued' whose queue message is gone (or was never recorded), or 'processing' for longer
 -- than p_stuck_after with no worker holding their message. Each is queued again.
+-- A call looks at one slice of the open threads (queued_threads_open_idx, by id): the next
+-- max(2 x p_limit, 2,500) after where the last call stopped (nova_monitor_state
+-- 'stuck_threads'), or all that are left, after which the next call starts from the first: a
+-- call costs the same at any number of open threads, and each is looked at within
+-- open/slice + 1 calls. With fewer open threads than a slice, every call looks at all.
 CREATE OR REPLACE FUNCTION recover_stuck_threads(p_stuck_after interval, p_limit integer DEFAULT 1000)
 RETURNS TABLE (config_id uuid, provider_thread_id text, was text, msg_id bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_row record;
+    v_row   record;
+    v_scan  integer := greatest(p_limit * 2, 2500);
+    v_from  bigint;
+    v_to    bigint;
+    v_ids   bigint[];
 BEGIN
+    SELECT s.position INTO v_from FROM nova_monitor_state s WHERE s.name = 'stuck_threads';
+    v_from := coalesce(v_from, 0);
+    SELECT q.id INTO v_to FROM queued_threads q
+    WHERE q.status IN ('queued', 'processing') AND q.id > v_from
+    ORDER BY q.id OFFSET v_scan - 1 LIMIT 1;
+    INSERT INTO nova_monitor_state AS s (name, position)
+    VALUES ('stuck_threads', coalesce(v_to, 0))
+    ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now();
+    -- The slice's threads that look stuck, from the slice alone (an id range of the open
+    -- threads' index); then those of running backfills of active inboxes, locked.
+    v_ids := ARRAY(
+        SELECT q.id FROM queued_threads q
+        WHERE q.status IN ('queued', 'processing') AND q.id > v_from
+          AND q.id <= coalesce(v_to, 9223372036854775807)
+          AND ((q.status = 'queued'
+                AND (q.queue_msg_id IS NULL
+                     OR NOT EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
+                                    WHERE m.msg_id = q.queue_msg_id)))
+            OR (q.status = 'processing' AND q.updated_at < now() - p_stuck_after
+                AND NOT EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
+                                WHERE m.msg_id = q.queue_msg_id AND m.vt > clock_timestamp())))
+        ORDER BY q.id);
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
     FOR v_row IN
         SELECT q.id, q.config_id, q.provider_thread_id, q.status
         FROM queued_threads q
         JOIN flux_inbox_configurations c ON c.id = q.config_id
         JOIN flux_inboxes i ON i.id = q.inbox_id
-        WHERE c.backfill_status IN ('discovering', 'thread_sync') AND c.deleted_at IS NULL
+        WHERE q.id = ANY (v_ids) AND q.status IN ('queued', 'processing')
+          AND c.backfill_status IN ('discovering', 'thread_sync') AND c.deleted_at IS NULL
           AND i.status = 'active'
           AND ((q.status = 'queued'
                 AND (q.queue_msg_id IS NULL
@@ -192,8 +237,9 @@ BEGIN
         SELECT c.* FROM flux_inbox_configurations c
         WHERE c.backfill_status IN ('queued', 'discovering') AND c.deleted_at IS NULL
           AND c.updated_at < now() - p_stuck_after
-          AND NOT EXISTS (SELECT 1 FROM pgmq.q_inbox_backfill_jobs m
-                          WHERE m.message->>'config_id' = c.id::text)
+          -- one pass over the backfill queue (its size is the running backfills), hashed
+          AND c.id::text NOT IN (SELECT m.message->>'config_id' FROM pgmq.q_inbox_backfill_jobs m
+                                 WHERE m.message->>'config_id' IS NOT NULL)
         FOR UPDATE OF c SKIP LOCKED
     LOOP
         UPDATE flux_inbox_configurations SET updated_at = now() WHERE id = v_config.id;
@@ -202,10 +248,21 @@ BEGIN
 END;
 $$;
 
--- Active inboxes whose last full or catch-up backfill completed and that have heard no webhook
--- for longer than p_gap: queue a catch-up from the last sign of life minus p_overlap. Not Gmail
--- inboxes: their history (nova.changes, polled) carries every change since the cursor.
-CREATE OR REPLACE FUNCTION queue_due_catchups(p_gap interval, p_overlap interval)
+-- Catch-up backfills follow a silence of the webhook intake, not a quiet inbox. An inbox with
+-- no mail for an hour is the rule, not a sign of loss: at 10,000 inboxes a catch-up per quiet
+-- inbox per hour was 4,632 provider listings and running backfills an hour. Lost webhooks show
+-- as a silence of the whole intake: no notification of any Nylas grant for longer than p_gap
+-- (the receiver down or unreachable, Nylas's endpoint marked failing; Nylas retries a
+-- delivery for 10-20 minutes, then drops it). While it lasts, every active Nylas inbox whose
+-- last full or catch-up backfill completed and that has heard nothing for longer than p_gap
+-- gets a catch-up from its last sign of life minus p_overlap (each inbox at most once per
+-- p_gap: its catch-up's completion is its new sign of life). When webhooks come back, each
+-- inbox not heard of since before the silence's return gets one more, so what fell between its
+-- last catch-up and the return is listed too. Not Gmail inboxes: their history (nova.changes,
+-- polled) carries every change since the cursor. A re-authentication's catch-up is
+-- nova_set_inbox_status's. Flowing intake: one index probe, nothing else.
+CREATE OR REPLACE FUNCTION nova_queue_catchups(p_before timestamptz, p_overlap interval,
+                                               p_heard_before timestamptz DEFAULT 'infinity')
 RETURNS TABLE (inbox_id uuid, config_id uuid, since timestamptz, last_seen timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -218,11 +275,12 @@ BEGIN
         FROM flux_inboxes i
         JOIN flux_inbox_configurations c ON c.inbox_id = i.id AND c.deleted_at IS NULL
         LEFT JOIN LATERAL (
-            SELECT max(n.received_at) AS last_received FROM flux_webhook_notifications n
-            WHERE n.grant_id = i.grant_id) w ON true
+            SELECT n.received_at AS last_received FROM flux_webhook_notifications n
+            WHERE n.grant_id = i.grant_id AND n.received_at < p_heard_before
+            ORDER BY n.received_at DESC LIMIT 1) w ON true
         WHERE i.status = 'active' AND i.deleted_at IS NULL AND i.grant_id IS NOT NULL
-          AND i.provider <> 'gmail' AND c.backfill_status = 'completed'
-          AND greatest(w.last_received, c.backfill_completed_at) < now() - p_gap
+          AND i.provider = 'nylas' AND c.backfill_status = 'completed'
+          AND greatest(w.last_received, c.backfill_completed_at) < p_before
         ORDER BY i.id
     LOOP
         RETURN QUERY SELECT v_row.inbox_id,
@@ -230,6 +288,35 @@ BEGIN
                             greatest(v_row.last_seen - p_overlap, now() - interval '1 year'),
                             v_row.last_seen;
     END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION queue_due_catchups(p_gap interval, p_overlap interval)
+RETURNS TABLE (inbox_id uuid, config_id uuid, since timestamptz, last_seen timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_last     timestamptz;
+    v_silence  timestamptz;
+    v_returned timestamptz;
+BEGIN
+    SELECT n.received_at INTO v_last FROM flux_webhook_notifications n
+    WHERE n.provider = 'nylas' ORDER BY n.received_at DESC LIMIT 1;
+    SELECT s.since INTO v_silence FROM nova_monitor_state s WHERE s.name = 'catchup_silence';
+    IF v_last IS NULL OR v_last < now() - p_gap THEN
+        INSERT INTO nova_monitor_state AS s (name, since)
+        VALUES ('catchup_silence', coalesce(v_last, '-infinity'))
+        ON CONFLICT (name) DO UPDATE
+        SET since = coalesce(s.since, excluded.since), updated_at = now();
+        RETURN QUERY SELECT * FROM nova_queue_catchups(now() - p_gap, p_overlap);
+    ELSIF v_silence IS NOT NULL THEN
+        SELECT n.received_at INTO v_returned FROM flux_webhook_notifications n
+        WHERE n.provider = 'nylas' AND n.received_at > v_silence
+        ORDER BY n.received_at LIMIT 1;
+        UPDATE nova_monitor_state SET since = NULL, marked_at = v_returned, updated_at = now()
+        WHERE name = 'catchup_silence';
+        RETURN QUERY SELECT * FROM nova_queue_catchups(v_returned, p_overlap, v_returned);
+    END IF;
 END;
 $$;
 

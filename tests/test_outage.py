@@ -191,7 +191,7 @@ def test_a_worker_started_on_a_full_server_waits_for_a_connection(
 BROKEN_MONITOR = """
 CREATE TABLE monitor_spy (at timestamptz NOT NULL DEFAULT clock_timestamp());
 ALTER FUNCTION recover_premature_completions() RENAME TO recover_premature_completions_away;
-ALTER FUNCTION get_sync_progress(uuid) RENAME TO get_sync_progress_away;
+ALTER FUNCTION nova_backfill_progress(uuid[], boolean) RENAME TO nova_backfill_progress_away;
 ALTER FUNCTION recover_stuck_threads(interval, integer) RENAME TO recover_stuck_threads_real;
 CREATE FUNCTION recover_stuck_threads(p_after interval, p_limit integer DEFAULT 1000)
 RETURNS TABLE (config_id uuid, provider_thread_id text, was text, msg_id bigint)
@@ -202,7 +202,7 @@ $$;
 """
 REPAIRED_MONITOR = """
 ALTER FUNCTION recover_premature_completions_away() RENAME TO recover_premature_completions;
-ALTER FUNCTION get_sync_progress_away(uuid) RENAME TO get_sync_progress;
+ALTER FUNCTION nova_backfill_progress_away(uuid[], boolean) RENAME TO nova_backfill_progress;
 """
 
 
