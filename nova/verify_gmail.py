@@ -25,7 +25,8 @@ tables of nova.verify_core, which concludes (extras, counts, samples) and repair
 - thread `missing`: listed, no live row;
 - thread `stale`: its live stored messages inside the window differ from the listed ones, or
   the highest `historyId` stored for it (its messages' `raw.historyId`, which history sync keeps
-  current for label changes and deletions, or the thread row's) is below the listed one: a
+  current for label changes and deletions; the thread's own as of its last threads.get,
+  `raw.threadHistoryId`; or the thread row's) is below the listed one: a
   change (labels included) that never reached the database;
 - message `missing` / `stale`: not stored live / stored under another thread;
 - `extra`: stored and live in the window, not listed: gone at Gmail (or, for a message, not
@@ -108,7 +109,8 @@ WITH p AS (
            array_agg(m.provider_message_id ORDER BY m.provider_message_id)
                FILTER (WHERE m.deleted_at IS NULL AND m.sent_at >= $3
                        AND ($4::timestamptz IS NULL OR m.sent_at < $4)) AS ids,
-           max({_HID.format("m.raw ->> 'historyId'")}) AS hid
+           max(greatest({_HID.format("m.raw ->> 'historyId'")},
+                         {_HID.format("m.raw ->> 'threadHistoryId'")})) AS hid
     FROM r JOIN flux_email_messages m ON m.thread_id = r.row_id
     GROUP BY r.thread_id
 ), v AS (

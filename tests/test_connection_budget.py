@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from nova import db
-from nova.config import get_settings, load_settings
+from nova.config import Settings, get_settings, load_settings
 
 FLEET = {"nova.webhooks": 1, "nova.backfill": 1, "nova.threads": 4, "nova.completion": 1,
          "nova.attachments": 1, "nova.receiver": 1}
@@ -33,10 +33,12 @@ def as_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
 
 
-def fleet_total(settings: object, threads: int, *, pooled: bool = False) -> int:
+def fleet_total(settings: Settings, threads: int, *, pooled: bool = False) -> int:
+    """The fleet's connections; the receiver is NOVA_RECEIVER_WORKERS processes of its own."""
     total = 0
-    for process, count in {**FLEET, "nova.threads": threads}.items():
-        plan = db.connection_plan(settings, process, pooled=pooled,  # type: ignore[arg-type]
+    for process, count in {**FLEET, "nova.threads": threads,
+                           "nova.receiver": settings.receiver_workers}.items():
+        plan = db.connection_plan(settings, process, pooled=pooled,
                                   asked=ASKED[process])
         total += count * sum(n for n, _ in plan)
     return total

@@ -518,6 +518,10 @@ def parse_thread_messages(resource: dict[str, Any], grant_id: str) -> list[Messa
         return []
     items = resource.get("messages")
     tid = resource.get("id")
+    # The thread's own historyId, the last record that touched it (a deletion included, which
+    # no remaining message carries): kept on each message for `nova verify` (nova.verify_gmail).
+    hid = resource.get("historyId")
+    thread_hid = {"threadHistoryId": str(hid)} if isinstance(hid, (str, int)) else {}
     out: list[Message] = []
     for item in items if isinstance(items, list) else ():
         if not isinstance(item, dict):
@@ -525,7 +529,9 @@ def parse_thread_messages(resource: dict[str, Any], grant_id: str) -> list[Messa
         if not isinstance(item.get("threadId"), str) and isinstance(tid, str):
             item = {**item, "threadId": tid}
         try:
-            out.append(parse_message(item, grant_id))
+            message = parse_message(item, grant_id)
         except Exception:
             continue
+        message.raw.update(thread_hid)
+        out.append(message)
     return out
