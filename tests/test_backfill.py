@@ -130,7 +130,9 @@ async def test_sigkill_mid_discovery_and_mid_sync_resumes_to_the_same_state(
         pages = sb.get_stats()["thread_pages"][grant]
         # The main pass resumed, never restarted: its first page once, the round's once.
         assert pages["<first>"] == 2, pages
-        assert sum(pages.values()) <= 6 + 1 + 1, pages  # 6 pages, at most one fetched twice
+        # 6 pages and the round's; at most two fetched twice: the page being written at the
+        # kill and the next one, requested meanwhile.
+        assert sum(pages.values()) <= 6 + 1 + 2, pages
         p = await progress(pool, config)
         assert p["percent_complete"] == 100 and p["threads_completed"] == 1200
         dupes = await pool.fetchval(
@@ -184,15 +186,16 @@ async def test_failed_backfill_resumes_from_its_checkpoint(pool: asyncpg.Pool, d
     await wait_for(lambda: pool.fetchval("SELECT checkpoint_pages_done = 1 FROM"
                                          " flux_inbox_configurations WHERE id = $1", config),
                    10, interval=0.01, what="page 1")
-    # Page 2 is in flight (the sandbox decides faults after its latency): it and every later
-    # page request fail, past the provider's own transient retries and the job's 3 attempts.
+    # Page 2, requested while page 1 was written, may be in by now; every later page request
+    # fails (the sandbox decides faults after its latency), past the provider's own transient
+    # retries and the job's 3 attempts.
     sandbox.inject_fault("error_5xx", 1000, endpoint="list_threads")
     sandbox.set_latency(0)
     await wait_for(lambda: _is(pool, config, "failed"), 30, what="failed")
     worker.stop()
     await task
     row = await pool.fetchrow("SELECT * FROM flux_inbox_configurations WHERE id = $1", config)
-    assert row["checkpoint_pages_done"] == 1 and row["checkpoint_page_token"] is not None
+    assert row["checkpoint_pages_done"] in (1, 2) and row["checkpoint_page_token"] is not None
     assert row["last_error"].startswith("Transient") and row["backfill_attempts"] == 3
     assert await pool.fetchval("SELECT count(*) FROM pgmq.a_inbox_backfill_jobs") == 1
 
@@ -200,6 +203,6 @@ async def test_failed_backfill_resumes_from_its_checkpoint(pool: asyncpg.Pool, d
     assert await pool.fetchval("SELECT resume_inbox_backfill($1)", config) is not None
     await Worker(BackfillProcessor(s), s, pool=pool).run(burst=True)
     assert await status(pool, config) == "thread_sync"
-    # Resumed at page 2: the first page again only for the round of changes.
+    # Resumed from its checkpoint: the first page again only for the round of changes.
     assert sandbox.get_stats()["thread_pages"][grant]["<first>"] == 2
     assert await pool.fetchval("SELECT count(*) FROM queued_threads") == 300

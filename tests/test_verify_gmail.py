@@ -134,7 +134,8 @@ async def plant_drift(pool: asyncpg.Pool, inbox: uuid.UUID) -> dict[str, set[str
     await q("DELETE FROM flux_email_messages WHERE inbox_id = $1 AND provider_message_id = $2",
             inbox, b["mids"][0])
     # stale: a change (labels) that never arrived: the stored history ids are older
-    await q("UPDATE flux_email_messages SET raw = raw || '{\"historyId\": \"1\"}'::jsonb,"
+    await q("UPDATE flux_email_messages SET raw = raw"
+            " || '{\"historyId\": \"1\", \"threadHistoryId\": \"1\"}'::jsonb,"
             " folders = array_remove(folders, 'INBOX') WHERE thread_id = $1", c["id"])
     # gone: a thread (and its message) stored, deleted at Gmail without a history record
     gone = await pool.fetchval(
