@@ -79,6 +79,7 @@ class ProviderProcessor(Processor):
         self.retry_max_delay = retry_max_delay
         self.providers: dict[str, MailProvider] = {}
         self._clients: list[httpx.AsyncClient] = []
+        self._budgets: list[ProviderBudget] = []
 
     @property
     def patience(self) -> float | None:
@@ -110,6 +111,7 @@ class ProviderProcessor(Processor):
                 kind=kind.name)
             self.providers[kind.name] = provider
             self._clients.append(client)
+            self._budgets.append(budget)
 
     async def teardown(self) -> None:
         for provider in [*self.providers.values(),
@@ -117,6 +119,8 @@ class ProviderProcessor(Processor):
             await provider.aclose()
         for client in self._clients:
             await client.aclose()
+        for budget in self._budgets:
+            await budget.aclose()
 
     @classmethod
     def main(cls) -> int:

@@ -43,6 +43,11 @@ __all__ = ["BudgetWait", "ProviderBudget", "budgeted_client", "budgeted_nylas",
            "grant_of", "patience", "provider_from_settings"]
 
 ACQUIRE = "SELECT acquire_provider_budget($1, $2, $3, $4, $5, $6, $7)"
+REPORT = "SELECT provider_answers_reported($1::text[], $2::int[])"
+# Answers ride on the grant's next slot request; those still unreported this long after they
+# came (no request followed: the grant's jobs were deferred, or the work ran out) are reported
+# on their own, so the rate the provider answered is measured when it happened.
+REPORT_AFTER = 0.5
 
 # How long a request of the current task may wait for its grant's slot (None: as long as it
 # takes). Set by the processors around their requests (nova.processor).
@@ -98,6 +103,7 @@ class ProviderBudget:
         self.throttled = 0  # 429 answers seen by this process
         self.deferred = 0  # requests not sent: their slot was further off than the patience
         self._answered: dict[str, int] = {}  # per grant, not reported yet
+        self._reporter: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, pool: asyncpg.Pool, settings: Settings,
@@ -165,6 +171,32 @@ class ProviderBudget:
                                parse_retry_after(response.headers.get("retry-after")))
         elif status < 500:
             self._answered[grant_id] = self._answered.get(grant_id, 0) + 1
+            if self._reporter is None:
+                self._reporter = asyncio.create_task(self._report_later(),
+                                                     name="budget:answers")
+
+    async def _report_later(self) -> None:
+        """Report the answers that no slot request carried within REPORT_AFTER."""
+        try:
+            await asyncio.sleep(REPORT_AFTER)
+        finally:
+            self._reporter = None
+        pending, self._answered = self._answered, {}
+        if not pending:
+            return
+        try:
+            await self.pool.execute(REPORT, list(pending), list(pending.values()))
+        except Exception as exc:  # the next slot request carries them
+            for grant_id, n in pending.items():
+                self._answered[grant_id] = self._answered.get(grant_id, 0) + n
+            log.debug("[RateLimit] answers not reported (%s)", exc)
+
+    async def aclose(self) -> None:
+        """Stop the pending report (its answers are only a measurement)."""
+        reporter, self._reporter = self._reporter, None
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
 
 
 def budgeted_client(budget: ProviderBudget, *, timeout: float = 30.0,

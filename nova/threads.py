@@ -56,6 +56,7 @@ from nova.providers import (
 )
 from nova.providers.models import Message
 from nova.runtime import (
+    Defer,
     GiveUp,
     Job,
     JobContext,
@@ -99,6 +100,12 @@ SET status = 'completed', message_count = $3, processed_at = now(), error_messag
     retry_at = NULL
 WHERE id = $1 AND queue_msg_id = $2 AND status = 'processing'
 RETURNING id
+"""
+# A job put back before it fetched anything (runtime.Defer: its grant has no budget now):
+# its start is undone, the attempt with it.
+UNSTART = """
+UPDATE queued_threads SET status = 'queued', attempts = greatest(attempts - 1, 0)
+WHERE id = $1 AND queue_msg_id = $2 AND status = 'processing'
 """
 PARK = """
 UPDATE queued_threads
@@ -170,6 +177,9 @@ class ThreadSyncProcessor(ProviderProcessor):
                 return await self._grant_lost(ctx, row, job, "auth_expired")
             except GrantNotFound:
                 return await self._grant_lost(ctx, row, job, "revoked")
+            except Defer:
+                await ctx.pool.execute(UNSTART, row["id"], job.msg_id)
+                raise
         version = fetched()
         prepared = await store.prepare_messages(messages)
 

@@ -78,7 +78,8 @@ BEGIN
         -- Growth: a second of answers while callers queue for slots (this one would wait a
         -- whole step at the current rate), and the provider really answering most of the
         -- current rate: demand that the rate serves, not a burst or idleness, earns more.
-        IF p_answered > 0 AND v_now - v_row.rate_changed_at >= interval '1 second'
+        IF (p_answered > 0 OR v_row.answered > v_row.tick_answered)
+           AND v_now - v_row.rate_changed_at >= interval '1 second'
            AND v_row.next_free_at - make_interval(secs => (p_burst - 1) / v_rate)
                >= v_now + make_interval(secs => 1.0 / v_rate)
            AND (v_row.answered_rate IS NULL OR v_row.answered_rate >= 0.7 * v_rate) THEN
@@ -144,6 +145,25 @@ BEGIN
         updated_at = now()
     RETURNING held_until INTO v_until;
     RETURN v_until;
+END;
+$$;
+
+-- Answers a process got and no slot request has carried yet (nova.ratelimit reports them on
+-- their own after half a second): counted as if they had come with one. Rows locked in grant
+-- order, one per grant.
+CREATE OR REPLACE FUNCTION provider_answers_reported(p_grants text[], p_counts integer[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_grant text;
+    v_count integer;
+BEGIN
+    FOR v_grant, v_count IN
+        SELECT g, sum(n)::integer FROM unnest(p_grants, p_counts) AS x(g, n)
+        WHERE g IS NOT NULL AND n > 0 GROUP BY g ORDER BY g
+    LOOP
+        UPDATE provider_rate_limits SET answered = answered + v_count WHERE grant_id = v_grant;
+    END LOOP;
 END;
 $$;
 

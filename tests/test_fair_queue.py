@@ -145,3 +145,24 @@ async def test_a_deferred_grants_jobs_wait_while_other_inboxes_are_served(
     assert done == set(busy) | set(idle)
     assert all(r["attempt"] == 1 for r in log if r["msg_id"] in idle)
     assert [r["attempt"] for r in log if r["msg_id"] == busy[0]] == [1, 1]
+
+
+async def test_answers_no_slot_request_carries_are_reported_on_their_own(
+        pool: asyncpg.Pool) -> None:
+    """A deferred grant's worker makes no slot request for a while: the answers it got still
+    reach the grant's measured rate, half a second later, not at its next request."""
+    import httpx
+
+    budget = ProviderBudget(pool, rate=10.0, key=lambda _request: ("g", 1.0))
+    await budget.acquire("g")
+    request = httpx.Request("GET", "http://provider.invalid/v3/grants/g/messages")
+    for _ in range(3):
+        await budget.on_response(httpx.Response(200, request=request))
+    answered = "SELECT answered FROM provider_rate_limits WHERE grant_id = 'g'"
+    assert await pool.fetchval(answered) == 0
+    await asyncio.sleep(0.8)
+    assert await pool.fetchval(answered) == 3
+    await budget.on_response(httpx.Response(200, request=request))
+    await budget.aclose()  # a report still waiting is dropped, never left running
+    assert not [t for t in asyncio.all_tasks()
+                if t.get_name() == "budget:answers" and not t.done()]
