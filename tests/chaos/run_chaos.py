@@ -18,7 +18,15 @@ The run: a backfill of the sandbox mailbox is queued. While it runs the driver
   a share of the threads is synced;
 - has the sandbox answer a share of requests with 429 (Nylas's own, and the provider's with
   and without Retry-After), 5xx, and hangs of a few seconds.
-`--no-faults` is the baseline: the same mailbox, processes and mail, nothing else.
+Beside it a Gmail inbox (see `_gmail`; `--no-gmail` leaves it out): the Gmail API sandbox's
+user, its backfill queued at the same moment, mail changed through the control API (new
+threads, replies, label changes, deletes of messages and of whole threads) reaching Nova as
+Pub/Sub pushes and by history, quota refusals (429 rateLimitExceeded, 403
+userRateLimitExceeded / rateLimitExceeded), 5xx and hangs, and `--gmail-expiries` history
+expiries (404), each right after a burst of changes that only the history knew of.
+`--no-faults` is the baseline: the same mailboxes, processes and mail, nothing else.
+A processor is killed only once it is up, and the receiver only after it has been up as long as
+the webhook retries span (a loaded host restarts it in several seconds).
 
 The end: the backfill is `completed` (and the chaos window, `--min-chaos-seconds`, is over);
 mail stops, the kills stop, every killed process is running again; then the driver waits until
@@ -26,10 +34,12 @@ the sandbox has delivered every notification (or given up on it), every stored o
 processed and the queues are empty, and stops every process with SIGTERM (each must exit 0).
 The wall time runs from the backfill's queueing to that moment.
 
-Then the database is compared with the sandbox's final mailbox row by row (see `_verify`),
+Then the database is compared with each sandbox's final mailbox row by row (see `_verify`),
 and the report is printed (and written as JSON with `--report-json`). Exit status 1 when a
 thread or message is missing, duplicated or stale, a delivered webhook was lost, the run did
-not drain, a process died on its own or did not exit 0 on SIGTERM.
+not drain, a process died on its own or did not exit 0 on SIGTERM, or the PostgreSQL log shows
+a deadlock (counted for the private server, or the `--pg-log` of an external one). With
+`--compare`, `_timing` says where the extra wall time went.
 
 Logs of every process, the driver's timeline and the report stay in the run directory.
 """
@@ -64,7 +74,7 @@ from pydantic import AliasChoices  # noqa: E402
 
 from nova import db  # noqa: E402
 from nova.config import Settings  # noqa: E402
-from tests.chaos import _infra, _report, _verify  # noqa: E402
+from tests.chaos import _gmail, _infra, _report, _timing, _verify  # noqa: E402
 
 API_KEY = "chaos-api-key"
 WEBHOOK_SECRET = "chaos-webhook-secret"
@@ -112,6 +122,8 @@ class Options:
     failed_grace: float = 200.0  # a backfill failed this long, untouched, ends the run
     run_dir: Path | None = None
     nova_rev: str | None = None  # run this commit (exported) instead of the work tree
+    gmail: _gmail.GmailOptions | None = field(default_factory=_gmail.GmailOptions)
+    pg_log: Path | None = None  # the external server's log file, for its deadlocks
     keep_database: bool = False
     quiet: bool = False
 
@@ -201,13 +213,18 @@ class ChaosRun:
         self.database: _infra.PrivatePostgres | _infra.ServerDatabase
         server = opts.database_url or os.environ.get("NOVA_CHAOS_DATABASE_URL")
         if server:
-            self.database = _infra.ServerDatabase(server, opts.pg_restart_cmd)
+            self.database = _infra.ServerDatabase(server, opts.pg_restart_cmd, opts.pg_log)
         else:
             self.database = _infra.PrivatePostgres(self.dir / "pg")
         self.url = ""
         self.procs: list[_infra.Proc] = []
         self.sandbox: _infra.Proc | None = None
-        self.watch = Watch()
+        self.watch = Watch()  # the Nylas backfill's
+        self.watches = {"nylas": self.watch}
+        self.gmail: _gmail.GmailSide | None = None
+        self.progress_log: list[tuple[float, int, int]] = []  # (t, nylas synced, gmail synced)
+        self.events: list[tuple[float, str, str]] = []  # (t, kind, detail) for _timing
+        self.up_since: dict[tuple[str, int], float] = {}  # (process, start) -> first seen up
         self.mail = Mail()
         self.chaos_on = False
         self.pg_restart: dict[str, Any] | None = None
@@ -251,6 +268,7 @@ class ChaosRun:
 
     def _processes(self) -> list[_infra.Proc]:
         env = self._env({
+            **(self.gmail.process_env() if self.gmail else {}),
             "NOVA_DATABASE_URL": self.url, "NYLAS_API_KEY": API_KEY,
             "NYLAS_API_URI": self.sandbox_url, "NYLAS_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "NOVA_PROVIDER_RATE_LIMIT": f"{self.o.provider_rate_limit:g}",
@@ -315,32 +333,72 @@ class ChaosRun:
             await asyncio.sleep(self.rng.uniform(lo, hi))
             if not self.chaos_on:
                 return
-            live = [p for p in self.procs if not p.down and p.alive() and self._target(p)]
+            # Only a process that is up (its 'started' / 'ready on' line since its last
+            # start): one killed while still importing stays down for its start-up time
+            # again, which on a loaded 2-core host outlasts the shortened webhook retries.
+            live = [p for p in self.procs if not p.down and p.ready() and self._target(p)
+                     and self._receiver_may_die(p)]
             if not live:
                 continue
             victim = self.rng.choice(live)
             pid = victim.pid
             await asyncio.to_thread(victim.sigkill)
+            self.events.append((self.say.at(), "kill", victim.name))
             delay = self.rng.uniform(*self.o.restart_after)
             self.say(f"SIGKILL {victim.name} pid={pid}; restart in {delay:.1f}s")
             self._schedule_restart(victim, delay)
+
+    def _receiver_may_die(self, proc: _infra.Proc) -> bool:
+        """The receiver is killed again only after it has been up as long as the sandbox's
+        webhook retries span (--webhook-retry-delays, compressed from Nylas's 5 and 10
+        minutes): otherwise two kills in a row, each followed by a start-up of several
+        seconds on a loaded host, make every attempt of a webhook meet a dead receiver, a
+        loss no real outage that short would cause (Nylas retries for 15 minutes)."""
+        if proc.name != "receiver":
+            return True
+        key = (proc.name, proc.starts)
+        now = time.monotonic()
+        since = self.up_since.setdefault(key, now)
+        return now - since >= sum(self.o.webhook_retry_delays)
 
     async def pg_restarter(self) -> None:
         if not self.database.restartable:
             self.pg_note = "not possible: an external server without --pg-restart-cmd"
             return
-        target = int(self.o.threads * self.o.pg_restart_at)
-        while self.watch.synced < target:
+        total = self.o.threads + (self.o.gmail.threads if self.o.gmail else 0)
+        target = int(total * self.o.pg_restart_at)
+        while self._synced() < target:
             self.watch.progress.clear()
             await self.watch.progress.wait()
-        at, synced = self.say.at(), self.watch.synced
+        at, synced = self.say.at(), self._synced()
+        self.events.append((at, "pg_crash", ""))
         self.say(f"PostgreSQL: crash (immediate stop), {self.o.pg_down_seconds:g}s down, "
                  f"start; {synced} threads synced")
         started = time.monotonic()
-        await asyncio.to_thread(self.database.restart, self.o.pg_down_seconds)
+        try:
+            await asyncio.to_thread(self.database.restart, self.o.pg_down_seconds)
+        except Exception as exc:  # noqa: BLE001 - a start refused on a loaded host: again
+            self.say(f"PostgreSQL did not start again ({type(exc).__name__}: {exc}); retrying")
+            again = getattr(self.database, "start_again", None)
+            for attempt in range(10):
+                if again is None:
+                    raise
+                await asyncio.sleep(2)
+                with contextlib.suppress(Exception):  # up after all (a slow start)?
+                    await asyncio.to_thread(_infra.server_version, self.url)
+                    break
+                try:
+                    await asyncio.to_thread(again)
+                    break
+                except Exception as exc2:  # noqa: BLE001
+                    self.say(f"PostgreSQL start #{attempt + 2} failed: {exc2}")
         self.pg_restart = {"at_seconds": round(at, 1), "at_synced": synced,
                            "seconds": round(time.monotonic() - started, 1)}
         self.say(f"PostgreSQL is back after {self.pg_restart['seconds']}s")
+        self.events.append((self.say.at(), "pg_back", ""))
+
+    def _synced(self) -> int:
+        return sum(w.synced for w in self.watches.values())
 
     async def injector(self, client: httpx.AsyncClient) -> None:
         kinds = ("nylas_rate_limit", "provider_rate_limit", "rate_limit")
@@ -352,56 +410,80 @@ class ChaosRun:
             with contextlib.suppress(httpx.HTTPError):
                 await client.post("/_sandbox/faults", json={
                     "inject": [{"kind": k, "count": 1} for k in batch]})
+                self.events.append((self.say.at(), "429", ",".join(batch)))
                 self.say(f"sandbox: 429 forced on the next request(s): {', '.join(batch)}")
+            if self.gmail is not None:  # the Gmail kinds in turn: 429, 403 user, 403 project
+                kinds_g = _gmail.QUOTA_KINDS
+                gbatch = [kinds_g[(n - len(batch) + i) % len(kinds_g)]
+                          for i in range(self.o.inject_429_burst)]
+                with contextlib.suppress(httpx.HTTPError):
+                    await self.gmail.force(gbatch)
+                    self.events.append((self.say.at(), "gmail_quota", ",".join(gbatch)))
+                    self.say(f"gmail sandbox: quota refusal forced: {', '.join(gbatch)}")
 
-    async def watcher(self, pool: asyncpg.Pool, config_id: uuid.UUID) -> None:
-        """Polls the backfill: progress, its completion, and a completion while threads are
-        still open (premature)."""
-        was_completed = False
+    async def watcher(self, pool: asyncpg.Pool, configs: dict[str, uuid.UUID]) -> None:
+        """Polls the backfills (Nylas, Gmail): progress, their completion, and a completion
+        while threads are still open (premature)."""
+        was_completed = dict.fromkeys(configs, False)
         last_line = 0.0
         while True:
             try:
-                row = await pool.fetchrow(
-                    "SELECT c.backfill_status AS status,"
+                rows = await pool.fetch(
+                    "SELECT c.id, c.backfill_status AS status,"
                     " count(q.id) FILTER (WHERE q.status IN ('queued', 'processing')) AS open,"
                     " count(q.id) FILTER (WHERE q.status = 'completed') AS synced"
                     " FROM flux_inbox_configurations c"
                     " LEFT JOIN queued_threads q ON q.config_id = c.id"
-                    " WHERE c.id = $1 GROUP BY c.backfill_status", config_id, timeout=10)
+                    " WHERE c.id = ANY($1::uuid[]) GROUP BY c.id, c.backfill_status",
+                    list(configs.values()), timeout=10)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 await asyncio.sleep(0.5)
                 continue
-            w = self.watch
-            w.status, w.open, w.synced = row["status"], int(row["open"]), int(row["synced"])
-            w.progress.set()
-            completed = w.status == "completed"
-            if completed and not was_completed:
-                w.completed_transitions += 1
-                if w.completed_at is None:
-                    w.completed_at = self.say.at()
-                self.say(f"backfill completed ({w.synced} threads synced, {w.open} open)")
-                if w.open:
-                    w.premature_observed += 1
-                    w.premature_notes.append(f"t={self.say.at():.1f}s completed with {w.open} "
-                                             f"threads queued/processing")
-                    self.say(f"PREMATURE completion: {w.open} threads still open")
-            elif was_completed and not completed:
-                self.say(f"backfill left 'completed' for '{w.status}' (repaired?)")
-            if completed and w.open == 0:
-                w.completed.set()
-            else:
-                w.completed.clear()
-            was_completed = completed
+            by_id = {r["id"]: r for r in rows}
+            for name, config_id in configs.items():
+                row = by_id.get(config_id)
+                if row is not None:
+                    was_completed[name] = self._observe(name, row, was_completed[name])
+            self.progress_log.append((round(self.say.at(), 1), self.watch.synced,
+                                      self.watches["gmail"].synced if self.gmail else 0))
             if time.monotonic() - last_line > 10:
                 last_line = time.monotonic()
                 kills = sum(p.kills for p in self.procs)
                 rate = await self._learned_rate(pool)
                 if rate is not None:
-                    w.rates.append((round(self.say.at(), 1), round(rate, 1)))
-                self.say(f"progress: {w.status} synced={w.synced} open={w.open} kills={kills} "
-                         f"mail={sum(self.mail.counts.values())} learned_rate="
-                         f"{'-' if rate is None else f'{rate:.1f}/s'}")
+                    self.watch.rates.append((round(self.say.at(), 1), round(rate, 1)))
+                each = " ".join(f"{n}: {w.status} synced={w.synced} open={w.open}"
+                                for n, w in self.watches.items())
+                self.say(f"progress: {each} kills={kills} mail={sum(self.mail.counts.values())}"
+                         f" learned_rate={'-' if rate is None else f'{rate:.1f}/s'}")
             await asyncio.sleep(0.5)
+
+    def _observe(self, name: str, row: asyncpg.Record, was_completed: bool) -> bool:
+        w = self.watches[name]
+        w.status, w.open, w.synced = row["status"], int(row["open"]), int(row["synced"])
+        w.progress.set()
+        completed = w.status == "completed"
+        if completed and not was_completed:
+            w.completed_transitions += 1
+            if w.completed_at is None:
+                w.completed_at = self.say.at()
+            self.say(f"{name} backfill completed ({w.synced} threads synced, {w.open} open)")
+            if w.open:
+                w.premature_observed += 1
+                w.premature_notes.append(f"t={self.say.at():.1f}s completed with {w.open} "
+                                         f"threads queued/processing")
+                self.say(f"PREMATURE completion of the {name} backfill: {w.open} threads "
+                         f"still open")
+        elif was_completed and not completed:
+            self.say(f"{name} backfill left 'completed' for '{w.status}' (a resync, or a "
+                     f"repair)")
+        if completed and w.open == 0:
+            w.completed.set()
+        else:
+            w.completed.clear()
+        if name != "nylas":
+            self.watch.progress.set()  # the PG restart waits for the total
+        return completed
 
     async def _learned_rate(self, pool: asyncpg.Pool) -> float | None:
         """The grant's learned request rate (Nova's adaptive budget), where Nova has one; its
@@ -428,7 +510,8 @@ class ChaosRun:
         untouched = [mid for mids in threads.values() for mid in mids]
         rng.shuffle(untouched)
         owner = {mid: tid for tid, mids in threads.items() for mid in mids}
-        kinds, weights = zip(*MAIL_MIX, strict=True)
+        kinds = [k for k, _ in MAIL_MIX]
+        weights = [w for _, w in MAIL_MIX]
         rank = min(200, self.o.threads // 2)
         base = f"/_sandbox/grants/{grant}"
         while self.chaos_on:
@@ -516,8 +599,15 @@ class ChaosRun:
             return None
         backfill_done = (row["open"] == 0 and row["status"] == "completed"
                          or self.backfill_failed)  # a failed one is reported, not waited for
-        return dict(row) | {"done": row["queued"] == 0 and row["unfinished"] == 0
-                            and backfill_done and row["received"] >= delivered}
+        gmail_done = True
+        if self.gmail is not None and not self.backfill_failed:
+            try:
+                gmail_done = await self.gmail.drained(pool)
+            except (httpx.HTTPError, ValueError):
+                gmail_done = False
+        return dict(row) | {"gmail_done": gmail_done,
+                            "done": row["queued"] == 0 and row["unfinished"] == 0
+                            and backfill_done and row["received"] >= delivered and gmail_done}
 
     async def drain(self, pool: asyncpg.Pool, client: httpx.AsyncClient,
                     config_id: uuid.UUID) -> tuple[bool, str]:
@@ -580,10 +670,17 @@ class ChaosRun:
             threads = {t["id"]: list(t["message_ids"])
                        for t in await _verify.list_all(client, f"/v3/grants/{grant}/threads")}
             await client.post("/_sandbox/stats/reset")
+            if o.gmail is not None:
+                self.gmail = _gmail.GmailSide(o.gmail, o.seed, o.hostile, self.say, self.logs,
+                                              self.dir, self._env({}))
+                await self.gmail.start(self.receiver_port)
+                self.watches["gmail"] = Watch()
             pool = await db.create_pool(self.url, min_size=1, max_size=4)
             inbox_id = await pool.fetchval(
                 "INSERT INTO flux_inboxes (provider, grant_id, email)"
                 " VALUES ('nylas', $1, $2) RETURNING id", grant, f"{grant}@sandbox.test")
+            if self.gmail is not None:
+                await self.gmail.register(pool)
             self.procs = self._processes()
             for p in self.procs:
                 p.start()
@@ -591,9 +688,14 @@ class ChaosRun:
             if o.faults and o.sandbox_faults:
                 await client.post("/_sandbox/faults", json={"rates": o.fault_rates,
                                                             "hang_seconds": o.hang_seconds})
+                if self.gmail is not None and o.gmail is not None:
+                    await self.gmail.set_faults(o.gmail.fault_rates, o.hang_seconds)
             setup_seconds = time.monotonic() - started
             self.say(f"{len(self.procs)} processes up; sandbox {self.sandbox_url} with "
-                     f"{len(threads)} threads; set-up took {setup_seconds:.1f}s")
+                     f"{len(threads)} threads"
+                     + (f", Gmail sandbox {self.gmail.url} with {len(self.gmail.order)} "
+                        f"threads ({self.gmail.email})" if self.gmail else "")
+                     + f"; set-up took {setup_seconds:.1f}s")
 
             # Go: the sandbox's mailbox spans the year before its anchor (today 00:00 UTC).
             anchor = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -601,11 +703,21 @@ class ChaosRun:
             self.since = anchor - timedelta(days=365)
             config_id = await pool.fetchval("SELECT queue_inbox_backfill($1, $2, NULL, 'full')",
                                             inbox_id, self.since)
-            self.say(f"backfill queued config={config_id}")
+            configs = {"nylas": config_id}
+            if self.gmail is not None:
+                self.gmail.config_id = configs["gmail"] = await pool.fetchval(
+                    "SELECT queue_inbox_backfill($1, $2, NULL, 'full')", self.gmail.inbox_id,
+                    self.since)
+            self.say(f"backfill queued {configs}")
             self.chaos_on = True
             tasks = [asyncio.create_task(self.supervisor()),
-                     asyncio.create_task(self.watcher(pool, config_id)),
+                     asyncio.create_task(self.watcher(pool, configs)),
                      asyncio.create_task(self.mailer(client, grant, threads))]
+            if self.gmail is not None:
+                tasks.append(asyncio.create_task(self.gmail.mailer(lambda: self.chaos_on)))
+                if o.faults:
+                    tasks.append(asyncio.create_task(self.gmail.expirer(
+                        pool, self.watches["gmail"], lambda: self.chaos_on)))
             if o.faults and o.kills:
                 tasks.append(asyncio.create_task(self.killer()))
             if o.faults and o.pg_crash:
@@ -614,7 +726,7 @@ class ChaosRun:
                 tasks.append(asyncio.create_task(self.injector(client)))
             problems: list[str] = []
             try:
-                gave_up = await asyncio.wait_for(self._chaos_window(), o.timeout)
+                gave_up = await asyncio.wait_for(self._chaos_window(pool), o.timeout)
                 if gave_up:
                     self.say(gave_up)
                     problems.append(gave_up)
@@ -629,10 +741,18 @@ class ChaosRun:
             await asyncio.gather(*tasks[2:], return_exceptions=True)
             if self.restarting:
                 await asyncio.gather(*self.restarting, return_exceptions=True)
+            for p in self.procs:  # killed just as the killer was cancelled: no restart due
+                if p.down and not p.alive():
+                    p.start()
+                    self.say(f"restarted {p.name} pid={p.pid} (killed as the chaos ended)")
             await self._all_ready(problems)
             self.say(f"chaos over after {chaos_seconds:.1f}s: mail stopped "
-                     f"({dict(self.mail.counts)}), every process running; draining")
+                     f"({dict(self.mail.counts)}"
+                     + (f", gmail {dict(self.gmail.mail.counts)}" if self.gmail else "")
+                     + "), every process running; draining")
             await client.post("/_sandbox/faults", json={"clear": True})
+            if self.gmail is not None and self.gmail.client is not None:
+                await self.gmail.client.post("/_sandbox/faults", json={"clear": True})
             ok, how = await self.drain(pool, client, config_id)
             wall = self.say.at()
             self.say(f"{how} at {wall:.1f}s")
@@ -652,11 +772,28 @@ class ChaosRun:
             verify_started = time.monotonic()
             report = await self._verify(pool, client, grant, inbox_id, config_id, problems)
             report["run"].update(server_version=version)
+            if self.gmail is not None:
+                report["gmail"] = await self.gmail.verify(
+                    pool, int(self.since.timestamp()), [p.log for p in self.procs])
+                report["gmail"]["completion"].update(
+                    completed_transitions=self.watches["gmail"].completed_transitions,
+                    premature_observed=self.watches["gmail"].premature_observed,
+                    first_completed_seconds=self.watches["gmail"].completed_at)
+                problems += _gmail_problems(report["gmail"])
+                report["verdict"] = {**report["verdict"], "ok": not problems,
+                                     "problems": problems}
             report["timing"] = {
                 "wall_seconds": round(wall, 1), "chaos_seconds": round(chaos_seconds, 1),
                 "drain_seconds": round(wall - chaos_seconds, 1),
                 "backfill_completed_seconds": None if self.watch.completed_at is None
                 else round(self.watch.completed_at, 1),
+                "gmail_backfill_completed_seconds": None if self.gmail is None
+                or self.watches["gmail"].completed_at is None
+                else round(self.watches["gmail"].completed_at, 1),
+                "progress": _timing.downsample(self.progress_log),
+                "events": sorted([(round(t, 1), k, d) for t, k, d in self.events]
+                                 + [(e["at_seconds"], "gmail_expiry", str(e["floor"]))
+                                    for e in (self.gmail.expiries if self.gmail else [])]),
                 "setup_seconds": round(setup_seconds, 1),
                 "verify_seconds": round(time.monotonic() - verify_started, 1)}
             (self.dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -671,25 +808,33 @@ class ChaosRun:
                     await asyncio.wait_for(pool.close(), 10)
             if self.sandbox is not None:
                 await asyncio.to_thread(self.sandbox.terminate, 15)
+            if self.gmail is not None:
+                await self.gmail.close()
             if client is not None:
                 await client.aclose()
             await asyncio.to_thread(self.database.stop, self.o.keep_database,
                                     self.logs / "postgres.log")
 
-    async def _chaos_window(self) -> str | None:
-        """Until the backfill is completed with nothing open, and --min-chaos-seconds; or
-        until it has stayed `failed` for --failed-grace seconds with nothing taking it up
-        again (the monitor's recovery runs every RECOVERY_CHECK_INTERVAL_MS): then the reason."""
-        failed_since: float | None = None
+    async def _chaos_window(self, pool: asyncpg.Pool) -> str | None:
+        """Until every backfill is completed with nothing open (the Gmail one: its history
+        404s injected, noticed and resynced too), and --min-chaos-seconds; or until one has
+        stayed `failed` for --failed-grace seconds with nothing taking it up again (the
+        monitor's recovery runs every RECOVERY_CHECK_INTERVAL_MS): then the reason."""
+        failed_since: dict[str, float] = {}
         while True:
-            if self.watch.status == "failed":
-                failed_since = failed_since or self.say.at()
-                if self.say.at() - failed_since >= self.o.failed_grace:
-                    return (f"the backfill failed at {failed_since:.0f}s and was still failed "
-                            f"{self.o.failed_grace:.0f}s later: nothing resumed it")
-            else:
-                failed_since = None
-            if self.watch.completed.is_set() and self.say.at() >= self.o.min_chaos_seconds:
+            for name, w in self.watches.items():
+                if w.status == "failed":
+                    since = failed_since.setdefault(name, self.say.at())
+                    if self.say.at() - since >= self.o.failed_grace:
+                        return (f"the {name} backfill failed at {since:.0f}s and was still "
+                                f"failed {self.o.failed_grace:.0f}s later: nothing resumed it")
+                else:
+                    failed_since.pop(name, None)
+            done = all(w.completed.is_set() for w in self.watches.values())
+            if done and self.gmail is not None:
+                done = self.gmail.expiries_done() or not self.o.faults
+                done = done and await self.gmail.caught_up(pool)
+            if done and self.say.at() >= self.o.min_chaos_seconds:
                 return None
             await asyncio.sleep(0.5)
 
@@ -704,7 +849,7 @@ class ChaosRun:
             db_threads, db_messages = await _verify.database_rows(conn, inbox_id)
             dupes = await _verify.duplicates(conn)
             rows = await conn.fetch("SELECT webhook_id, status, error_message"
-                                    " FROM flux_webhook_notifications")
+                                    " FROM flux_webhook_notifications WHERE provider = 'nylas'")
             dead = await _verify.dead_letters(conn)
             completion = await _verify.completion_facts(conn, config_id)
             work = await _verify.queue_work(conn, config_id, stats, len(sb_threads))
@@ -712,7 +857,8 @@ class ChaosRun:
                                           since=int(self.since.timestamp()))
         hooks = _verify.webhook_figures(webhook_log, rows)
         logs = _verify.scan_logs({p.name: p.log for p in self.procs})
-        logs["postgres"] = _verify.scan_postgres_log(self.database.log_path)
+        logs["postgres"] = _verify.scan_postgres_log(self.database.log_path,
+                                                     self.database.log_offset)
         o = self.o
         completion.update(
             completed_transitions=self.watch.completed_transitions,
@@ -787,8 +933,12 @@ class ChaosRun:
         if completion["premature"]:
             problems.append(f"{completion['premature']} premature completion(s)")
         warnings = []  # defects that Nova's retries absorbed this time
-        if logs["postgres"].get("deadlocks"):
-            warnings.append(f"{logs['postgres']['deadlocks']} deadlock(s) in the PostgreSQL log")
+        if logs["postgres"].get("deadlocks"):  # absorbed by retries, but a defect all the same
+            problems.append(f"{logs['postgres']['deadlocks']} deadlock(s) in the PostgreSQL "
+                            f"log")
+        elif not logs["postgres"].get("available"):
+            warnings.append("deadlocks not counted: no server log (an external server without "
+                            "--pg-log)")
         if dead["total"]:
             warnings.append(f"{dead['total']} dead letter(s)")
         for e in report["chaos"]["unexpected_exits"]:
@@ -796,6 +946,24 @@ class ChaosRun:
                             f"{e['at_seconds']}s")
         report["verdict"] = {"ok": not problems, "problems": problems, "warnings": warnings}
         return report
+
+
+def _gmail_problems(g: dict[str, Any]) -> list[str]:
+    out = []
+    for kind in ("threads", "messages"):
+        for what in ("missing", "stale"):
+            if g[kind][what]:
+                out.append(f"gmail: {g[kind][what]} {kind} {what}")
+    if g["threads_deleted_whole_in_a_gap_left_live"]:
+        out.append(f"gmail: of the stale rows, {g['threads_deleted_whole_in_a_gap_left_live']} "
+                   f"thread(s) deleted whole during a history gap are still stored live, with "
+                   f"{g['messages_of_threads_deleted_whole_left_live']} live message(s) (known:"
+                   f" the resync does not soft-delete them yet)")
+    if g["pushes"]["lost"]:
+        out.append(f"gmail: {g['pushes']['lost']} delivered pushes lost")
+    if g["completion"]["status"] != "completed":
+        out.append(f"gmail: backfill {g['completion']['status']} at the end")
+    return out
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -880,6 +1048,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nova-rev", default=None, metavar="REV",
                    help="run Nova as of this commit (git archive into the run directory) "
                         "instead of the work tree, e.g. HEAD")
+    g = _gmail.GmailOptions()
+    p.add_argument("--no-gmail", action="store_true",
+                   help="the Nylas inbox alone (no Gmail sandbox, inbox or faults)")
+    p.add_argument("--gmail-threads", type=int, default=g.threads,
+                   help="threads in the Gmail sandbox mailbox")
+    p.add_argument("--gmail-quota", type=int, default=g.quota, metavar="UNITS",
+                   help="quota units per user per minute: the Gmail sandbox's and Nova's "
+                        "GMAIL_QUOTA_UNITS_PER_MINUTE")
+    p.add_argument("--gmail-mail-rate", type=float, default=g.mail_rate,
+                   help="Gmail mail changes per second while the backfill runs")
+    p.add_argument("--gmail-fault-rates", type=_rates, default=g.fault_rates,
+                   metavar="KIND=SHARE,...",
+                   help="Gmail sandbox fault rates (default: " + ",".join(
+                       f"{k}={v:g}" for k, v in g.fault_rates.items()) + ")")
+    p.add_argument("--gmail-expiries", type=int, default=g.expiries, metavar="N",
+                   help="history expiries (404) in a chaos run: the first once "
+                        "--gmail-expire-at of the Gmail threads are synced, the others each "
+                        "after the previous resync completed")
+    p.add_argument("--gmail-expire-at", type=float, default=g.expire_at, metavar="SHARE")
+    p.add_argument("--pg-log", type=Path, default=None,
+                   help="with --database-url: that server's log file, read for deadlocks")
     p.add_argument("--keep-database", action="store_true")
     p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--quiet", action="store_true", help="no timeline on stderr")
@@ -902,7 +1091,12 @@ def options(args: argparse.Namespace, *, faults: bool, run_dir: Path | None) -> 
         provider_rate_limit=args.provider_rate_limit, timeout=args.timeout,
         drain_timeout=args.drain_timeout, failed_grace=args.failed_grace, run_dir=run_dir,
         nova_rev=args.nova_rev,
-        keep_database=args.keep_database, quiet=args.quiet)
+        gmail=None if args.no_gmail else _gmail.GmailOptions(
+            threads=args.gmail_threads, quota=args.gmail_quota,
+            mail_rate=args.gmail_mail_rate, fault_rates=args.gmail_fault_rates,
+            expiries=args.gmail_expiries, expire_at=args.gmail_expire_at,
+            push_retry_delays=tuple(args.webhook_retry_delays)),
+        pg_log=args.pg_log, keep_database=args.keep_database, quiet=args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -933,7 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(_report.render_comparison(runs["baseline"], runs["chaos"]), flush=True)
         b, c = runs["baseline"]["timing"]["wall_seconds"], runs["chaos"]["timing"]["wall_seconds"]
-        out = {**runs, "ratio": round(c / b, 2) if b else None}
+        where = _timing.breakdown(runs["baseline"], runs["chaos"])
+        print(_timing.render(where), flush=True)
+        out = {**runs, "ratio": round(c / b, 2) if b else None, "where": where}
     if args.report_json:
         args.report_json.write_text(json.dumps(out, indent=2, default=str))
     return 0 if all(r["verdict"]["ok"] for r in runs.values()) else 1

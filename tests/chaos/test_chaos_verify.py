@@ -120,3 +120,39 @@ def test_a_thread_whose_remaining_mail_is_older_than_the_range_is_not_expected()
     # Without the range it would be missing: the check is not blind.
     out = compare_mailbox(threads, msgs, trows, rows)  # type: ignore[arg-type]
     assert out["threads"]["missing"] == 1 and out["messages"]["missing"] == 1
+
+
+def test_gmail_shaped_messages_are_compared_without_a_subject_but_labels_still_count() -> None:
+    threads, msgs, trows, rows = _mailbox()
+    for m in msgs.values():
+        del m["subject"]  # Gmail: subjects are not compared
+    rows[2]["subject"] = "anything"
+    assert compare_mailbox(threads, msgs, trows, rows)["messages"]["stale"] == 0  # type: ignore[arg-type]
+    rows[0]["folders"] = ["INBOX", "STARRED"]
+    out = compare_mailbox(threads, msgs, trows, rows)  # type: ignore[arg-type]
+    assert out["messages"]["stale"] == 1
+    assert out["messages"]["examples_stale"][0]["diff"]["folders"]["stored"] == ["INBOX",
+                                                                                 "STARRED"]
+
+
+def test_the_time_breakdown_blames_a_stall_on_the_disturbance_that_covers_it() -> None:
+    from tests.chaos._timing import breakdown
+
+    def run(progress: list[tuple[float, int, int]], wall: float, end: float,
+            events: list[tuple[float, str, str]]) -> dict[str, Any]:
+        return {"timing": {"wall_seconds": wall, "backfill_completed_seconds": end,
+                           "progress": progress, "events": events}}
+
+    # Baseline: 10 threads a second for 10 s. Chaos: the same rate, but nothing for 3 s after
+    # the PostgreSQL crash at 2 s (back at 3 s: its window runs to 3 + PG_AFTER = 13 s) and
+    # nothing between 13 and 14 s, which no disturbance covers.
+    base = run([(float(t), 10 * t, 0) for t in range(11)], 12.0, 10.0, [])
+    counts = [0, 10, 20, 20, 20, 20, 30, 40, 50, 60, 70, 80, 90, 100, 100, 110]
+    chaos = run([(float(t), n, 0) for t, n in enumerate(counts)], 17.0, 15.0,
+                [(2.0, "pg_crash", ""), (3.0, "pg_back", ""), (20.0, "kill", "threads-1")])
+    out = breakdown(base, chaos)
+    assert out["reference_threads_per_second"] == 10.0
+    assert out["extra_wall_seconds"] == 5.0
+    lost = out["backfill_seconds_lost"]
+    assert (lost["pg_restart"], lost["other"], lost["worker_kills"]) == (3.0, 1.0, 0.0)
+    assert out["backfill_seconds_lost_total"] == 4.0

@@ -17,7 +17,11 @@
   (answers new credentials), ``POST /_sandbox/users/{email}/scope`` ``{"scope"}``
 * ``POST /_sandbox/tokens/expire`` -- ``{"email"?: str}``
 * ``GET  /_sandbox/users/{email}/hostile``
-* ``GET  /_sandbox/push`` (delivery log), ``POST /_sandbox/push/drop`` ``{"count"}``
+* ``GET  /_sandbox/users/{email}/mailbox`` -- the whole mailbox at once, for checkers:
+  ``{historyId, threads: [{id, messageIds}], messages: [{id, threadId, internalDate,
+  labelIds}]}`` (spam and trash included; no quota, no faults)
+* ``GET  /_sandbox/push`` (delivery log), ``POST /_sandbox/push/drop`` ``{"count"}``,
+  ``POST /_sandbox/push/hold`` and ``/_sandbox/push/release`` (changes meanwhile coalesce)
 """
 
 from __future__ import annotations
@@ -175,6 +179,21 @@ def control_routes(sb: SandboxGmail) -> list[Route]:
     async def hostile(request: Request) -> Response:
         return _json(sb.hostile_threads(email(request)))
 
+    async def dump(request: Request) -> Response:
+        user = email(request)
+        threads: list[dict[str, Any]] = []
+        messages: list[dict[str, Any]] = []
+        with sb.mailbox.lock:  # one consistent picture, even while mail still changes
+            for tid in sb.thread_ids(user):
+                spec = sb.mailbox.thread(user, tid)
+                if spec is None:
+                    continue
+                threads.append({"id": tid, "messageIds": [m.id for m in spec.messages]})
+                messages += [{"id": m.id, "threadId": tid, "internalDate": str(m.internal_ms),
+                              "labelIds": list(m.labels)} for m in spec.messages]
+            history_id = str(sb.history_id(user))
+        return _json({"historyId": history_id, "threads": threads, "messages": messages})
+
     async def push_log(request: Request) -> Response:
         return _json(sb.push_log)
 
@@ -182,6 +201,14 @@ def control_routes(sb: SandboxGmail) -> list[Route]:
         data = await body(request)
         sb.drop_next_push(int(data.get("count", 1)))
         return _json({"ok": True})
+
+    async def push_hold(request: Request) -> Response:
+        sb.hold_push()
+        return _json({"held": True})
+
+    async def push_release(request: Request) -> Response:
+        sb.release_push()
+        return _json({"held": False})
 
     p = "/_sandbox"
     u = p + "/users/{email}"
@@ -196,6 +223,8 @@ def control_routes(sb: SandboxGmail) -> list[Route]:
         Route(p + "/tokens/expire", guard(expire_tokens), methods=["POST"]),
         Route(p + "/push", guard(push_log)),
         Route(p + "/push/drop", guard(push_drop), methods=["POST"]),
+        Route(p + "/push/hold", guard(push_hold), methods=["POST"]),
+        Route(p + "/push/release", guard(push_release), methods=["POST"]),
         Route(u + "/messages", guard(add), methods=["POST"]),
         Route(u + "/messages/{mid}", guard(delete), methods=["DELETE"]),
         Route(u + "/messages/{mid}/labels", guard(labels), methods=["POST"]),
@@ -204,4 +233,5 @@ def control_routes(sb: SandboxGmail) -> list[Route]:
         Route(u + "/reauthorize", guard(reauthorize), methods=["POST"]),
         Route(u + "/scope", guard(scope), methods=["POST"]),
         Route(u + "/hostile", guard(hostile)),
+        Route(u + "/mailbox", guard(dump)),
     ]
