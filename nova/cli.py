@@ -449,6 +449,12 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    from nova import search
+
+    return search.cmd_search(settings, args, _connect, _json_default)
+
+
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from nova import verify
 
@@ -555,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
+    from nova import search
+    search.add_parser(sub, cmd_search)
     return parser
 
 

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=7.0, ge=0, validation_alias="NOVA_RETENTION_DAYS")
     retention_batch: int = Field(default=1000, ge=1, le=100_000,
                                  validation_alias="NOVA_RETENTION_BATCH")
+    # Text search configuration of search_messages (sql/130_search.sql): 'simple' (no stemming,
+    # no stop words: any language) or a stemming one (english, french, ...). It lives in the
+    # database (nova_search_settings); `nova search --reindex` applies this value and rebuilds.
+    search_config: str = Field(default="simple", pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$",
+                               validation_alias="NOVA_SEARCH_CONFIG")
 
     # The Nova seed's configuration table, names and defaults unchanged.
     poll_interval_ms: int = Field(default=5000, ge=1, validation_alias="POLL_INTERVAL_MS")
