@@ -1,5 +1,5 @@
 -- Search (issue 20, item 4): search_messages(inbox, query, max_rows, cursor) understands Gmail's
--- operators, over the vectors and columns of migrations/0016_search.sql. A message write only
+-- operators, over the vectors and columns of migrations/0014_search.sql. A message write only
 -- queues the message (triggers here); nova_search_index_pending, called by the completion
 -- monitor, builds its search row later in batches.
 --
