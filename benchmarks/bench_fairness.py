@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _db import bench_database, server_version  # noqa: E402
+from bench_backfill import spawn, wait_started  # noqa: E402
 
 from nova import db  # noqa: E402
 from nova.completion import CompletionMonitor  # noqa: E402
@@ -39,23 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "SELECT queue_inbox_backfill($1, now() - interval '1 year 2 hours')"
 STATUS = ("SELECT backfill_status, extract(epoch FROM backfill_completed_at)"
           " FROM flux_inbox_configurations WHERE id = $1")
-
-
-def spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-def started_count(log: Path) -> int:
-    return log.read_text(errors="replace").count("] started queue=")
-
-
-async def wait_started(log: Path, count: int, limit: float = 30) -> None:
-    deadline = time.monotonic() + limit
-    while await asyncio.to_thread(started_count, log) < count:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"workers did not start; see {log}")
-        await asyncio.sleep(0.05)
 
 
 def answered(sb: SandboxNylas) -> int:
