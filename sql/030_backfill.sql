@@ -227,20 +227,24 @@ $$;
 -- or history name while its backfill runs) and a turn. The reader takes the lowest turns first
 -- (nova.queue_sql), so an inbox that queues 4,000 threads and one that queues 40 a moment later
 -- alternate instead of the second waiting behind the first. A lane continues after its own
--- last queued turn, or starts at the frontier (the lowest turn still waiting to be read), never
--- behind work already waiting: a new inbox, and live mail, go to the front of the line. Turns
+-- last queued turn, or starts at the frontier (the highest turn being served, else the lowest
+-- waiting), never behind work already waiting: a new inbox, and live mail, go to the front of
+-- the line. Turns
 -- only order messages that are in the queue at once, so nothing keeps a counter (no row to
 -- lock): two senders of one lane at once may share turns, which only ties them.
 CREATE OR REPLACE FUNCTION nova_thread_turn(p_lane text)
 RETURNS bigint
 LANGUAGE sql STABLE AS $$
+    -- The frontier: the highest turn being served (messages read and not finished: their own
+    -- partial index), else the lowest turn waiting; each is one index probe, whatever the
+    -- number of messages in flight or deferred.
     SELECT greatest(
         coalesce(
             (SELECT coalesce((m.message->>'turn')::bigint, 0) FROM pgmq.q_thread_sync_jobs m
-             WHERE m.vt <= clock_timestamp()
-             ORDER BY coalesce((m.message->>'turn')::bigint, 0), m.msg_id LIMIT 1),
+             WHERE m.read_ct > 0
+             ORDER BY coalesce((m.message->>'turn')::bigint, 0) DESC LIMIT 1),
             (SELECT coalesce((m.message->>'turn')::bigint, 0) FROM pgmq.q_thread_sync_jobs m
-             ORDER BY coalesce((m.message->>'turn')::bigint, 0) DESC, m.msg_id DESC LIMIT 1),
+             ORDER BY coalesce((m.message->>'turn')::bigint, 0), m.msg_id LIMIT 1),
             0),
         (SELECT coalesce((m.message->>'turn')::bigint, 0) + 1 FROM pgmq.q_thread_sync_jobs m
          WHERE m.message->>'lane' = p_lane
@@ -302,19 +306,22 @@ DECLARE
     v_threads text[];
     v_jobs    jsonb[];
     v_msgs    bigint[];
+    v_lane    text;
+    v_first   jsonb := '{}';
 BEGIN
-    -- Each inbox's threads take consecutive turns of its lane, from where the lane stands.
+    -- Each inbox's threads take consecutive turns of its lane, from where the lane stands
+    -- (looked up once a lane).
+    FOR v_lane IN SELECT DISTINCT q.inbox_id::text FROM queued_threads q WHERE q.id = ANY (p_ids)
+    LOOP
+        v_first := v_first || jsonb_build_object(v_lane, nova_thread_turn(v_lane));
+    END LOOP;
     SELECT array_agg(t.id ORDER BY t.id), array_agg(t.provider_thread_id ORDER BY t.id),
-           array_agg(t.job || jsonb_build_object('lane', t.lane, 'turn', t.first + t.n - 1)
-                     ORDER BY t.id)
+           array_agg(t.job || jsonb_build_object('lane', t.lane, 'turn', t.turn) ORDER BY t.id)
     INTO v_ids, v_threads, v_jobs
-    FROM (SELECT q.id, q.provider_thread_id, nova_thread_job(q) AS job, l.lane, l.first,
-                 row_number() OVER (PARTITION BY l.lane ORDER BY q.id) AS n
-          FROM queued_threads q
-          JOIN (SELECT i.lane, nova_thread_turn(i.lane) AS first
-                FROM (SELECT DISTINCT q2.inbox_id::text AS lane FROM queued_threads q2
-                      WHERE q2.id = ANY (p_ids)) AS i) AS l ON l.lane = q.inbox_id::text
-          WHERE q.id = ANY (p_ids)) AS t;
+    FROM (SELECT q.id, q.provider_thread_id, nova_thread_job(q) AS job, q.inbox_id::text AS lane,
+                 (v_first ->> q.inbox_id::text)::bigint
+                 + row_number() OVER (PARTITION BY q.inbox_id ORDER BY q.id) - 1 AS turn
+          FROM queued_threads q WHERE q.id = ANY (p_ids)) AS t;
     IF v_ids IS NULL THEN
         RETURN;   -- nothing to send: pgmq.send_batch rejects an empty batch
     END IF;
