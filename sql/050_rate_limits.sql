@@ -19,7 +19,8 @@
 -- * on a 429 (provider_rate_limited) for a request sent after the last cut: the rate becomes
 --   0.9 of what the provider really answered over the last second or two (but at least half
 --   the rate before, and never below the floor); ssthresh becomes that answered rate when the
---   budget set the pace (callers holding slots ahead), and stays when demand set it (a 429
+--   budget set the pace (callers holding slots ahead), but falls by at most 30% a refusal, and
+--   stays when demand set it (a 429
 --   below the pace Nova could use says "less for now", not where the limit is); Retry-After, when given, holds the grant for every worker. 429s of
 --   requests sent before the cut are of the old rate and cut nothing more.
 -- With p_ceiling NULL the rate is fixed at p_rate (no learning).
@@ -182,6 +183,7 @@ RETURNS double precision
 LANGUAGE plpgsql AS $$
 DECLARE
     c_cut     constant double precision := 0.9;
+    c_keep    constant double precision := 0.7;
     v_row     provider_rate_limits;
     v_now     timestamptz;
     v_rate    double precision;
@@ -207,8 +209,13 @@ BEGIN
         END IF;
         IF v_row.next_free_at > v_now OR v_row.ssthresh IS NULL AND v_seen IS NULL THEN
             -- Paced by the budget (callers hold slots ahead): what the provider answered at
-            -- that pace is its limit.
-            v_row.ssthresh := CASE WHEN v_seen > 0 THEN least(v_seen, v_rate) ELSE v_rate END;
+            -- that pace is its limit; but one refusal lowers the level by at most 30%: the
+            -- answers of the last second or two understate it whenever something else slowed
+            -- the workers (a restart, a starved CPU), and a lone 429 then cost the level for
+            -- minutes. A limit that really fell is reached in a few refusals.
+            v_row.ssthresh := greatest(
+                CASE WHEN v_seen > 0 THEN least(v_seen, v_rate) ELSE v_rate END,
+                c_keep * coalesce(v_row.ssthresh, v_rate));
         END IF;
         -- Otherwise demand, not the budget, set the pace: the provider wants less for now,
         -- but the level it answered before (ssthresh) stands, and slow start returns there as
