@@ -84,23 +84,6 @@ SELECT backfill_status, checkpoint_pages_done FROM flux_inbox_configurations
 WHERE id = $1 FOR NO KEY UPDATE
 """
 QUEUE_PAGE = "SELECT count(*) FROM queue_discovered_threads($1, $2::text[], $3, $4::text[])"
-# A change feed's listing (Gmail threads.list) gives each thread's historyId, the last change
-# that touched it: a thread whose stored messages (live or deleted, each keeping the id of its
-# last change, and the thread's own id as of its last threads.get) have reached it is stored as
-# it is at the provider, and is recorded done without a request. A resync after a history
-# expiry then fetches only what changed.
-UNCHANGED = """
-SELECT x.tid FROM unnest($2::text[], $3::text[]) AS x(tid, hid)
-WHERE x.hid ~ '^[0-9]{1,30}$' AND (
-    SELECT max(greatest(
-        CASE WHEN m.raw ->> 'historyId' ~ '^[0-9]{1,30}$' THEN (m.raw ->> 'historyId')::numeric END,
-        CASE WHEN m.raw ->> 'threadHistoryId' ~ '^[0-9]{1,30}$'
-             THEN (m.raw ->> 'threadHistoryId')::numeric END))
-    FROM flux_email_messages m
-    WHERE m.inbox_id = $1 AND m.provider_thread_id = x.tid) >= x.hid::numeric
-  AND EXISTS (SELECT 1 FROM flux_email_messages m
-              WHERE m.inbox_id = $1 AND m.provider_thread_id = x.tid AND m.deleted_at IS NULL)
-"""
 CHECKPOINT = "SELECT 1 FROM update_backfill_orchestration_progress($1, $2, $3, $4)"
 FOUND = "SELECT threads_queued FROM get_sync_progress($1)"
 SAVE_ROUNDS = """
@@ -208,8 +191,6 @@ class BackfillProcessor(ProviderProcessor):
             work = await PageWork.build(
                 page, ids, version,
                 summaries=bool(getattr(provider, "lists_thread_summaries", True)))
-            if feed:
-                work = await work.without_unchanged(ctx.pool, cfg["inbox_id"], page)
             if done:
                 break
             fetching = self._prefetch(cfg, nxt, feed)
@@ -343,22 +324,6 @@ class PageWork:
                    messages=await store.prepare_messages(
                        [t.latest_message for t in whole if t.latest_message is not None]),
                    version=version)
-
-
-    async def without_unchanged(self, pool: asyncpg.Pool, inbox_id: uuid.UUID,
-                                page: Page[Thread]) -> PageWork:
-        """The listed threads already stored as they are (UNCHANGED) are done, not queued."""
-        listed = {t.id: str(t.raw.get("historyId") or "") for t in page.items}
-        candidates = [i for i in self.queue if listed.get(i)]
-        if not candidates:
-            return self
-        same = set(await pool.fetchval(
-            f"SELECT coalesce(array_agg(tid), '{{}}') FROM ({UNCHANGED}) u(tid)",
-            inbox_id, candidates, [listed[i] for i in candidates]))
-        if not same:
-            return self
-        return replace(self, done=sorted({*self.done, *same}),
-                       queue=[i for i in self.queue if i not in same])
 
 
 def _whole(thread: Thread) -> bool:

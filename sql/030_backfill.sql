@@ -344,9 +344,8 @@ $$;
 -- threads), threads of this configuration already completed, failed or being synced are
 -- queued again too: they changed since, so they must be synced again (a sync already running
 -- then finds its job superseded and commits nothing). Threads in p_done_thread_ids came whole
--- with the listing and were written by the caller, or are stored as the listing describes them
--- (a Gmail thread whose listed historyId the stored one has reached): they are recorded
--- completed (with their stored messages' count) and get no job. Returns the threads it queued (none when the whole page was known already).
+-- with the listing and were written by the caller: they are recorded completed (one message)
+-- and get no job. Returns the threads it queued (none when the whole page was known already).
 -- Dropped first: adding a defaulted parameter must not leave an ambiguous overload.
 DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[]);
 DROP FUNCTION IF EXISTS queue_discovered_threads(uuid, text[], boolean);
@@ -387,16 +386,11 @@ BEGIN
         -- names no job any more.
         INSERT INTO queued_threads AS q (config_id, inbox_id, grant_id, provider_thread_id,
                                          status, message_count, started_at, processed_at)
-        SELECT p_config_id, v_config.inbox_id, v_grant, t,
-               'completed', greatest(1, (SELECT count(*) FROM flux_email_messages m
-                                         WHERE m.inbox_id = v_config.inbox_id
-                                           AND m.provider_thread_id = ids.t
-                                           AND m.deleted_at IS NULL)), now(), now()
+        SELECT p_config_id, v_config.inbox_id, v_grant, t, 'completed', 1, now(), now()
         FROM (SELECT DISTINCT unnest(p_done_thread_ids) AS t) ids
         ORDER BY t
         ON CONFLICT (config_id, provider_thread_id) DO UPDATE
-        SET status = 'completed', message_count = EXCLUDED.message_count, processed_at = now(),
-            queue_msg_id = NULL,
+        SET status = 'completed', message_count = 1, processed_at = now(), queue_msg_id = NULL,
             error_message = NULL, retry_at = NULL
         WHERE q.status <> 'completed' OR p_requeue_known;
     END IF;
