@@ -574,7 +574,8 @@ SELECT s.config_id, s.inbox_id, s.backfill_status,
 FROM inbox_sync_stats s
 CROSS JOIN LATERAL nova_unfolded_sync_stats(s.config_id) d;
 
--- Progress from the counters alone: the base row plus the delta rows not folded yet (one
+-- Progress from the counters alone (nova_backfill_progress computes it for any number of
+-- configurations): the base row plus the delta rows not folded yet (one
 -- interval's changes), read in one statement, so on one snapshot: a fold that commits
 -- meanwhile is seen whole or not at all. percent_complete stays NULL while discovery runs, as
 -- the total is not known yet. threads_retry_waiting counts the failed threads (of
@@ -591,39 +592,10 @@ RETURNS TABLE (config_id uuid, inbox_id uuid, backfill_status text, backfill_kin
                last_updated_at timestamptz, threads_retry_waiting bigint,
                next_retry_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_config flux_inbox_configurations;
 BEGIN
-    v_config := nova_require_config(p_config_id);
-    RETURN QUERY
-    WITH n AS (
-        SELECT coalesce(s.threads_queued, 0) + d.queued AS queued,
-               coalesce(s.threads_pending, 0) + d.pending AS pending,
-               coalesce(s.threads_processing, 0) + d.processing AS processing,
-               coalesce(s.threads_completed, 0) + d.completed AS completed,
-               coalesce(s.threads_failed, 0) + d.failed AS failed,
-               coalesce(s.messages_synced, 0) + d.messages AS messages,
-               coalesce(s.threads_retry_waiting, 0) + d.retry_waiting AS retry_waiting,
-               greatest(s.last_updated_at, d.last_at) AS last_at
-        FROM (SELECT 1) one
-        LEFT JOIN inbox_sync_stats s ON s.config_id = v_config.id
-        CROSS JOIN nova_unfolded_sync_stats(v_config.id) d
-    )
-    SELECT v_config.id, v_config.inbox_id, v_config.backfill_status, v_config.backfill_kind,
-           v_config.discovery_completed_at IS NOT NULL,
-           v_config.checkpoint_pages_done, v_config.checkpoint_threads_found,
-           n.queued, n.pending, n.processing, n.completed, n.failed, n.messages,
-           CASE
-               WHEN v_config.discovery_completed_at IS NULL THEN NULL
-               WHEN n.queued = 0 THEN 100.00
-               ELSE round((n.completed + n.failed) * 100.0 / n.queued, 2)
-           END,
-           v_config.backfill_started_at, v_config.discovery_completed_at,
-           v_config.backfill_completed_at, coalesce(n.last_at, v_config.updated_at),
-           n.retry_waiting,
-           (SELECT min(q.retry_at) FROM queued_threads q
-            WHERE q.config_id = v_config.id AND q.retry_at IS NOT NULL AND q.status = 'failed')
-    FROM n;
+    PERFORM nova_require_config(p_config_id);  -- an unknown configuration is an error
+    -- The figures of nova_backfill_progress (sql/065_periodic.sql), for this one configuration.
+    RETURN QUERY SELECT * FROM nova_backfill_progress(ARRAY[p_config_id], false);
 END;
 $$;
 
