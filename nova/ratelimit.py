@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
@@ -151,9 +151,12 @@ class ProviderBudget:
     async def on_request(self, request: httpx.Request) -> None:
         key = self.key(request)
         if key is not None:
-            await self.acquire(*key)
+            waited = await self.acquire(*key)
             sent = datetime.now(UTC)
-            request.extensions["nova_sent_at"] = sent
+            # A 429 is a new congestion event only for a slot granted after the last cut:
+            # slots handed out ahead at the old rate are sent after it, and each of their
+            # 429s cut the rate again (from a 60/s limit down to 27/s in one burst).
+            request.extensions["nova_granted_at"] = sent - timedelta(seconds=waited)
             store.request_sent(sent)  # a fetch's version is of this moment, not before the wait
 
     async def on_response(self, response: httpx.Response) -> None:
@@ -166,7 +169,7 @@ class ProviderBudget:
         status = response.status_code
         if status == 429 or (status == 403 and self.refused is not None
                              and self.refused(status, await response.aread())):
-            await self.limited(grant_id, request.extensions.get("nova_sent_at")
+            await self.limited(grant_id, request.extensions.get("nova_granted_at")
                                or datetime.now(UTC),
                                parse_retry_after(response.headers.get("retry-after")))
         elif status < 500:

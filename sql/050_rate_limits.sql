@@ -168,8 +168,9 @@ BEGIN
 END;
 $$;
 
--- A 429 for a request sent at p_sent_at: the grant's rate is cut (once per congestion event:
--- only for a request sent after the last cut) to 0.9 of what the provider answered lately
+-- A 429 for a request whose slot was granted at p_sent_at: the grant's rate is cut (once per
+-- congestion event: only for a slot granted after the last cut; slots handed out ahead at the
+-- old rate are of the old rate, though they are sent after the cut) to 0.9 of what the provider answered lately
 -- (measured over windows of a second or two), or of the rate when nothing was measured, never below p_floor; with a
 -- Retry-After (p_retry_after seconds) every worker waits it out. Returns the new rate.
 CREATE OR REPLACE FUNCTION provider_rate_limited(
@@ -199,13 +200,16 @@ BEGIN
     v_now := clock_timestamp();
     v_rate := coalesce(v_row.rate, p_rate);
     IF v_row.decreased_at IS NULL OR p_sent_at > v_row.decreased_at THEN
-        -- What the provider really answered: over the current window once it is a second
-        -- long, else over the last whole one.
+        -- What the provider really answered: the higher of the last whole window and the
+        -- current one once it is a second long. Answers reach this row late (each process
+        -- reports them with its next slot request, or after half a second), and a burst of
+        -- 429s comes before the answers of the requests sent just ahead of them: the current
+        -- window alone understated a 60/s limit as 27/s, and the known level then took a
+        -- minute to climb back.
+        v_seen := v_row.answered_rate;
         IF v_row.tick_at IS NOT NULL AND v_now - v_row.tick_at >= interval '1 second' THEN
-            v_seen := (v_row.answered - v_row.tick_answered)
-                      / extract(epoch FROM v_now - v_row.tick_at);
-        ELSE
-            v_seen := v_row.answered_rate;
+            v_seen := greatest(v_seen, (v_row.answered - v_row.tick_answered)
+                                       / extract(epoch FROM v_now - v_row.tick_at));
         END IF;
         IF v_row.next_free_at > v_now OR v_row.ssthresh IS NULL AND v_seen IS NULL THEN
             -- Paced by the budget (callers hold slots ahead): what the provider answered at
