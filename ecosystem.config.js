@@ -8,6 +8,8 @@
 // increment_var gives instance N of an app its block's first port + N, so `pm2 scale` never
 // makes two instances share one.
 // NOVA_PYTHON picks the interpreter (a virtual environment's python); default python3.
+// Optional: outbound webhooks (`python -m nova.hooks`, block 9700) only with NOVA_PM2_HOOKS=1
+// (`NOVA_PM2_HOOKS=1 pm2 start ecosystem.config.js`), once `nova hooks add` has an endpoint.
 
 const python = process.env.NOVA_PYTHON || "python3";
 const metricsBase = Number(process.env.NOVA_METRICS_PORT_BASE || 9100);
@@ -38,5 +40,6 @@ module.exports = {
     processor("nova-completion", "nova.completion", 4),
     // Files go to NOVA_ATTACHMENT_PATH (the NAS mount); `pm2 scale nova-attachments 3`.
     processor("nova-attachments", "nova.attachments", 5),
+    ...(process.env.NOVA_PM2_HOOKS === "1" ? [processor("nova-hooks", "nova.hooks", 6)] : []),
   ],
 };

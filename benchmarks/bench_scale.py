@@ -126,7 +126,7 @@ ORDER BY s.total_exec_time DESC LIMIT %s
 """
 
 
-def top_statements(url: str, role: str, n: int = 4) -> list[tuple[int, float, float, str]]:
+def top_statements(url: str, role: str, n: int = 6) -> list[tuple[int, float, float, str]]:
     with psycopg.connect(url) as conn:
         return [(int(r[0]), float(r[1]), float(r[2]), str(r[3]))
                 for r in conn.execute(TOP, (role, n)).fetchall()]

@@ -25,11 +25,15 @@ seen. So discovery has two parts:
 A page token the provider rejects (an expired cursor) restarts the current listing from its
 first page; queueing is idempotent.
 
+Before its first page, discovery stores the inbox's folders or labels (nova.folders).
+
 A provider with a change feed (Gmail's history) needs no rounds: before its first page,
 discovery takes the feed's current position as the inbox's `sync_cursor` (unless it has one),
 and every change from then on, threads that move included, arrives by incremental sync
 (nova.changes). Its listing carries no thread summaries (Gmail lists ids and snippets), so
-nothing is written from it: each listed thread gets a job.
+nothing is written from it: each listed thread gets a job, except in the resync after a history
+expiry, which lists the mailbox's messages first and queues only the threads that may differ
+from the store (nova.gmail_resync).
 
 Failures: a 429 waits out Retry-After (shared with every worker through nova.ratelimit) and
 goes on; a 401 confirmed by the grant marks the inbox `auth_expired` (or `revoked`) and the
@@ -44,15 +48,16 @@ import argparse
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import asyncpg
 
-from nova import store
+from nova import folders, gmail_resync, store
 from nova.processor import ProviderProcessor, refuse_inbox
-from nova.providers import AuthExpired, ChangeFeed, GrantNotFound, Permanent
+from nova.providers import AuthExpired, ChangeFeed, GrantNotFound, NotFound, Permanent
 from nova.providers.models import Page, Thread
 from nova.runtime import (
     GiveUp,
@@ -63,6 +68,7 @@ from nova.runtime import (
 from nova.store import VERSION_SKEW_SECONDS
 
 log = logging.getLogger("nova.backfill")
+T = TypeVar("T")
 
 PAGE_LIMIT = 200  # Nylas' maximum page size
 MAX_CHANGE_ROUNDS = 5
@@ -73,6 +79,7 @@ SELECT c.id, c.inbox_id, c.backfill_status, c.backfill_kind, c.backfill_since, c
        c.checkpoint_page_token, c.checkpoint_pages_done, c.checkpoint_threads_found,
        c.discovery_completed_at, coalesce(c.discovery_cutoff, c.updated_at) AS discovery_cutoff,
        c.changes_since, c.changes_rounds, c.changes_round_started_at,
+       c.history_expired_at, c.resync_messages_listed_at,
        i.grant_id, i.status AS inbox_status, i.provider, i.sync_cursor
 FROM flux_inbox_configurations c JOIN flux_inboxes i ON i.id = c.inbox_id
 WHERE c.id = $1 AND c.deleted_at IS NULL
@@ -131,6 +138,7 @@ class Cursor:
     seen: frozenset[Change] = frozenset()  # this listing's changes inside the skew window
     prev: frozenset[Change] = frozenset()  # the previous listing's
     fresh: int = 0  # changes this round listed that the previous listing had not
+    unchanged: int = 0  # threads a resync found as stored and recorded done (this run)
 
     @property
     def in_main(self) -> bool:
@@ -171,6 +179,15 @@ class BackfillProcessor(ProviderProcessor):
         feed = isinstance(provider, ChangeFeed)
         if feed and cfg["sync_cursor"] is None:
             await self._start_feed(ctx, cfg)
+        if not resumed:
+            await self._list_folders(ctx, cfg)
+        # A resync after a history expiry fetches only the threads that may differ: it lists
+        # the mailbox's messages first, to compare each page of threads with (nova.gmail_resync).
+        resync = gmail_resync.applies(cfg, feed)
+        if resync and not gmail_resync.listed(cfg):
+            await gmail_resync.list_messages(
+                ctx.pool, cfg, provider, lambda request: self._listing_call(cfg, request),
+                ctx.hold_lease)
         restarted = False
         # The next page is requested while this one is written: listing and writing overlap.
         fetching = self._prefetch(cfg, cur, feed)
@@ -190,7 +207,8 @@ class BackfillProcessor(ProviderProcessor):
             nxt, done, ids = _advance(cfg, cur, page, feed=feed)
             work = await PageWork.build(
                 page, ids, version,
-                summaries=bool(getattr(provider, "lists_thread_summaries", True)))
+                summaries=bool(getattr(provider, "lists_thread_summaries", True)),
+                versions=gmail_resync.history_ids(page) if resync else None)
             if done:
                 break
             fetching = self._prefetch(cfg, nxt, feed)
@@ -202,15 +220,19 @@ class BackfillProcessor(ProviderProcessor):
                 fetching.cancel()
                 await asyncio.gather(fetching, return_exceptions=True)
                 raise
-            log.info("[Backfill] page saved config=%s page=%d threads=%d found=%d %s",
-                     _short(config_id), nxt.pages, len(page.items), nxt.found, _phase(cur))
+            log.info("[Backfill] page saved config=%s page=%d threads=%d found=%d %s%s",
+                     _short(config_id), nxt.pages, len(page.items), nxt.found, _phase(cur),
+                     f" unchanged={nxt.unchanged - cur.unchanged}" if resync else "")
             cur = nxt
 
         async with ctx.transaction() as conn:  # the last page, the transition, the job's delete
             nxt = await self._save_page(conn, cfg, cur, nxt, work)
             await conn.fetchval(TRANSITION, config_id)
+            if feed:
+                await gmail_resync.finish(conn, config_id)
         return (f"config={_short(config_id)} discovered pages={nxt.pages} threads={nxt.found} "
-                f"change_rounds={nxt.rounds}{' (resumed)' if resumed else ''}")
+                f"change_rounds={nxt.rounds}{' (resumed)' if resumed else ''}"
+                + (f" unchanged={nxt.unchanged} (resync)" if resync else ""))
 
     async def _start_feed(self, ctx: JobContext, cfg: asyncpg.Record) -> None:
         """The change feed's position before the first page is listed: what changes from now
@@ -227,6 +249,24 @@ class BackfillProcessor(ProviderProcessor):
         await ctx.pool.execute(
             "UPDATE flux_inboxes SET sync_cursor = $2, sync_cursor_at = now()"
             " WHERE id = $1 AND sync_cursor IS NULL", cfg["inbox_id"], cursor)
+
+    async def _list_folders(self, ctx: JobContext, cfg: asyncpg.Record) -> None:
+        """The inbox's folders or labels, by name (nova.folders), before its first page. A
+        provider that refuses them (a scope it lacks) costs the names, not the backfill."""
+        grant_id, kind = cfg["grant_id"], cfg["provider"]
+        try:
+            note = await folders.sync_folders(
+                ctx.pool, self.provider_for(kind),
+                lambda request: self.call(request, grant_id, kind), cfg["inbox_id"], grant_id)
+        except AuthExpired as exc:
+            raise GrantExpired(f"AuthExpired: {exc}") from exc
+        except GrantNotFound as exc:
+            raise GrantDeleted(f"GrantNotFound: {exc}") from exc
+        except (NotFound, Permanent) as exc:
+            log.warning("[Backfill] folders not listed config=%s: %s: %s", _short(cfg["id"]),
+                        type(exc).__name__, exc)
+            return
+        log.info("[Backfill] config=%s %s", _short(cfg["id"]), note)
 
     def _prefetch(self, cfg: asyncpg.Record, cur: Cursor,
                   feed: bool) -> asyncio.Task[tuple[Page[Thread], datetime]]:
@@ -252,11 +292,15 @@ class BackfillProcessor(ProviderProcessor):
                 before = until
         else:
             after, before = cur.since, cfg["backfill_until"]
-        grant_id, kind = cfg["grant_id"], cfg["provider"]
+        provider = self.provider_for(cfg["provider"])
+        return await self._listing_call(cfg, lambda: provider.list_threads_page(
+            cfg["grant_id"], page_token=cur.token, limit=PAGE_LIMIT, received_after=after,
+            received_before=before))
+
+    async def _listing_call(self, cfg: asyncpg.Record, request: Callable[[], Awaitable[T]]) -> T:
+        """A listing request of this backfill's grant; a refusal the grant confirms ends it."""
         try:
-            return await self.call(lambda: self.provider_for(kind).list_threads_page(
-                grant_id, page_token=cur.token, limit=PAGE_LIMIT, received_after=after,
-                received_before=before), grant_id, kind)
+            return await self.call(request, cfg["grant_id"], cfg["provider"])
         except AuthExpired as exc:
             raise GrantExpired(f"AuthExpired: {exc}") from exc
         except GrantNotFound as exc:
@@ -276,14 +320,18 @@ class BackfillProcessor(ProviderProcessor):
         # Rounds list changed threads: queued again even when already synced.
         await store.upsert_threads(conn, cfg["inbox_id"], work.threads, work.version)
         await store.upsert_messages(conn, cfg["inbox_id"], work.messages, work.version)
-        await conn.fetchval(QUEUE_PAGE, config_id, work.queue, not cur.in_main, work.done)
+        unchanged = 0
+        if work.versions is not None:  # a resync: threads as stored are done (nova.gmail_resync)
+            unchanged = await gmail_resync.queue_page(conn, config_id, work.queue, work.versions)
+        else:
+            await conn.fetchval(QUEUE_PAGE, config_id, work.queue, not cur.in_main, work.done)
         found = int(await conn.fetchval(FOUND, config_id) or 0)
         await conn.execute(CHECKPOINT, config_id, nxt.token, nxt.pages, found)
         if (nxt.since, nxt.rounds, nxt.round_started) != (cur.since, cur.rounds,
                                                            cur.round_started):
             await conn.execute(SAVE_ROUNDS, config_id, nxt.since, nxt.rounds,
                                nxt.round_started)
-        return replace(nxt, found=found)
+        return replace(nxt, found=found, unchanged=nxt.unchanged + unchanged)
 
     async def record_failure(self, conn: asyncpg.Connection, job: Job, error: BaseException,
                              final: bool) -> None:
@@ -311,10 +359,11 @@ class PageWork:
     queue: list[str]
     messages: list[store.PreparedMessage]
     version: datetime
+    versions: dict[str, str] | None = None  # a resync's listed thread historyIds
 
     @classmethod
     async def build(cls, page: Page[Thread], ids: list[str], version: datetime, *,
-                    summaries: bool = True) -> PageWork:
+                    summaries: bool = True, versions: dict[str, str] | None = None) -> PageWork:
         wanted = set(ids)
         threads = [t for t in page.items if t.id in wanted] if summaries else []
         whole = [t for t in threads if _whole(t)]
@@ -323,7 +372,7 @@ class PageWork:
                    queue=[i for i in dict.fromkeys(ids) if i not in done],
                    messages=await store.prepare_messages(
                        [t.latest_message for t in whole if t.latest_message is not None]),
-                   version=version)
+                   version=version, versions=versions)
 
 
 def _whole(thread: Thread) -> bool:

@@ -22,7 +22,9 @@ https://developers.google.com/workspace/gmail/api/guides/sync) falls back to a f
 the current history id becomes the cursor first, then a backfill of the inbox's window is
 queued (or owed to the monitor while one runs: nova_follow_resyncs); upserts by provider id keep
 it free of duplicates. Its listing is not bounded at its start (nova.backfill): it lists the
-mailbox as it is, new threads included. Threads deleted whole during the gap get no history
+mailbox as it is, new threads included, and fetches only the threads that may differ from the
+store (nova.gmail_resync: a historyId past the thread's last threads.get, other message ids
+than the stored ones, or not stored at all). Threads deleted whole during the gap get no history
 record, so the expiry marks the configuration (`history_expired_at`): once the resync's listing
 has ended and a pass of this feed that started after it has run, the threads stored in its range
 that it did not list and that nothing wrote since it began are soft-deleted with their messages

@@ -262,6 +262,15 @@ def cmd_inbox_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inbox_show(settings: Settings, args: argparse.Namespace) -> int:
+    """`nova inbox show INBOX`: the inbox and its folders by name, with counts
+    (nova.folders)."""
+    from nova import folders
+
+    with _connect(settings, args) as conn:
+        return folders.show_inbox(conn, args.inbox, as_json=args.json)
+
+
 def cmd_backfill_start(settings: Settings, args: argparse.Namespace) -> int:
     with _connect(settings, args) as conn:
         row = conn.execute(
@@ -353,7 +362,8 @@ def _age(seconds: Any) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-# Dead letters counted up to 10,000 and estimated past it (~): never a walk of the archive.
+# Depth and dead letters counted up to 10,000 and estimated past it (~): never a walk of a
+# queue or its archive.
 QUEUES = "SELECT * FROM nova_queue_overview(10000)"
 RETENTION = "SELECT * FROM nova_retention_status()"
 
@@ -370,7 +380,8 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{'queue':<30} {'depth':>8} {'oldest':>9} {'dead letters':>13} {'ever sent':>10}")
     for r in rows:
         dead = f"{'~' if r['dead_letters_estimated'] else ''}{r['dead_letters']:,}"
-        print(f"{r['queue_name']:<30} {r['queue_length']:>8,} {_age(r['oldest_msg_age_sec']):>9}"
+        depth = f"{'~' if r['queue_length_estimated'] else ''}{r['queue_length']:,}"
+        print(f"{r['queue_name']:<30} {depth:>8} {_age(r['oldest_msg_age_sec']):>9}"
               f" {dead:>13} {r['total_messages']:>10,}")
     done = ", ".join(f"{r['pruned']:,} {r['kind'].replace('_', ' ')}" for r in pruned)
     last = max((r["last_pruned_at"] for r in pruned if r["last_pruned_at"]), default=None)
@@ -396,7 +407,10 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         return f"none-left({done}/{rounds})" if done >= rounds else "none"
 
     with _connect(settings, args) as conn:
-        rows = conn.execute("SELECT * FROM nova_dead_letters(%s)", (args.queue,)).fetchall()
+        rows = [] if args.queue == "hooks" else conn.execute(
+            "SELECT * FROM nova_dead_letters(%s)", (args.queue,)).fetchall()
+        if args.queue in (None, "hooks"):  # outbound webhooks' dead letters (nova.hooks)
+            rows += conn.execute("SELECT * FROM nova_hook_dead_letter_list()").fetchall()
         # Failed threads, with where their retry rounds stand: a thread's dead letter is not
         # the end of it (retry_failed_threads), and one failed with its inbox revoked has none.
         failed = conn.execute("SELECT * FROM nova_failed_threads()").fetchall() \
@@ -433,6 +447,10 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    if args.queue == "hooks":
+        from nova import hooks_cli
+
+        return hooks_cli.cmd_replay(settings, args, _connect)
     with _connect(settings, args) as conn, conn.transaction():
         if args.all:
             ids = [r["msg_id"] for r in conn.execute(
@@ -453,6 +471,20 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from nova import search
 
     return search.cmd_search(settings, args, _connect, _json_default)
+
+
+def cmd_hooks(name: str) -> Callable[[Settings, argparse.Namespace], int]:
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        from nova import hooks_cli
+
+        return hooks_cli.dispatch(name, settings, args, _connect, _json_default)
+    return run
+
+
+def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
+    from nova import events
+
+    return events.cmd_events(settings, args, _connect, _url, _json_default)
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
@@ -499,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = inbox.add_parser("list", help="every mailbox, its status and its backfill")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inbox_list)
+    p = inbox.add_parser("show", help="one mailbox and its folders or labels by name, with "
+                                      "counts")
+    p.add_argument("inbox", help="the inbox id, or its grant id or email")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inbox_show)
 
     backfill = sub.add_parser("backfill", help="historical sync").add_subparsers(
         dest="backfill_command", required=True)
@@ -540,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_failures)
 
     p = sub.add_parser("replay", help="send dead letters back to their queue")
-    p.add_argument("queue")
+    p.add_argument("queue", help="a queue, or hooks (outbound webhooks' dead letters)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("msg_id", nargs="*", type=int, default=[])
     target.add_argument("--all", action="store_true")
@@ -561,8 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
-    from nova import search
+    from nova import hooks_cli, search
     search.add_parser(sub, cmd_search)
+    from nova import events
+    events.add_parser(sub, cmd_events)
+    hooks_cli.add_parser(sub, cmd_hooks)
     return parser
 
 

@@ -31,7 +31,8 @@ Not a queue processor: a loop.
   (queue_due_catchups). A quiet inbox in a flowing fleet costs nothing.
 - On the same interval, with NOVA_RETENTION_DAYS > 0: rows of work finished that long ago are
   pruned, at most NOVA_RETENTION_BATCH of each kind a pass (nova_prune_finished): processed
-  webhook notifications, completed backfills' per-thread rows, resolved dead letters.
+  webhook notifications, completed backfills' per-thread rows, resolved dead letters; and
+  with NOVA_EVENT_RETENTION_DAYS > 0, change-feed events written that long ago (nova_prune_events).
 
 Every timed statement costs what is active (running backfills, open threads, what is due),
 never what is stored (issue #19; benchmarks/bench_periodic.py measures them at 10,000 inboxes),
@@ -85,7 +86,11 @@ SYNCING = "SELECT config_id AS id FROM nova_backfills_to_recount()"
 PRUNE = {"notifications": "SELECT nova_prune_notifications(now() - $1::interval, $2)",
          "threads": "SELECT nova_prune_finished_threads(now() - $1::interval, $2)"}
 PRUNE_DEAD = "SELECT nova_prune_dead_letters($3, now() - $1::interval, $2)"
+# Change-feed events written NOVA_EVENT_RETENTION_DAYS ago, read or not (sql/140_events.sql).
+PRUNE_EVENTS = "SELECT nova_prune_events(now() - $1::interval, $2)"
 QUEUE_NAMES = "SELECT queue_name FROM pgmq.meta ORDER BY queue_name"
+PRUNE_CHUNK = 100  # rows a retention statement deletes at most
+DEAD_LETTER_WINDOW = 250  # archived messages a dead-letter statement looks at
 STUCK_BATCH = 1000
 # Expired inboxes not heard of for a while: their grants are asked again (recheck_grants).
 EXPIRED_INBOXES = """
@@ -382,7 +387,7 @@ class CompletionMonitor:
                         log.info("[Monitor] catch-up queued inbox=%s config=%s since=%s "
                                  "last_seen=%s", r["inbox_id"], r["config_id"],
                                  r["since"].isoformat(), r["last_seen"].isoformat())
-        if self.settings.retention_days > 0:
+        if self.settings.retention_days > 0 or self.settings.event_retention_days > 0:
             async with self._step("Retention", "pruning finished work"):
                 repairs.pruned = await self.prune()
         if self.settings.grant_recheck_seconds > 0:
@@ -394,23 +399,46 @@ class CompletionMonitor:
         return repairs
 
     async def prune(self) -> dict[str, int]:
-        """Rows of work finished NOVA_RETENTION_DAYS ago, at most NOVA_RETENTION_BATCH of each
-        kind: one line when anything went."""
+        """Rows of work finished NOVA_RETENTION_DAYS ago and change-feed events written
+        NOVA_EVENT_RETENTION_DAYS ago (either 0: not pruned), at most NOVA_RETENTION_BATCH of
+        each kind: one line when anything went."""
         age = timedelta(days=self.settings.retention_days)
         batch = self.settings.retention_batch
         pruned: dict[str, int] = {}
-        for kind, statement in PRUNE.items():
-            pruned[kind] = int(await self._fetchval(statement, age, batch))
-        for row in await self._fetch(QUEUE_NAMES):
-            queue = row["queue_name"]
-            pruned[f"dead_letters:{queue}"] = int(
-                await self._fetchval(PRUNE_DEAD, age, batch, queue))
+        if self.settings.retention_days > 0:
+            for kind, statement in PRUNE.items():
+                pruned[kind] = await self._prune_chunked(statement, age, batch)
+            for row in await self._fetch(QUEUE_NAMES):
+                queue = row["queue_name"]
+                # each call looks at the next `chunk` archived messages; a pass at `batch`
+                n = seen = 0
+                while seen < batch:
+                    chunk = min(DEAD_LETTER_WINDOW, batch - seen)
+                    n += int(await self._fetchval(PRUNE_DEAD, age, chunk, queue))
+                    seen += chunk
+                pruned[f"dead_letters:{queue}"] = n
+        if self.settings.event_retention_days > 0:
+            pruned["events"] = await self._prune_chunked(
+                PRUNE_EVENTS, timedelta(days=self.settings.event_retention_days), batch)
         pruned = {kind: n for kind, n in pruned.items() if n}
         if pruned:
-            log.info("[Retention] pruned %s (finished over %gd ago)",
+            log.info("[Retention] pruned %s (finished over %gd ago; events over %gd)",
                      " ".join(f"{k}={n:,}" for k, n in sorted(pruned.items())),
-                     self.settings.retention_days)
+                     self.settings.retention_days, self.settings.event_retention_days)
         return pruned
+
+    async def _prune_chunked(self, statement: str, age: timedelta, batch: int) -> int:
+        """At most `batch` rows in statements of PRUNE_CHUNK rows, each its own short
+        transaction, until one comes back short: deleting 1,000 rows spread over as many pages
+        was one 115 ms statement under load, 250 still 43 ms (issue #19)."""
+        done = 0
+        while done < batch:
+            chunk = min(PRUNE_CHUNK, batch - done)
+            n = int(await self._fetchval(statement, age, chunk))
+            done += n
+            if n < chunk:
+                break
+        return done
 
     async def renew_watches(self, topic: str) -> list[tuple[Any, str]]:
         """users.watch for active Gmail inboxes whose watch is missing or a day old;

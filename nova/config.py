@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=7.0, ge=0, validation_alias="NOVA_RETENTION_DAYS")
     retention_batch: int = Field(default=1000, ge=1, le=100_000,
                                  validation_alias="NOVA_RETENTION_BATCH")
+    # Change-feed events (nova_events) are pruned this many days after they were written, by
+    # the same pass, NOVA_RETENTION_BATCH a pass, read or not: a consumer behind what was
+    # pruned is told so (sql/140_events.sql) until `nova events reset`. 0: keep all.
+    event_retention_days: float = Field(default=7.0, ge=0,
+                                        validation_alias="NOVA_EVENT_RETENTION_DAYS")
     # Text search configuration of search_messages (sql/130_search.sql): 'simple' (no stemming,
     # no stop words: any language) or a stemming one (english, french, ...). It lives in the
     # database (nova_search_settings); `nova search --reindex` applies this value and rebuilds.
@@ -267,6 +272,27 @@ class Settings(BaseSettings):
     extract_memory_mb: int = Field(default=1024, ge=0, validation_alias="NOVA_EXTRACT_MEMORY_MB")
     extract_workers: int = Field(default=2, ge=1, le=64, validation_alias="NOVA_EXTRACT_WORKERS")
 
+    # Outbound webhooks (python -m nova.hooks, `nova hooks add`): deliveries in flight at once
+    # in a process; inboxes of one endpoint delivered at once, across processes (so one slow
+    # endpoint holds at most that many); the request timeout; the delays between attempts
+    # (ms, s, m, h, d: Standard Webhooks' schedule, about three days in all), after which an
+    # event is dead-lettered; the days an endpoint may fail without a success before it is
+    # disabled; how long the previous secret still signs after `nova hooks rotate`; how often
+    # the processor looks for new events when no wake-up comes.
+    hooks_concurrency: int = Field(default=20, ge=1, le=1000,
+                                   validation_alias="NOVA_HOOKS_CONCURRENCY")
+    hooks_endpoint_concurrency: int = Field(default=4, ge=1, le=1000,
+                                            validation_alias="NOVA_HOOKS_ENDPOINT_CONCURRENCY")
+    hooks_timeout_seconds: float = Field(default=15.0, gt=0, le=300,
+                                         validation_alias="NOVA_HOOKS_TIMEOUT_SECONDS")
+    hooks_retry_schedule: str = Field(default="5s,5m,30m,2h,5h,10h,14h,20h,24h",
+                                      validation_alias="NOVA_HOOKS_RETRY_SCHEDULE")
+    hooks_disable_after_days: float = Field(default=5.0, gt=0,
+                                            validation_alias="NOVA_HOOKS_DISABLE_AFTER_DAYS")
+    hooks_rotation_hours: float = Field(default=24.0, ge=0,
+                                        validation_alias="NOVA_HOOKS_ROTATION_HOURS")
+    hooks_poll_ms: int = Field(default=1000, ge=10, validation_alias="NOVA_HOOKS_POLL_MS")
+
     @model_validator(mode="before")
     @classmethod
     def _blank_is_unset(cls, data: object) -> object:
@@ -307,6 +333,21 @@ class Settings(BaseSettings):
                 isinstance(k, str) and type(v) is int and v > 0 for k, v in costs.items()):
             raise ValueError("must map method names to positive integer units")
         return value or "{}"
+
+    @field_validator("hooks_retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        from nova.hooks_delivery import parse_schedule
+
+        parse_schedule(value)  # a ValueError names the bad part
+        return value
+
+    @property
+    def hooks_schedule(self) -> list[float]:
+        """NOVA_HOOKS_RETRY_SCHEDULE in seconds (checked when the settings were read)."""
+        from nova.hooks_delivery import parse_schedule
+
+        return parse_schedule(self.hooks_retry_schedule)
 
     @property
     def gmail_costs(self) -> dict[str, int]:

@@ -112,8 +112,9 @@ def webhook_lag(seconds: float) -> None:
 
 # --- what the fleet has to do, from Postgres -----------------------------------------------
 
-# Dead letters are the queue's PGMQ archive (only the runtime archives): counted exactly up to
-# a cap and estimated past it (nova_queue_overview), so a scrape never walks a large archive.
+# Dead letters are the queue's PGMQ archive (only the runtime archives). Depth and dead letters
+# are counted exactly up to a cap and estimated past it (nova_queue_overview), so a scrape
+# never walks a long queue or a large archive.
 DEAD_LETTER_CAP = 10_000
 QUEUES = """
 SELECT queue_name, queue_length, oldest_msg_age_sec, dead_letters

@@ -380,6 +380,13 @@ async def upsert_message(conn: Any, inbox_id: uuid.UUID, message: Message,
 
 
 # --------------------------------------------------------------------------- threads
+# Threads are what their messages say: a thread with message rows whose listing brings no news
+# (the same message count and latest message) keeps its derived summary (nova_refresh_threads)
+# and deletion; the listing's view goes into a thread with no message row yet, or one that
+# changed at the provider (its sync derives it again). Written over an unchanged derived one,
+# whose columns differ only in form (folders' order, participants'), a page listed twice (a
+# repeated page, a new backfill) changed every thread's row twice for nothing, and the change
+# feed recorded both.
 _UPSERT_THREADS = """
 INSERT INTO flux_email_threads AS t
     (inbox_id, provider_thread_id, subject, snippet, participants, folders, unread, starred,
@@ -393,13 +400,25 @@ FROM jsonb_to_recordset($2::jsonb) AS x(
     unread boolean, starred boolean, has_attachments boolean, message_count integer,
     first_message_at timestamptz, last_message_at timestamptz, raw jsonb)
 ON CONFLICT (inbox_id, provider_thread_id) DO UPDATE
-SET subject = EXCLUDED.subject, snippet = EXCLUDED.snippet,
-    participants = EXCLUDED.participants, folders = EXCLUDED.folders,
-    unread = EXCLUDED.unread, starred = EXCLUDED.starred,
-    has_attachments = EXCLUDED.has_attachments, message_count = EXCLUDED.message_count,
-    first_message_at = EXCLUDED.first_message_at, last_message_at = EXCLUDED.last_message_at,
+SET (subject, snippet, participants, folders, unread, starred, has_attachments, message_count,
+     first_message_at, last_message_at, deleted_at) = (
+        SELECT CASE WHEN k.kept THEN t.subject ELSE EXCLUDED.subject END,
+               CASE WHEN k.kept THEN t.snippet ELSE EXCLUDED.snippet END,
+               CASE WHEN k.kept THEN t.participants ELSE EXCLUDED.participants END,
+               CASE WHEN k.kept THEN t.folders ELSE EXCLUDED.folders END,
+               CASE WHEN k.kept THEN t.unread ELSE EXCLUDED.unread END,
+               CASE WHEN k.kept THEN t.starred ELSE EXCLUDED.starred END,
+               CASE WHEN k.kept THEN t.has_attachments ELSE EXCLUDED.has_attachments END,
+               CASE WHEN k.kept THEN t.message_count ELSE EXCLUDED.message_count END,
+               CASE WHEN k.kept THEN t.first_message_at ELSE EXCLUDED.first_message_at END,
+               CASE WHEN k.kept THEN t.last_message_at ELSE EXCLUDED.last_message_at END,
+               CASE WHEN k.kept THEN t.deleted_at END
+        FROM (SELECT EXCLUDED.message_count = t.message_count
+                     AND EXCLUDED.last_message_at IS NOT DISTINCT FROM t.last_message_at
+                     AND EXISTS (SELECT 1 FROM flux_email_messages m WHERE m.thread_id = t.id)
+                     AS kept) k),
     provider_updated_at = EXCLUDED.provider_updated_at, raw = EXCLUDED.raw,
-    synced_at = now(), deleted_at = NULL, updated_at = now()
+    synced_at = now(), updated_at = now()
 WHERE t.provider_updated_at IS NULL OR t.provider_updated_at <= EXCLUDED.provider_updated_at
 RETURNING id, provider_thread_id
 """
@@ -413,7 +432,8 @@ async def upsert_threads(conn: Any, inbox_id: uuid.UUID, threads: Sequence[Threa
                          version: datetime) -> dict[str, uuid.UUID]:
     """Write threads as the provider describes them, in one statement (a page of discovery);
     returns the row id of each written (not refused as older than the stored version). Writing
-    a thread's messages afterwards re-derives its summary columns from them."""
+    a thread's messages afterwards re-derives its summary columns from them; a thread that has
+    message rows and no news in the listing keeps its derived summary (see _UPSERT_THREADS)."""
     if not threads:
         return {}
     # Locked in id order first, as every writer of threads takes them (see _LOCK_THREADS): the

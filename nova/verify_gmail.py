@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
@@ -174,13 +174,6 @@ class GmailVerifier(Verification):
 
     provider: GmailProvider
 
-    def _query(self) -> str:
-        r = self.report
-        terms = [f"after:{int(r.since.timestamp())}"]
-        if r.until is not None:
-            terms.append(f"before:{int(r.until.timestamp())}")
-        return " ".join(terms)
-
     async def _list_all(self, conn: asyncpg.Connection) -> None:
         r = self.report
         cursor = await conn.fetchval(CURSOR, self.inbox.id)
@@ -227,20 +220,14 @@ class GmailVerifier(Verification):
         return page.next_page_token
 
     async def _messages_page(self, conn: asyncpg.Connection, token: str | None) -> str | None:
-        params: dict[str, Any] = {"userId": self.grant_id, "maxResults": MAX_LIST,
-                                  "includeSpamTrash": True, "q": self._query()}
-        if token:
-            params["pageToken"] = token
         # messages.list answers ids and thread ids only: a list call, 5 units
-        data = await self._call(lambda: self.provider._api(self.grant_id, "messages.list",
-                                                           **params), token)
-        items = [m for m in data.get("messages") or ()
-                 if isinstance(m, dict) and m.get("id") and m.get("threadId")]
-        if items:
-            await conn.execute(SAVE_MESSAGES, [str(m["id"]) for m in items],
-                               [str(m["threadId"]) for m in items])
-        nxt = data.get("nextPageToken")
-        return str(nxt) if nxt else None
+        page = await self._call(lambda: self.provider.list_message_refs(
+            self.grant_id, page_token=token, limit=MAX_LIST, received_after=self.report.since,
+            received_before=self.report.until), token)
+        if page.items:
+            await conn.execute(SAVE_MESSAGES, [m.id for m in page.items],
+                               [m.thread_id for m in page.items])
+        return page.next_page_token
 
     async def _history(self, conn: asyncpg.Connection, cursor: str | None) -> str | None:
         """The threads named by history after ``cursor``, to the end; the cursor to compare

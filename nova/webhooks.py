@@ -16,8 +16,11 @@ reference/notifications/messages/):
 |                                    | message.created                                           |
 | grant.expired                      | inbox -> auth_expired (queued work stops calling the API) |
 | grant.deleted                      | inbox -> revoked                                          |
-| gmail.history                      | a Gmail push (POST /webhooks/gmail): an incremental sync  |
-|                                    | of the inbox from its history id (nova.changes)           |
+| gmail.history                      | a Gmail push (POST /webhooks/gmail): the labels listed    |
+|                                    | again (nova.folders: history has no label records), then  |
+|                                    | an incremental sync from the history id (nova.changes)    |
+| folder.created, folder.updated,    | the folder upserted from the payload, only the fields it  |
+| folder.deleted                     | has; deleted: soft delete (nova.folders)                  |
 | grant.updated                      | a re-authentication (`reauthentication_flag`) makes an    |
 |                                    | expired inbox active and queues a catch-up backfill from  |
 |                                    | its last event minus the overlap; other updates change    |
@@ -53,7 +56,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from nova import db, metrics, store
+from nova import db, folders, metrics, store
 from nova.changes import ChangeSync
 from nova.processor import ProviderProcessor, refuse_inbox
 from nova.providers import (
@@ -63,6 +66,7 @@ from nova.providers import (
     Message,
     NotFound,
     Permanent,
+    Transient,
 )
 from nova.providers.nylas import parse_message
 from nova.providers.nylas_webhooks import split_type
@@ -93,8 +97,8 @@ SELECT id FROM flux_email_threads WHERE inbox_id = $1 AND provider_thread_id = $
 MESSAGE_TRIGGERS = ("message.created", "message.updated")
 CHANGES = "gmail.history"
 HANDLED = (*MESSAGE_TRIGGERS, "message.deleted", "thread.replied", "grant.expired",
-           "grant.deleted", "grant.updated", CHANGES)
-INBOX_KIND = "SELECT provider, grant_id FROM flux_inboxes WHERE id = $1"
+           "grant.deleted", "grant.updated", CHANGES, *folders.FOLDER_TRIGGERS)
+INBOX_KIND = "SELECT provider, grant_id, status, deleted_at FROM flux_inboxes WHERE id = $1"
 
 
 class Outcome:
@@ -220,7 +224,9 @@ class WebhookProcessor(ProviderProcessor):
         sync = ChangeSync(pool, provider, lambda request: self.call(request, grant, kind),
                           lock_pool=self.lock_pool)
         try:
-            return await sync.run(inbox_id)
+            labels = await self._relist_folders(pool, provider, inbox, inbox_id)
+            note = await sync.run(inbox_id)
+            return f"{labels}; {note}" if labels else note
         except (AuthExpired, GrantNotFound) as exc:
             status = "revoked" if isinstance(exc, GrantNotFound) else "auth_expired"
             await refuse_inbox(pool, inbox_id, status)
@@ -228,12 +234,30 @@ class WebhookProcessor(ProviderProcessor):
         except Permanent as exc:
             raise GiveUp(f"{type(exc).__name__}: {exc}") from exc
 
+    async def _relist_folders(self, pool: asyncpg.Pool, provider: Any, inbox: asyncpg.Record,
+                              inbox_id: uuid.UUID) -> str:
+        """The labels again (Gmail: labels.list, labels.get for a new one): a rename shows at
+        the next push. A failure costs the labels this round, never the history sync."""
+        if inbox["status"] != "active" or inbox["deleted_at"] is not None:
+            return ""
+        grant, kind = inbox["grant_id"], inbox["provider"]
+        try:
+            return await folders.sync_folders(
+                pool, provider, lambda request: self.call(request, grant, kind), inbox_id,
+                grant, details="new")
+        except (Transient, NotFound, Permanent) as exc:
+            log.warning("[Webhooks] inbox=%s labels not listed this time: %s: %s", inbox_id,
+                        type(exc).__name__, exc)
+            return f"labels not listed ({type(exc).__name__})"
+
     async def _apply(self, conn: asyncpg.Connection, trigger: str, row: asyncpg.Record,
                      obj: dict[str, Any], prepared: list[store.PreparedMessage]) -> Outcome:
         inbox_id: uuid.UUID = row["inbox_id"]
         version: datetime = row["version"]
         if trigger.startswith("grant."):
             return await self._grant_event(conn, trigger, inbox_id, obj, version)
+        if trigger in folders.FOLDER_TRIGGERS:
+            return Outcome(note=await folders.apply_event(conn, inbox_id, trigger, obj, version))
         if trigger == "message.deleted":
             if not obj.get("id"):
                 raise GiveUp("message.deleted without an id")

@@ -498,14 +498,24 @@ CREATE OR REPLACE FUNCTION fold_sync_stats_deltas(p_configs integer DEFAULT 1000
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_pending uuid[];
     v_configs uuid[];
     v_rows    bigint;
 BEGIN
+    -- What waits is found in one pass over the delta table (an interval's changes); each of
+    -- its configurations is then looked up by key: never a pass over every configuration or
+    -- every counter row (issue #19: O(active)).
+    v_pending := ARRAY(SELECT DISTINCT d.config_id FROM inbox_sync_stats_deltas d);
+    IF cardinality(v_pending) = 0 THEN
+        RETURN 0;
+    END IF;
     DELETE FROM inbox_sync_stats_deltas d
-    WHERE NOT EXISTS (SELECT 1 FROM flux_inbox_configurations c WHERE c.id = d.config_id);
+    WHERE d.config_id = ANY (ARRAY(
+        SELECT p.id FROM unnest(v_pending) p(id)
+        WHERE NOT EXISTS (SELECT 1 FROM flux_inbox_configurations c WHERE c.id = p.id)));
     SELECT array_agg(b.config_id ORDER BY b.config_id) INTO v_configs
     FROM (SELECT s.config_id FROM inbox_sync_stats s
-          WHERE s.config_id IN (SELECT DISTINCT d.config_id FROM inbox_sync_stats_deltas d)
+          WHERE s.config_id = ANY (v_pending)
           ORDER BY s.config_id LIMIT p_configs
           FOR UPDATE SKIP LOCKED) b;
     IF v_configs IS NULL THEN
@@ -531,7 +541,7 @@ BEGIN
             messages_synced = s.messages_synced + sums.messages,
             threads_retry_waiting = s.threads_retry_waiting + sums.retry_waiting,
             last_updated_at = greatest(s.last_updated_at, sums.last_at)
-        FROM sums WHERE s.config_id = sums.config_id
+        FROM sums WHERE s.config_id = sums.config_id AND s.config_id = ANY (v_configs)
         RETURNING sums.n
     )
     SELECT coalesce(sum(n), 0) INTO v_rows FROM folded;

@@ -116,37 +116,61 @@ $$;
 -- Completed backfills that still have queued or processing threads go back to thread_sync,
 -- with their completion timestamps cleared. Returns what it repaired. A thread on a retry
 -- round (retry_at set) is not one: it is retried on its own, after its backfill completed.
--- O(open work): the configurations with open threads come from queued_threads_open_config_idx
--- one at a time (a skip scan: one probe per configuration), never from every completed one.
+-- O(open work), and bounded: the configurations with open threads come from
+-- queued_threads_open_config_idx one at a time (a skip scan: one probe per configuration),
+-- never from every completed one, at most 250 a call: the next ones from where the last call
+-- stopped (nova_monitor_state 'premature_completions', cursor_id), after the last the first
+-- again. Each premature completion is found within (configurations with open threads) / 250
+-- + 1 calls; with fewer, every call looks at all. A walk of all 1,000 running backfills and a
+-- hash of every configuration cost 31 ms a pass under load (issue #19).
 CREATE OR REPLACE FUNCTION recover_premature_completions()
 RETURNS TABLE (config_id uuid, threads_open bigint, completed_at timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    v_slice CONSTANT integer := 250;
+    v_from  uuid;
+    v_walk  uuid[];
+    v_open  uuid[];
 BEGIN
+    SELECT s.cursor_id INTO v_from FROM nova_monitor_state s
+    WHERE s.name = 'premature_completions';
+    -- the slice and the first configuration after it (where the next call starts)
+    v_walk := ARRAY(
+        WITH RECURSIVE open_configs(id, n) AS (
+            SELECT (SELECT q.config_id FROM queued_threads q
+                    WHERE q.status IN ('queued', 'processing') AND q.retry_at IS NULL
+                      AND q.config_id >= coalesce(v_from, '00000000-0000-0000-0000-000000000000')
+                    ORDER BY q.config_id LIMIT 1), 1
+            UNION ALL
+            SELECT (SELECT q.config_id FROM queued_threads q
+                    WHERE q.status IN ('queued', 'processing') AND q.retry_at IS NULL
+                      AND q.config_id > o.id
+                    ORDER BY q.config_id LIMIT 1), o.n + 1
+            FROM open_configs o WHERE o.id IS NOT NULL AND o.n <= v_slice
+        )
+        SELECT o.id FROM open_configs o WHERE o.id IS NOT NULL ORDER BY o.n);
+    v_open := v_walk[1:v_slice];
+    INSERT INTO nova_monitor_state AS s (name, cursor_id)
+    VALUES ('premature_completions', v_walk[v_slice + 1])
+    ON CONFLICT (name) DO UPDATE SET cursor_id = excluded.cursor_id, updated_at = now();
+    IF cardinality(v_open) = 0 THEN
+        RETURN;
+    END IF;
     RETURN QUERY
-    WITH RECURSIVE open_configs AS (
-        SELECT (SELECT q.config_id FROM queued_threads q
-                WHERE q.status IN ('queued', 'processing') AND q.retry_at IS NULL
-                ORDER BY q.config_id LIMIT 1) AS id
-        UNION ALL
-        SELECT (SELECT q.config_id FROM queued_threads q
-                WHERE q.status IN ('queued', 'processing') AND q.retry_at IS NULL
-                  AND q.config_id > o.id
-                ORDER BY q.config_id LIMIT 1)
-        FROM open_configs o WHERE o.id IS NOT NULL
-    ), bad AS (
+    WITH bad AS (
         SELECT c.id, c.backfill_completed_at,
                (SELECT count(*) FROM queued_threads q
                 WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')
                   AND q.retry_at IS NULL) AS open
         FROM flux_inbox_configurations c
-        WHERE c.id IN (SELECT o.id FROM open_configs o WHERE o.id IS NOT NULL)
+        WHERE c.id = ANY (v_open)
           AND c.backfill_status = 'completed' AND c.deleted_at IS NULL
         FOR UPDATE OF c SKIP LOCKED
     ), fixed AS (
         UPDATE flux_inbox_configurations c
         SET backfill_status = 'thread_sync', backfill_completed_at = NULL, updated_at = now()
-        FROM bad WHERE c.id = bad.id
+        FROM bad WHERE c.id = bad.id AND c.id = ANY (v_open)
         RETURNING c.id
     )
     SELECT bad.id, bad.open, bad.backfill_completed_at FROM bad JOIN fixed ON fixed.id = bad.id;
@@ -161,6 +185,9 @@ $$;
 -- 'stuck_threads'), or all that are left, after which the next call starts from the first: a
 -- call costs the same at any number of open threads, and each is looked at within
 -- open/slice + 1 calls. With fewer open threads than a slice, every call looks at all.
+-- The slice is read as a range of that index (LIMIT, materialized) and each of its threads'
+-- job is one probe of the queue's key: a bitmap of every open thread joined to a hash of the
+-- whole queue cost 36-70 ms a call at 120,000 open threads (issue #19).
 CREATE OR REPLACE FUNCTION recover_stuck_threads(p_stuck_after interval, p_limit integer DEFAULT 1000)
 RETURNS TABLE (config_id uuid, provider_thread_id text, was text, msg_id bigint)
 LANGUAGE plpgsql AS $$
@@ -169,31 +196,33 @@ DECLARE
     v_row   record;
     v_scan  integer := greatest(p_limit * 2, 2500);
     v_from  bigint;
-    v_to    bigint;
+    v_last  bigint;
+    v_seen  integer;
     v_ids   bigint[];
 BEGIN
     SELECT s.position INTO v_from FROM nova_monitor_state s WHERE s.name = 'stuck_threads';
     v_from := coalesce(v_from, 0);
-    SELECT q.id INTO v_to FROM queued_threads q
-    WHERE q.status IN ('queued', 'processing') AND q.id > v_from
-    ORDER BY q.id OFFSET v_scan - 1 LIMIT 1;
-    INSERT INTO nova_monitor_state AS s (name, position)
-    VALUES ('stuck_threads', coalesce(v_to, 0))
-    ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now();
-    -- The slice's threads that look stuck, from the slice alone (an id range of the open
-    -- threads' index); then those of running backfills of active inboxes, locked.
-    v_ids := ARRAY(
-        SELECT q.id FROM queued_threads q
+    -- The slice's threads that look stuck, from the slice alone; then those of running
+    -- backfills of active inboxes, locked.
+    WITH slice AS MATERIALIZED (
+        SELECT q.id, q.status, q.queue_msg_id, q.updated_at FROM queued_threads q
         WHERE q.status IN ('queued', 'processing') AND q.id > v_from
-          AND q.id <= coalesce(v_to, 9223372036854775807)
-          AND ((q.status = 'queued'
-                AND (q.queue_msg_id IS NULL
-                     OR NOT EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
-                                    WHERE m.msg_id = q.queue_msg_id)))
-            OR (q.status = 'processing' AND q.updated_at < now() - p_stuck_after
-                AND NOT EXISTS (SELECT 1 FROM pgmq.q_thread_sync_jobs m
-                                WHERE m.msg_id = q.queue_msg_id AND m.vt > clock_timestamp())))
-        ORDER BY q.id);
+        ORDER BY q.id LIMIT v_scan
+    ), looked AS (
+        SELECT s.id,
+               CASE WHEN s.status = 'queued' THEN s.queue_msg_id IS NULL OR j.msg_id IS NULL
+                    ELSE s.updated_at < now() - p_stuck_after
+                         AND NOT coalesce(j.vt > clock_timestamp(), false) END AS stuck
+        FROM slice s
+        LEFT JOIN LATERAL (SELECT m.msg_id, m.vt FROM pgmq.q_thread_sync_jobs m
+                           WHERE m.msg_id = s.queue_msg_id LIMIT 1) j ON true
+    )
+    SELECT max(l.id), count(*), coalesce(array_agg(l.id ORDER BY l.id) FILTER (WHERE l.stuck),
+                                         '{}')
+    INTO v_last, v_seen, v_ids FROM looked l;
+    INSERT INTO nova_monitor_state AS s (name, position)
+    VALUES ('stuck_threads', CASE WHEN v_seen < v_scan THEN 0 ELSE v_last END)
+    ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now();
     IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;

@@ -5,6 +5,10 @@
 -- get_sync_progress for many configurations in one statement: the running ones (with
 -- p_running, from the active index) and those asked for by id, oldest first. The same figures
 -- (the counters plus their delta rows not folded yet), without a plpgsql call per backfill.
+-- The delta rows are summed in one pass over those of the configurations asked for (by its
+-- index for a few, one scan of the small delta table for many), never once per configuration:
+-- between two folds the delta table holds an interval's changes plus the dead rows of the
+-- last folds, and a scan of it per running backfill cost 90 ms a check at 1,000 (issue #19).
 CREATE OR REPLACE FUNCTION nova_backfill_progress(p_ids uuid[] DEFAULT '{}',
                                                   p_running boolean DEFAULT true)
 RETURNS TABLE (config_id uuid, inbox_id uuid, backfill_status text, backfill_kind text,
@@ -16,27 +20,44 @@ RETURNS TABLE (config_id uuid, inbox_id uuid, backfill_status text, backfill_kin
                last_updated_at timestamptz, threads_retry_waiting bigint,
                next_retry_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    WITH ids AS (
-        SELECT c.id FROM flux_inbox_configurations c
+    WITH c AS MATERIALIZED (
+        SELECT c.* FROM flux_inbox_configurations c
         WHERE p_running AND c.backfill_status IN ('queued', 'discovering', 'thread_sync')
           AND c.deleted_at IS NULL
-        UNION
-        SELECT c.id FROM flux_inbox_configurations c
+        UNION ALL
+        SELECT c.* FROM flux_inbox_configurations c
         WHERE c.id = ANY (p_ids) AND c.deleted_at IS NULL
+          AND NOT (p_running AND c.backfill_status IN ('queued', 'discovering', 'thread_sync'))
+    ), d AS (
+        SELECT x.config_id,
+               sum(x.threads_queued)::bigint AS queued,
+               sum(x.threads_pending)::bigint AS pending,
+               sum(x.threads_processing)::bigint AS processing,
+               sum(x.threads_completed)::bigint AS completed,
+               sum(x.threads_failed)::bigint AS failed,
+               sum(x.messages_synced)::bigint AS messages,
+               sum(x.threads_retry_waiting)::bigint AS retry_waiting,
+               max(x.created_at) AS last_at
+        FROM inbox_sync_stats_deltas x
+        WHERE x.config_id IN (SELECT c.id FROM c)
+        GROUP BY x.config_id
     ), n AS (
         SELECT c.*,
-               coalesce(s.threads_queued, 0) + d.queued AS n_queued,
-               coalesce(s.threads_pending, 0) + d.pending AS n_pending,
-               coalesce(s.threads_processing, 0) + d.processing AS n_processing,
-               coalesce(s.threads_completed, 0) + d.completed AS n_completed,
-               coalesce(s.threads_failed, 0) + d.failed AS n_failed,
-               coalesce(s.messages_synced, 0) + d.messages AS n_messages,
-               coalesce(s.threads_retry_waiting, 0) + d.retry_waiting AS n_retry_waiting,
+               coalesce(s.threads_queued, 0) + coalesce(d.queued, 0) AS n_queued,
+               coalesce(s.threads_pending, 0) + coalesce(d.pending, 0) AS n_pending,
+               coalesce(s.threads_processing, 0) + coalesce(d.processing, 0) AS n_processing,
+               coalesce(s.threads_completed, 0) + coalesce(d.completed, 0) AS n_completed,
+               coalesce(s.threads_failed, 0) + coalesce(d.failed, 0) AS n_failed,
+               coalesce(s.messages_synced, 0) + coalesce(d.messages, 0) AS n_messages,
+               coalesce(s.threads_retry_waiting, 0) + coalesce(d.retry_waiting, 0)
+                   AS n_retry_waiting,
                greatest(s.last_updated_at, d.last_at) AS n_last_at
-        FROM ids
-        JOIN flux_inbox_configurations c ON c.id = ids.id
-        LEFT JOIN inbox_sync_stats s ON s.config_id = c.id
-        CROSS JOIN LATERAL nova_unfolded_sync_stats(c.id) d
+        FROM c
+        -- one probe of its primary key per backfill (LIMIT keeps it a nested loop), not a
+        -- hash of every configuration's counters
+        LEFT JOIN LATERAL (SELECT * FROM inbox_sync_stats s WHERE s.config_id = c.id
+                           LIMIT 1) s ON true
+        LEFT JOIN d ON d.config_id = c.id
     )
     SELECT n.id, n.inbox_id, n.backfill_status, n.backfill_kind,
            n.discovery_completed_at IS NOT NULL, n.checkpoint_pages_done,
@@ -64,8 +85,15 @@ LANGUAGE sql STABLE AS $$
     SELECT c.id FROM flux_inbox_configurations c
     WHERE c.backfill_status = 'thread_sync' AND c.discovery_completed_at IS NOT NULL
       AND c.deleted_at IS NULL
+      -- open threads in two probes of small partial indexes: those not on a retry round
+      -- (queued_threads_open_config_idx), then a round in flight (retry_config_idx); the
+      -- (config_id, status) index would walk each backfill's completed threads too
       AND NOT EXISTS (SELECT 1 FROM queued_threads q
-                      WHERE q.config_id = c.id AND q.status IN ('queued', 'processing'))
+                      WHERE q.config_id = c.id AND q.status IN ('queued', 'processing')
+                        AND q.retry_at IS NULL)
+      AND NOT EXISTS (SELECT 1 FROM queued_threads q
+                      WHERE q.config_id = c.id AND q.retry_at IS NOT NULL
+                        AND q.status IN ('queued', 'processing'))
     ORDER BY c.id;
 $$;
 
@@ -108,13 +136,18 @@ DECLARE
 BEGIN
     FOREACH v_status IN ARRAY ARRAY['processed', 'skipped'] LOOP
         EXIT WHEN v_total >= p_batch;
-        WITH gone AS (
-            DELETE FROM flux_webhook_notifications n
-            WHERE n.id IN (SELECT x.id FROM flux_webhook_notifications x
-                           WHERE x.status = v_status AND x.received_at < p_before
-                           ORDER BY x.received_at LIMIT p_batch - v_total
-                           FOR UPDATE SKIP LOCKED)
-              AND n.status = v_status
+        -- The rows are picked and locked once (MATERIALIZED), then deleted: as `id IN
+        -- (... LIMIT FOR UPDATE SKIP LOCKED)` the planner could run the pick again for each
+        -- row (a nested loop), each run skipping the rows already deleted: more than the
+        -- batch went, in time quadratic in it.
+        WITH pick AS MATERIALIZED (
+            SELECT x.id FROM flux_webhook_notifications x
+            WHERE x.status = v_status AND x.received_at < p_before
+            ORDER BY x.received_at LIMIT p_batch - v_total
+            FOR UPDATE SKIP LOCKED
+        ), gone AS (
+            DELETE FROM flux_webhook_notifications n USING pick
+            WHERE n.id = pick.id AND n.status = v_status
             RETURNING 1)
         SELECT count(*) INTO v_n FROM gone;
         v_total := v_total + v_n;
@@ -149,13 +182,14 @@ BEGIN
         FOR NO KEY UPDATE OF c SKIP LOCKED
     LOOP
         EXIT WHEN v_left <= 0;
-        WITH gone AS (
-            DELETE FROM queued_threads q
-            WHERE q.id IN (SELECT x.id FROM queued_threads x
-                           WHERE x.config_id = v_config AND x.status = 'completed'
-                           ORDER BY x.id LIMIT v_left
-                           FOR UPDATE SKIP LOCKED)
-              AND q.status = 'completed'
+        WITH pick AS MATERIALIZED (  -- picked and locked once (nova_prune_notifications)
+            SELECT x.id FROM queued_threads x
+            WHERE x.config_id = v_config AND x.status = 'completed'
+            ORDER BY x.id LIMIT v_left
+            FOR UPDATE SKIP LOCKED
+        ), gone AS (
+            DELETE FROM queued_threads q USING pick
+            WHERE q.id = pick.id AND q.status = 'completed'
             RETURNING q.message_count)
         SELECT count(*), coalesce(sum(message_count), 0) INTO v_n, v_msgs FROM gone;
         IF v_n > 0 THEN
@@ -268,27 +302,53 @@ RETURNS TABLE (kind text, pruned bigint, last_pruned_at timestamptz)
 LANGUAGE sql STABLE AS $$
     SELECT substr(s.name, length('retention:') + 1), s.total, s.marked_at
     FROM nova_monitor_state s
-    WHERE s.name IN ('retention:notifications', 'retention:threads', 'retention:dead_letters')
+    WHERE s.name IN ('retention:notifications', 'retention:threads', 'retention:dead_letters',
+                     'retention:events')
     ORDER BY s.name;
 $$;
 
 -- --- queues -------------------------------------------------------------------------------
 
 -- Every queue's depth, oldest and newest message, messages ever sent and dead letters, for
--- `nova queues` and the metrics. pgmq.metrics counts the queue (its size is the work still to
--- do); the archive is counted exactly up to p_exact_cap and estimated past it (the planner's
--- row count, dead_letters_estimated), never sorted or walked whole.
+-- `nova queues` and the metrics. Nothing is walked whole: the queue and its archive are each
+-- counted exactly up to p_exact_cap and estimated past it (the planner's row count;
+-- queue_length_estimated, dead_letters_estimated). A queue counted whole gives its oldest and
+-- newest message exactly; a longer one gives them by message id, two probes of its key
+-- (ids follow the send order, give or take a sending transaction's length). pgmq.metrics
+-- scans the whole queue, bloat included: 120,000 queued jobs made `nova queues` 66-102 ms
+-- under load (issue #19).
+DROP FUNCTION IF EXISTS nova_queue_overview(integer);  -- its result gained a column
 CREATE OR REPLACE FUNCTION nova_queue_overview(p_exact_cap integer DEFAULT 10000)
 RETURNS TABLE (queue_name text, queue_length bigint, oldest_msg_age_sec integer,
                newest_msg_age_sec integer, total_messages bigint, dead_letters bigint,
-               dead_letters_estimated boolean)
+               dead_letters_estimated boolean, queue_length_estimated boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    q      text;
-    v_dead bigint;
-    v_est  bigint;
+    q        text;
+    v_len    bigint;
+    v_lenest bigint;
+    v_oldest timestamptz;
+    v_newest timestamptz;
+    v_total  bigint;
+    v_dead   bigint;
+    v_est    bigint;
 BEGIN
     FOR q IN SELECT m.queue_name FROM pgmq.meta m ORDER BY m.queue_name LOOP
+        EXECUTE format('SELECT count(*), min(a.enqueued_at), max(a.enqueued_at)'
+                       ' FROM (SELECT x.enqueued_at FROM pgmq.%I x LIMIT $1) a', 'q_' || q)
+            INTO v_len, v_oldest, v_newest USING p_exact_cap + 1;
+        v_lenest := NULL;
+        IF v_len > p_exact_cap THEN
+            SELECT greatest(c.reltuples::bigint, p_exact_cap + 1) INTO v_lenest
+            FROM pg_class c WHERE c.oid = to_regclass(format('pgmq.%I', 'q_' || q));
+            EXECUTE format('SELECT (SELECT x.enqueued_at FROM pgmq.%1$I x ORDER BY x.msg_id'
+                           ' LIMIT 1), (SELECT x.enqueued_at FROM pgmq.%1$I x'
+                           ' ORDER BY x.msg_id DESC LIMIT 1)', 'q_' || q)
+                INTO v_oldest, v_newest;
+        END IF;
+        EXECUTE format('SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END'
+                       ' FROM pgmq.%I s', 'q_' || q || '_msg_id_seq')
+            INTO v_total;
         EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM pgmq.%I LIMIT $1) a', 'a_' || q)
             INTO v_dead USING p_exact_cap + 1;
         v_est := NULL;
@@ -297,10 +357,10 @@ BEGIN
             FROM pg_class c WHERE c.oid = to_regclass(format('pgmq.%I', 'a_' || q));
         END IF;
         RETURN QUERY
-            SELECT m.queue_name::text, m.queue_length, m.oldest_msg_age_sec,
-                   m.newest_msg_age_sec, m.total_messages, coalesce(v_est, v_dead),
-                   v_est IS NOT NULL
-            FROM pgmq.metrics(q) m;
+            SELECT q::text, coalesce(v_lenest, v_len),
+                   extract(epoch FROM now() - v_oldest)::integer,
+                   extract(epoch FROM now() - v_newest)::integer,
+                   v_total, coalesce(v_est, v_dead), v_est IS NOT NULL, v_lenest IS NOT NULL;
     END LOOP;
 END;
 $$;

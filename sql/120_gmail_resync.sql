@@ -121,3 +121,100 @@ BEGIN
     RETURN QUERY SELECT v_pruned, v_queued;
 END;
 $$;
+
+-- Gmail resync fetches only threads that may differ (nova.gmail_resync). Before the resync
+-- lists its threads, it lists the mailbox's messages (id and thread id) into
+-- gmail_resync_listed_messages; then, for each page of threads.list, a listed thread is
+-- unchanged, and needs no request, only when all of these hold:
+-- * it is stored (a live thread row): (c) a thread not stored at all is fetched;
+-- * its listed historyId ("the ID of the last history record that modified this thread") is
+--   known and at most the thread's own historyId as of its last threads.get, which a thread
+--   sync keeps on each message it writes (raw.threadHistoryId): (a) a message added or a label
+--   changed since that fetch moves it. Only that fetch counts: a message's own historyId,
+--   moved by a history record applied after the expiry, says nothing of the records of the
+--   thread's other messages lost in the gap, and a fetch wrote every message it saw;
+-- * the ids of its live stored messages are exactly the ones messages.list gave for it: (b) a
+--   message deleted in the gap (whose deletion need not move the thread's historyId, and in
+--   the sandbox does not) is still stored live, and a message never stored is listed. A
+--   stored message the listing missed (one older than its `after:`) makes the sets differ:
+--   the thread is fetched. A message neither listed nor stored cannot hide behind the first
+--   test: the last threads.get wrote every message the thread had, and one added since moved
+--   the thread's historyId past it.
+-- Anything the listings saw after the history expiry that changed since is on its way through
+-- history sync, which restarted at the expiry. Threads stored but not listed are the prune's
+-- (above). Reads only: the caller's page transaction holds the configuration.
+CREATE OR REPLACE FUNCTION nova_resync_unchanged_threads(
+    p_config_id uuid, p_thread_ids text[], p_history_ids text[])
+RETURNS TABLE (provider_thread_id text, live integer)
+LANGUAGE sql STABLE AS $$
+    WITH listed AS (
+        SELECT DISTINCT ON (x.tid) x.tid,
+               CASE WHEN x.hid ~ '^[0-9]{1,30}$' THEN x.hid::numeric END AS hid
+        FROM unnest(p_thread_ids, p_history_ids) AS x(tid, hid)
+        WHERE x.tid IS NOT NULL
+        ORDER BY x.tid, x.hid DESC
+    )
+    SELECT l.tid, cardinality(s.ids)
+    FROM listed l
+    JOIN flux_inbox_configurations c ON c.id = p_config_id
+    JOIN flux_email_threads t
+      ON t.inbox_id = c.inbox_id AND t.provider_thread_id = l.tid AND t.deleted_at IS NULL
+    CROSS JOIN LATERAL (
+        SELECT max(CASE WHEN m.raw ->> 'threadHistoryId' ~ '^[0-9]{1,30}$'
+                        THEN (m.raw ->> 'threadHistoryId')::numeric END) AS fetched,
+               coalesce(array_agg(m.provider_message_id COLLATE "C"
+                                  ORDER BY m.provider_message_id COLLATE "C")
+                        FILTER (WHERE m.deleted_at IS NULL), '{}') AS ids
+        FROM flux_email_messages m WHERE m.thread_id = t.id
+    ) s
+    WHERE l.hid IS NOT NULL AND s.fetched >= l.hid AND cardinality(s.ids) > 0
+      AND s.ids = ARRAY(SELECT g.provider_message_id COLLATE "C"
+                        FROM gmail_resync_listed_messages g
+                        WHERE g.config_id = p_config_id AND g.provider_thread_id = l.tid
+                        ORDER BY g.provider_message_id COLLATE "C")
+$$;
+
+-- One page of a resync's threads: the unchanged ones (above) are recorded completed with their
+-- live messages' count and get no job; the others are queued as queue_discovered_threads
+-- queues a page (its lock order: queued threads in id order; counters by delta rows).
+-- Returns how many were queued and how many were unchanged.
+CREATE OR REPLACE FUNCTION nova_queue_resync_page(
+    p_config_id uuid, p_thread_ids text[], p_history_ids text[])
+RETURNS TABLE (queued integer, unchanged integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_same   text[];
+    v_live   integer[];
+    v_queued integer;
+BEGIN
+    SELECT coalesce(array_agg(u.provider_thread_id ORDER BY u.provider_thread_id), '{}'),
+           coalesce(array_agg(u.live ORDER BY u.provider_thread_id), '{}')
+    INTO v_same, v_live
+    FROM nova_resync_unchanged_threads(p_config_id, p_thread_ids, p_history_ids) u;
+    SELECT count(*) INTO v_queued FROM queue_discovered_threads(
+        p_config_id, ARRAY(SELECT DISTINCT t FROM unnest(p_thread_ids) AS t
+                           WHERE t <> ALL (v_same) ORDER BY t),
+        false, v_same);
+    IF cardinality(v_same) > 0 THEN
+        UPDATE queued_threads q SET message_count = u.live
+        FROM unnest(v_same, v_live) AS u(t, live)
+        WHERE q.config_id = p_config_id AND q.provider_thread_id = u.t
+          AND q.status = 'completed' AND q.message_count <> u.live;
+    END IF;
+    RETURN QUERY SELECT v_queued, cardinality(v_same);
+END;
+$$;
+
+-- Where a resync's message listing starts: the backfill's range, or earlier when a thread of
+-- the range holds older live messages (each must be listed for its thread to compare equal).
+CREATE OR REPLACE FUNCTION nova_resync_listing_start(p_config_id uuid)
+RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT least(c.backfill_since, (
+        SELECT min(m.sent_at) FROM flux_email_threads t
+        JOIN flux_email_messages m ON m.thread_id = t.id AND m.deleted_at IS NULL
+        WHERE t.inbox_id = c.inbox_id AND t.deleted_at IS NULL
+          AND t.last_message_at >= c.backfill_since))
+    FROM flux_inbox_configurations c WHERE c.id = p_config_id
+$$;

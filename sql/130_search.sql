@@ -311,18 +311,28 @@ END;
 $$;
 
 -- ------------------------------------------------------------------ the parser
--- The folder or label ids a label:/in: value names. Today folders hold provider ids only, so a
--- value names itself, upper-cased too (Gmail's system labels: in:inbox -> INBOX), and the usual
--- Gmail spellings (in:drafts -> DRAFT). When folders get names (issue 20, item 5) this is the
--- one place to add "the ids of the folders of this inbox with this name".
+-- The folder or label ids a label:/in: value names: the value itself (an id), upper-cased too
+-- (Gmail's system labels: in:inbox -> INBOX) and the usual Gmail spellings (in:drafts ->
+-- DRAFT); and the inbox's live folders whose role it is (in:sent finds a Nylas "Sent Items"
+-- folder's id) or whose name it is, case-insensitively, with Gmail's spelling of spaces and
+-- slashes as hyphens (label:my-receipts finds "My Receipts").
 CREATE OR REPLACE FUNCTION nova_search_folder_ids(p_inbox uuid, p_value text)
 RETURNS text[]
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT array_agg(DISTINCT v) FROM unnest(ARRAY[
-        p_value, upper(p_value),
-        CASE lower(p_value) WHEN 'drafts' THEN 'DRAFT' WHEN 'chats' THEN 'CHAT'
-                            WHEN 'sent' THEN 'SENT' WHEN 'trash' THEN 'TRASH'
-                            WHEN 'spam' THEN 'SPAM' END]) AS v
+    SELECT array_agg(DISTINCT v) FROM (
+        SELECT unnest(ARRAY[
+            p_value, upper(p_value),
+            CASE lower(p_value) WHEN 'drafts' THEN 'DRAFT' WHEN 'chats' THEN 'CHAT'
+                                WHEN 'sent' THEN 'SENT' WHEN 'trash' THEN 'TRASH'
+                                WHEN 'spam' THEN 'SPAM' END])
+        UNION ALL
+        SELECT f.provider_folder_id FROM flux_email_folders f
+        WHERE f.inbox_id = p_inbox AND f.deleted_at IS NULL
+          AND (f.role = CASE lower(p_value) WHEN 'draft' THEN 'drafts' WHEN 'junk' THEN 'spam'
+                                            ELSE lower(p_value) END
+               OR lower(f.name) = lower(p_value)
+               OR lower(translate(f.name, ' /', '--')) = lower(p_value))
+    ) x(v)
     WHERE v IS NOT NULL AND v <> '';
 $$;
 

@@ -198,6 +198,27 @@ def test_the_stuck_thread_sweep_walks_the_open_threads_in_slices_and_finds_every
     assert found["provider_thread_id"] == "t5500" and found["was"] == "queued"
 
 
+def test_the_premature_completion_sweep_walks_open_backfills_in_slices_and_finds_each(
+        conn: Conn) -> None:
+    # 301 backfills with an open thread each; the one with the highest id, past the first
+    # slice of 250, says completed.
+    conn.execute("INSERT INTO flux_inboxes (grant_id, email) SELECT 'g-pc' || g,"
+                 " 'pc' || g || '@example.com' FROM generate_series(1, 301) g")
+    conn.execute("INSERT INTO flux_inbox_configurations (inbox_id, backfill_status)"
+                 " SELECT id, 'thread_sync' FROM flux_inboxes WHERE grant_id LIKE 'g-pc%'")
+    conn.execute("INSERT INTO queued_threads (config_id, inbox_id, provider_thread_id)"
+                 " SELECT id, inbox_id, 't' FROM flux_inbox_configurations")
+    last = scalar(conn, "SELECT id FROM flux_inbox_configurations ORDER BY id DESC LIMIT 1")
+    conn.execute("UPDATE flux_inbox_configurations SET backfill_status = 'completed',"
+                 " backfill_completed_at = now() WHERE id = %s", (last,))
+    assert rows(conn, "SELECT * FROM recover_premature_completions()") == []  # first 250
+    [found] = rows(conn, "SELECT * FROM recover_premature_completions()")
+    assert found["config_id"] == last and found["threads_open"] == 1
+    assert scalar(conn, "SELECT backfill_status FROM flux_inbox_configurations WHERE id = %s",
+                  (last,)) == "thread_sync"
+    assert rows(conn, "SELECT * FROM recover_premature_completions()") == []  # from the start
+
+
 def test_the_queue_overview_estimates_a_large_archive_instead_of_counting_it(
         conn: Conn) -> None:
     conn.execute("SELECT pgmq.archive('inbox_backfill_jobs', pgmq.send('inbox_backfill_jobs',"
@@ -210,6 +231,70 @@ def test_the_queue_overview_estimates_a_large_archive_instead_of_counting_it(
     assert capped["inbox_backfill_jobs"]["dead_letters_estimated"] is True
     assert capped["inbox_backfill_jobs"]["dead_letters"] >= 11
     assert capped["thread_sync_jobs"]["dead_letters"] == 0
+
+
+def test_the_queue_overview_estimates_a_long_queue_instead_of_counting_it(conn: Conn) -> None:
+    conn.execute("SELECT pgmq.send('inbox_backfill_jobs', '{}'::jsonb)"
+                 " FROM generate_series(1, 30)")
+    conn.execute("ANALYZE pgmq.q_inbox_backfill_jobs")
+    exact = {r["queue_name"]: r for r in rows(conn, "SELECT * FROM nova_queue_overview(100)")}
+    assert exact["inbox_backfill_jobs"]["queue_length"] == 30
+    assert exact["inbox_backfill_jobs"]["queue_length_estimated"] is False
+    assert exact["inbox_backfill_jobs"]["oldest_msg_age_sec"] is not None
+    capped = {r["queue_name"]: r for r in rows(conn, "SELECT * FROM nova_queue_overview(10)")}
+    assert capped["inbox_backfill_jobs"]["queue_length_estimated"] is True
+    assert capped["inbox_backfill_jobs"]["queue_length"] >= 11
+    assert capped["inbox_backfill_jobs"]["oldest_msg_age_sec"] is not None
+    assert capped["inbox_backfill_jobs"]["total_messages"] == 30
+    assert capped["thread_sync_jobs"]["queue_length"] == 0
+    assert capped["thread_sync_jobs"]["queue_length_estimated"] is False
+
+
+def test_running_backfills_figures_are_the_same_before_and_after_the_fold(conn: Conn) -> None:
+    configs = []
+    for i in range(3):
+        inbox = add_inbox(conn, grant_id=f"g-f{i}")
+        configs.append(start_backfill(conn, inbox))
+        for t in range(i + 2):
+            conn.execute("SELECT queue_thread_sync(%s, %s)", (configs[-1], f"t{t}"))
+    fold(conn)
+    conn.execute("UPDATE queued_threads SET status = 'completed', message_count = 2"
+                 " WHERE provider_thread_id = 't0'")
+    conn.execute("UPDATE queued_threads SET status = 'processing' WHERE provider_thread_id = 't1'")
+    figures = ("config_id", "threads_queued", "threads_pending", "threads_processing",
+               "threads_completed", "messages_synced")
+    before = [{k: r[k] for k in figures}
+              for r in rows(conn, "SELECT * FROM nova_backfill_progress('{}', true)")]
+    assert scalar(conn, "SELECT count(*) FROM inbox_sync_stats_deltas") > 0
+    assert fold(conn) > 0
+    after = [{k: r[k] for k in figures}
+             for r in rows(conn, "SELECT * FROM nova_backfill_progress('{}', true)")]
+    assert before == after
+    assert [r["threads_completed"] for r in after] == [1, 1, 1]
+    assert [r["threads_processing"] for r in after] == [1, 1, 1]
+    assert [r["threads_pending"] for r in after] == [0, 1, 2]
+
+
+async def test_the_monitors_retention_pass_prunes_its_batch_and_no_more(
+        pool: Any, conn: Conn) -> None:
+    from nova.completion import PRUNE_CHUNK, CompletionMonitor
+    from nova.config import load_settings
+
+    total = PRUNE_CHUNK * 2 + 50
+    conn.execute("INSERT INTO flux_webhook_notifications (webhook_id, notification_type,"
+                 " grant_id, payload, status, received_at) SELECT 'wh-old-' || g,"
+                 " 'message.created', 'g-p', '{}'::jsonb, 'processed', now() - interval '8 days'"
+                 " FROM generate_series(1, %s) g", (total,))
+    # More than one statement's worth (PRUNE_CHUNK each), less than what is prunable. The
+    # pick of a statement once ran again per deleted row and took more than it was asked.
+    batch = PRUNE_CHUNK + 10
+    monitor = CompletionMonitor(load_settings(retention_days=7, retention_batch=batch,
+                                              grant_recheck_seconds=0), pool=pool)
+    assert (await monitor.prune())["notifications"] == batch
+    assert (await monitor.prune())["notifications"] == batch
+    assert (await monitor.prune())["notifications"] == total - 2 * batch
+    assert "notifications" not in await monitor.prune()
+    assert scalar(conn, "SELECT count(*) FROM flux_webhook_notifications") == 0
 
 
 def test_only_backfills_whose_rows_may_be_done_are_recounted(conn: Conn) -> None:

@@ -165,6 +165,23 @@ def test_deleted_messages_never_match(conn: psycopg.Connection[Any],
     assert found(conn, mailbox, "-lunch") == ["old"]
 
 
+def test_label_and_in_find_folders_by_name_and_role(conn: psycopg.Connection[Any],
+                                                    mailbox: uuid.UUID) -> None:
+    conn.execute(
+        "INSERT INTO flux_email_folders (inbox_id, provider_folder_id, name, role) VALUES"
+        " (%(i)s, 'Label_42', 'My Receipts/2026', NULL), (%(i)s, 'SENT', 'SENT', 'sent'),"
+        " (%(i)s, 'Label_9', 'Gone', NULL)", {"i": mailbox})
+    conn.execute("UPDATE flux_email_folders SET deleted_at = now() WHERE name = 'Gone'")
+    assert found(conn, mailbox, 'label:"my receipts/2026"') == ["news"]
+    assert found(conn, mailbox, "label:my-receipts-2026") == ["news"]   # Gmail's spelling
+    assert found(conn, mailbox, "in:sent") == ["lunch"]
+    assert found(conn, mailbox, "label:gone") == []                     # a deleted folder
+    other = add_inbox(conn)
+    conn.execute("INSERT INTO flux_email_folders (inbox_id, provider_folder_id, name)"
+                 " VALUES (%s, 'INBOX', 'Receipts')", (other,))
+    assert found(conn, mailbox, "label:receipts") == []                 # another inbox's name
+
+
 def test_other_inboxes_never_match(conn: psycopg.Connection[Any], mailbox: uuid.UUID) -> None:
     other = add_inbox(conn)
     add_message(conn, other, "elsewhere", subject="invoice", attachment=("zebra.pdf", "zebra"))

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.embedded
 
 
 ROOT = Path(__file__).resolve().parent.parent
-PROCESSORS = ["webhooks", "backfill", "threads", "completion", "attachments", "receiver"]
+# hooks is optional (a compose profile, a PM2 switch) but shipped: it starts from the same files.
+PROCESSORS = ["webhooks", "backfill", "threads", "completion", "attachments", "receiver", "hooks"]
 SECRET = "shipped-webhook-secret"
 
 

@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from .folders import Folder
 from .models import Attachment, Grant, Message, Page, Thread
 
 
@@ -76,3 +77,20 @@ class ChangeFeed(Protocol):
                            page_token: str | None = None) -> Any:
         """One page of changes after ``cursor`` (CursorExpired when it is too old)."""
         ...
+
+
+@runtime_checkable
+class FolderSource(Protocol):
+    """A provider that lists a mailbox's folders or labels (nova.folders)."""
+
+    async def list_folders(self, grant_id: str) -> list[Folder]:
+        """Every folder: a complete listing (one not listed is gone)."""
+        ...
+
+
+@runtime_checkable
+class FolderDetails(Protocol):
+    """A provider whose listing lacks colours and counts (Gmail's labels.list): one folder in
+    full, None when it is gone."""
+
+    async def get_folder(self, grant_id: str, folder_id: str) -> Folder | None: ...

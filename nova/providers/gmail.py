@@ -22,7 +22,8 @@ Google documentation relied on:
   invalid credentials (refresh the token), 403 ``userRateLimitExceeded`` / ``rateLimitExceeded``
   / ``dailyLimitExceeded`` and 429 ``rateLimitExceeded`` or "Too many concurrent requests"
   (back off), 403 ``insufficientPermissions`` (the grant lacks a scope: re-authorise), 404 not
-  found (for history.list: ``startHistoryId`` too old, "perform a full sync"), 5xx backend.
+  found (for history.list: ``startHistoryId`` too old, "perform a full sync"), 5xx backend
+  (nova.providers.gmail_errors).
 * History: https://developers.google.com/workspace/gmail/api/guides/sync (partial sync,
   history records valid for at least a week, 404 -> full sync).
 * Attachments: a part's ``body.attachmentId`` for users.messages.attachments.get, or its
@@ -33,7 +34,6 @@ Google documentation relied on:
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,14 +44,11 @@ import httpx
 
 from . import gmail_api
 from .clean import clean, loads
-from .errors import (
-    AuthExpired,
-    NotFound,
-    Permanent,
-    ProviderError,
-    RateLimited,
-    Transient,
-)
+from .errors import AuthExpired, NotFound, Transient
+from .folders import Folder, parse_gmail_label, with_parents
+from .gmail_errors import QUOTA_HOLD_SECONDS as QUOTA_HOLD_SECONDS
+from .gmail_errors import error_from_response
+from .gmail_errors import is_rate_refusal as is_rate_refusal
 from .gmail_mime import (
     decode_body_data,
     find_attachment_part,
@@ -59,7 +56,6 @@ from .gmail_mime import (
     parse_thread_messages,
 )
 from .models import Attachment, Grant, Message, Page, Thread
-from .nylas import parse_retry_after
 
 DEFAULT_API_URI = "https://gmail.googleapis.com"
 MAX_LIST = 500  # threads.list / history.list maxResults maximum
@@ -68,13 +64,6 @@ DEFAULT_COSTS: dict[str, int] = {
     "history.list": 2, "messages.list": 5, "messages.get": 5, "messages.attachments.get": 5,
     "threads.list": 10, "threads.get": 10,
 }
-RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
-SCOPE_REASONS = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
-                           "forbidden"})
-# A quota refusal names no Retry-After: every worker of the user holds this long (the budget
-# keeps the rate under the quota, so refusals are rare: clock skew, another client).
-QUOTA_HOLD_SECONDS = 2.0
-DAILY_HOLD_SECONDS = 300.0
 HISTORY_TYPES = ("messageAdded", "messageDeleted", "labelAdded", "labelRemoved")
 
 
@@ -109,6 +98,14 @@ class HistoryPage:
 
 
 @dataclass(frozen=True)
+class MessageRef:
+    """A messages.list item: the message's id and its thread's."""
+
+    id: str
+    thread_id: str
+
+
+@dataclass(frozen=True)
 class Watch:
     history_id: str | None
     expiration: datetime | None
@@ -123,54 +120,6 @@ def budget_key(request: httpx.Request) -> tuple[str, float] | None:
 
 def user_key(email: str) -> str:
     return "gmail:" + email.lower()
-
-
-def is_rate_refusal(status: int, body: bytes) -> bool:
-    """A quota or concurrency refusal: 429, or 403 with a rate-limit reason."""
-    if status == 429:
-        return True
-    return status == 403 and bool(_reasons(body) & RATE_REASONS)
-
-
-def _reasons(body: bytes) -> set[str]:
-    err = _error_json(body)
-    reasons = {str(e.get("reason")) for e in err.get("errors") or () if isinstance(e, dict)}
-    details = err.get("details")
-    for d in details if isinstance(details, list) else ():
-        if isinstance(d, dict) and d.get("reason"):
-            reasons.add(str(d["reason"]))
-    return reasons
-
-
-def _error_json(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    err = data.get("error") if isinstance(data, dict) else None
-    return err if isinstance(err, dict) else {}
-
-
-def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) -> ProviderError:
-    """Classify a Gmail error answer (handle-errors guide); bodies may be anything."""
-    err = _error_json(body)
-    reasons = _reasons(body)
-    message = str(err.get("message") or "") or \
-        body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
-    kw: dict[str, Any] = {"status": status, "error_type": ",".join(sorted(reasons)) or None,
-                          "provider": "gmail"}
-    if is_rate_refusal(status, body):
-        hold = parse_retry_after(headers.get("retry-after")) or QUOTA_HOLD_SECONDS
-        return RateLimited(message, retry_after=hold, **kw)
-    if status == 403 and "dailyLimitExceeded" in reasons:
-        return RateLimited(message, retry_after=DAILY_HOLD_SECONDS, **kw)
-    if status == 401 or (status == 403 and reasons & SCOPE_REASONS):
-        return AuthExpired(message, **kw)
-    if status == 404:
-        return NotFound(message, **kw)
-    if status == 408 or status >= 500:
-        return Transient(message, **kw)
-    return Permanent(message, **kw)
 
 
 class GmailProvider:
@@ -254,21 +203,23 @@ class GmailProvider:
     async def list_threads_page(self, grant_id: str, *, page_token: str | None = None,
                                 limit: int = 50, received_after: datetime | None = None,
                                 received_before: datetime | None = None) -> Page[Thread]:
-        terms = []
-        if received_after is not None:
-            terms.append(f"after:{int(received_after.timestamp())}")
-        if received_before is not None:
-            terms.append(f"before:{int(received_before.timestamp())}")
-        params: dict[str, Any] = {"userId": grant_id, "maxResults": max(1, min(limit, MAX_LIST)),
-                                  "includeSpamTrash": True}
-        if terms:
-            params["q"] = " ".join(terms)
-        if page_token:
-            params["pageToken"] = page_token
-        data = await self._api(grant_id, "threads.list", **params)
+        data = await self._api(grant_id, "threads.list", **_list_params(
+            grant_id, page_token, limit, received_after, received_before))
         threads = [_listed_thread(t, grant_id) for t in data.get("threads") or ()
                    if isinstance(t, dict) and t.get("id")]
         return Page(threads, _token(data))
+
+    async def list_message_refs(self, grant_id: str, *, page_token: str | None = None,
+                                limit: int = MAX_LIST, received_after: datetime | None = None,
+                                received_before: datetime | None = None) -> Page[MessageRef]:
+        """messages.list: each message's id and thread id, no more (5 units a page of up to
+        500), over the same mailbox as threads.list (spam and trash included, as threads.get
+        gives a thread's messages wherever they are) and the same ``after:``/``before:``."""
+        data = await self._api(grant_id, "messages.list", **_list_params(
+            grant_id, page_token, limit, received_after, received_before))
+        refs = [MessageRef(str(m["id"]), str(m["threadId"])) for m in data.get("messages") or ()
+                if isinstance(m, dict) and m.get("id") and m.get("threadId")]
+        return Page(refs, _token(data))
 
     async def get_thread(self, grant_id: str, thread_id: str) -> Thread:
         messages = await self._thread_messages(grant_id, thread_id)
@@ -286,15 +237,9 @@ class GmailProvider:
         messages.list, then a messages.get per listed message."""
         if thread_id is not None:
             return Page(await self._thread_messages(grant_id, thread_id), None)
-        params: dict[str, Any] = {"userId": grant_id, "maxResults": max(1, min(limit, MAX_LIST)),
-                                  "includeSpamTrash": True}
-        if page_token:
-            params["pageToken"] = page_token
-        data = await self._api(grant_id, "messages.list", **params)
-        ids = [str(m["id"]) for m in data.get("messages") or () if isinstance(m, dict)
-               and m.get("id")]
-        found = await asyncio.gather(*(self._get_or_none(grant_id, i) for i in ids))
-        return Page([m for m in found if m is not None], _token(data))
+        refs = await self.list_message_refs(grant_id, page_token=page_token, limit=limit)
+        found = await asyncio.gather(*(self._get_or_none(grant_id, r.id) for r in refs.items))
+        return Page([m for m in found if m is not None], refs.next_page_token)
 
     async def _get_or_none(self, grant_id: str, message_id: str) -> Message | None:
         try:
@@ -403,6 +348,24 @@ class GmailProvider:
     async def stop(self, grant_id: str) -> None:
         await self._api(grant_id, "stop", userId=grant_id)
 
+    # --- labels (nova.folders) --------------------------------------------------------------
+    async def list_folders(self, grant_id: str) -> list[Folder]:
+        """Every label (labels.list, 1 unit): ids, names and types; parents from the names.
+        The list carries no colours or counts (get_folder does)."""
+        data = await self._api(grant_id, "labels.list", userId=grant_id)
+        items = data.get("labels") or []
+        if not isinstance(items, list):
+            raise Transient("labels.list answered without a list", provider="gmail")
+        return with_parents([f for f in map(parse_gmail_label, items) if f is not None])
+
+    async def get_folder(self, grant_id: str, folder_id: str) -> Folder | None:
+        """One label in full (labels.get, 1 unit): colour and counts. None when gone."""
+        try:
+            data = await self._api(grant_id, "labels.get", userId=grant_id, id=folder_id)
+        except NotFound:
+            return None
+        return parse_gmail_label(data, detailed=True)
+
 
 class _Download:
     """:class:`~nova.providers.base.AttachmentStream` over bytes Gmail sent as JSON (at most
@@ -429,6 +392,21 @@ def _str(value: Any) -> str | None:
 def _token(data: Mapping[str, Any]) -> str | None:
     token = data.get("nextPageToken")
     return str(token) if token else None
+
+
+def _list_params(grant_id: str, page_token: str | None, limit: int, after: datetime | None,
+                 before: datetime | None) -> dict[str, Any]:
+    """threads.list / messages.list: the whole mailbox, spam and trash included, between
+    ``after:`` and ``before:`` in epoch seconds (the filtering guide's form)."""
+    terms = [f"{name}:{int(when.timestamp())}"
+             for name, when in (("after", after), ("before", before)) if when is not None]
+    params: dict[str, Any] = {"userId": grant_id, "maxResults": max(1, min(limit, MAX_LIST)),
+                              "includeSpamTrash": True}
+    if terms:
+        params["q"] = " ".join(terms)
+    if page_token:
+        params["pageToken"] = page_token
+    return params
 
 
 def _listed_thread(item: Mapping[str, Any], grant_id: str) -> Thread:

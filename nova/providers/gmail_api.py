@@ -1,7 +1,7 @@
 """The Gmail API v1 requests Nova sends: each method's HTTP verb, path and query parameters as
 Google's discovery document gives them (https://gmail.googleapis.com/$discovery/rest?version=v1).
 
-Nova calls nine methods of a stable API. Building their requests from this table rather than
+Nova calls eleven methods of a stable API. Building their requests from this table rather than
 with google-api-python-client's discovery client keeps that package (about 115 MB installed,
 most of it the discovery documents of every Google API, and google-api-core, protobuf,
 httplib2 and requests with it) out of the production install. The tests keep it as the
@@ -39,6 +39,8 @@ METHODS: dict[str, Method] = {
     "messages.get": Method("GET", "gmail/v1/users/{userId}/messages/{id}", _GET),
     "messages.attachments.get": Method(
         "GET", "gmail/v1/users/{userId}/messages/{messageId}/attachments/{id}"),
+    "labels.list": Method("GET", "gmail/v1/users/{userId}/labels"),
+    "labels.get": Method("GET", "gmail/v1/users/{userId}/labels/{id}"),
     "history.list": Method("GET", "gmail/v1/users/{userId}/history", frozenset(
         {"historyTypes", "labelId", "maxResults", "pageToken", "startHistoryId"})),
 }

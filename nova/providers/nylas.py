@@ -24,6 +24,8 @@ Nylas documentation relied on:
   (https://developer.nylas.com/docs/reference/api/messages/, SDK ``ListMessagesQueryParams``).
 * Attachments: ``GET /v3/grants/{g}/attachments/{id}?message_id=`` (metadata) and
   ``.../download?message_id=`` (bytes) (https://developer.nylas.com/docs/reference/api/attachments/).
+* Folders: ``GET /v3/grants/{g}/folders`` (``limit``, ``page_token``; one list for folders
+  and labels) (https://developer.nylas.com/docs/reference/api/folders/).
 * Grants: ``GET /v3/grants/{grant_id}`` answers the grant, ``grant_status`` ``valid`` or
   ``invalid`` (expired) (https://developer.nylas.com/docs/reference/api/manage-grants/; the
   SDK's ``grants.find``).
@@ -60,6 +62,7 @@ from .errors import (
     Transient,
     Unauthorized,
 )
+from .folders import Folder, parse_nylas_folder
 from .models import MESSAGE_FIELDS, Attachment, Grant, Message, Page, Participant, Thread
 
 DEFAULT_API_URI = "https://api.us.nylas.com"
@@ -447,6 +450,25 @@ class NylasProvider:
             raise Transient(f"timeout after {self.timeout}s: GET {path}") from exc
         except httpx.TransportError as exc:
             raise Transient(f"transport error: {exc!r}") from exc
+
+    # ------------------------------------------------------------------ folders
+    async def list_folders(self, grant_id: str) -> list[Folder]:
+        """Every folder (label) of the grant: ``GET /v3/grants/{g}/folders``, every page
+        (https://developer.nylas.com/docs/reference/api/folders/get-folder/: sub-folders
+        flattened into one list, ``parent_id`` on a child). A folder without a usable id is
+        left out."""
+        params: dict[str, Any] = {"limit": MAX_LIMIT}
+        out: list[Folder] = []
+        while True:
+            data = await self._get_json(self._g(grant_id) + "/folders", params)
+            items = data["data"]
+            if not isinstance(items, list):
+                raise Transient("malformed folder list: data is not a list")
+            out += [f for f in (parse_nylas_folder(item) for item in items) if f is not None]
+            token = data.get("next_cursor")
+            if not token:
+                return out
+            params = {"limit": MAX_LIMIT, "page_token": str(token)}
 
     # ------------------------------------------------------------------ grants
     async def get_grant(self, grant_id: str) -> Grant:

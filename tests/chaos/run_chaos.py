@@ -74,7 +74,7 @@ from pydantic import AliasChoices  # noqa: E402
 
 from nova import db  # noqa: E402
 from nova.config import Settings  # noqa: E402
-from tests.chaos import _gmail, _infra, _report, _timing, _verify  # noqa: E402
+from tests.chaos import _events, _gmail, _infra, _report, _timing, _verify  # noqa: E402
 
 API_KEY = "chaos-api-key"
 WEBHOOK_SECRET = "chaos-webhook-secret"
@@ -676,6 +676,8 @@ class ChaosRun:
                 await self.gmail.start(self.receiver_port)
                 self.watches["gmail"] = Watch()
             pool = await db.create_pool(self.url, min_size=1, max_size=4)
+            feed = _events.Follower(self.url)  # the change feed replayed into a copy
+            feed.start()
             inbox_id = await pool.fetchval(
                 "INSERT INTO flux_inboxes (provider, grant_id, email)"
                 " VALUES ('nylas', $1, $2) RETURNING id", grant, f"{grant}@sandbox.test")
@@ -771,6 +773,7 @@ class ChaosRun:
 
             verify_started = time.monotonic()
             report = await self._verify(pool, client, grant, inbox_id, config_id, problems)
+            await feed.finish(report, problems)
             report["run"].update(server_version=version)
             if self.gmail is not None:
                 report["gmail"] = await self.gmail.verify(

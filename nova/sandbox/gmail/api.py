@@ -5,7 +5,9 @@ reference pages under https://developers.google.com/workspace/gmail/api/referenc
 
 * ``GET  users/{userId}/profile`` -- getProfile: ``{emailAddress, messagesTotal, threadsTotal,
   historyId}``
-* ``GET  users/{userId}/labels`` -- labels.list
+* ``GET  users/{userId}/labels`` -- labels.list (id, name, visibility, type: no colour or
+  counts); ``GET labels/{id}`` (labels.get: in full), ``POST labels``, ``PATCH labels/{id}``,
+  ``DELETE labels/{id}`` (:mod:`.labels`)
 * ``GET  users/{userId}/threads`` -- threads.list: ``maxResults`` (default 100, at most 500),
   ``pageToken``, ``q``, ``labelIds`` (repeated), ``includeSpamTrash``; items ``{id, snippet,
   historyId}``; ``nextPageToken``, ``resultSizeEstimate``; no ``threads`` key when empty
@@ -51,10 +53,10 @@ from urllib.parse import unquote
 from zoneinfo import ZoneInfo
 
 from . import errors as E
-from .auth import METADATA, AccessToken
+from .auth import METADATA, READONLY, AccessToken
 from .errors import ApiError, Reply
 from .generate import USER_LABELS, MessageSpec, ThreadSpec
-from .mailbox import HISTORY_TYPES, MAX_RESULTS, HistoryGone, check_labels, label_list
+from .mailbox import HISTORY_TYPES, MAX_RESULTS, HistoryGone, check_labels
 from .mime import b64url, fill, leaf_bytes, metadata, snippet
 from .state import THROTTLE_FAULTS, Refusal
 from .tokens import BadPageToken
@@ -111,6 +113,12 @@ class Api:
             ("POST", re.compile(u + r"/watch$"), "watch", self.watch),
             ("POST", re.compile(u + r"/stop$"), "stop", self.stop),
             ("GET", re.compile(u + r"/labels$"), "labels.list", self.labels),
+            ("POST", re.compile(u + r"/labels$"), "labels.create", self.create_label),
+            ("GET", re.compile(u + r"/labels/(?P<id>[^/]+)$"), "labels.get", self.get_label),
+            ("PATCH", re.compile(u + r"/labels/(?P<id>[^/]+)$"), "labels.patch",
+             self.patch_label),
+            ("DELETE", re.compile(u + r"/labels/(?P<id>[^/]+)$"), "labels.delete",
+             self.delete_label),
             ("GET", re.compile(u + r"/history$"), "history.list", self.history),
             ("GET", re.compile(u + r"/messages$"), "messages.list", self.list_messages),
             ("GET", re.compile(u + r"/messages/(?P<id>[^/]+)$"), "messages.get",
@@ -325,7 +333,42 @@ class Api:
                             "historyId": str(mb.user(p.email).history_id)})
 
     async def labels(self, p: Prepared) -> Reply:
-        return self._ok(p, {"labels": label_list()})
+        return self._ok(p, {"labels": self.sb.labels.listed(p.email)})
+
+    # labels.get / create / patch / delete: nova.sandbox.gmail.labels. Writes need a scope
+    # that may change labels (gmail.labels, gmail.modify or the full one).
+    async def get_label(self, p: Prepared) -> Reply:
+        return self._ok(p, self.sb.labels.get(p.email, p.params["id"]))
+
+    def _label_body(self, p: Prepared) -> dict[str, Any]:
+        if p.token.scope in (READONLY, METADATA):
+            raise E.insufficient_scope("Request had insufficient authentication scopes.")
+        try:
+            body = json.loads(p.call.body or b"{}")
+        except ValueError as exc:
+            raise E.invalid_argument("Invalid JSON payload received.") from exc
+        if not isinstance(body, dict):
+            raise E.invalid_argument("Invalid JSON payload received.")
+        raw_color = body.get("color")
+        color: dict[str, Any] = raw_color if isinstance(raw_color, dict) else {}
+        return {"name": body.get("name"), "background_color": color.get("backgroundColor"),
+                "text_color": color.get("textColor")}
+
+    async def create_label(self, p: Prepared) -> Reply:
+        body = self._label_body(p)
+        return self._ok(p, self.sb.labels.create(p.email, str(body.pop("name") or ""), **body))
+
+    async def patch_label(self, p: Prepared) -> Reply:
+        body = self._label_body(p)
+        name = body.pop("name")
+        return self._ok(p, self.sb.labels.patch(p.email, p.params["id"],
+                                                name=None if name is None else str(name),
+                                                **body))
+
+    async def delete_label(self, p: Prepared) -> Reply:
+        self._label_body(p)
+        self.sb.labels.delete(p.email, p.params["id"])
+        return Reply(204, b"")
 
     async def list_messages(self, p: Prepared) -> Reply:
         items, nxt, estimate = self.sb.mailbox.list_messages(p.email, **self._list_args(p))

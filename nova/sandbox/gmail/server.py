@@ -38,6 +38,7 @@ from .._server import LoopbackServer
 from .api import Api
 from .app import build_app
 from .auth import READONLY, OAuth
+from .labels import Labels
 from .mailbox import HistoryRecord, Mailbox
 from .push import DEFAULT_RETRY_DELAYS, WATCH_TTL, Push, PushConfig
 from .state import Faults, Gate, Quota, Stats
@@ -95,6 +96,7 @@ class SandboxGmail(LoopbackServer):
             min_interval=push_min_interval, delay=push_delay, drop_share=push_drop_share,
             number_share=push_number_share, retry_delays=tuple(push_retry_delays),
             excess=push_excess, watch_ttl=watch_ttl), seed)
+        self.labels = Labels(self.mailbox)
         self.api = Api(self)
         self.app = build_app(self)
         self._init_server(host, port)
@@ -358,6 +360,18 @@ class SandboxGmail(LoopbackServer):
         self._changed(email, recs)
         return {"id": msg.id, "threadId": msg.thread_id, "labelIds": list(msg.labels),
                 "historyId": self.history_id(email), "records": [r.id for r in recs]}
+
+    # Labels (.labels): Gmail's history records none of these, and nothing is pushed.
+    def create_label(self, email: str, name: str, *, background_color: str | None = None,
+                     text_color: str | None = None) -> dict[str, Any]:
+        return self.labels.create(self._email(email), name, background_color=background_color,
+                                  text_color=text_color)
+
+    def rename_label(self, email: str, label_id: str, name: str) -> dict[str, Any]:
+        return self.labels.patch(self._email(email), label_id, name=name)
+
+    def delete_label(self, email: str, label_id: str) -> None:
+        self.labels.delete(self._email(email), label_id)
 
     def expire_history(self, email: str, through: int | None = None) -> int:
         """Forget history up to ``through`` (default: all of it); a ``startHistoryId`` below

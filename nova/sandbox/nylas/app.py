@@ -5,6 +5,8 @@ https://developer.nylas.com/docs/reference/api/):
 
 * ``GET /v3/grants/{grant_id}`` -- grant object (``data``), answered even for an expired grant
   (``grant_status: "invalid"``).
+* ``GET /v3/grants/{grant_id}/folders`` -- ``limit``, ``page_token``: every folder
+  (:mod:`.folders`).
 * ``GET /v3/grants/{grant_id}/threads`` -- ``limit`` (1..200, default 50), ``page_token``,
   ``latest_message_after`` / ``latest_message_before`` (Nylas' thread filters; the sandbox
   also accepts ``received_after`` / ``received_before``), ``in``, ``unread``, ``starred``.
@@ -164,6 +166,12 @@ def build_app(sb: SandboxNylas) -> Starlette:
     async def get_grant(request: Request, grant: GrantRec) -> Response:
         return _ok(grant.to_json())
 
+    async def list_folders(request: Request, grant: GrantRec) -> Response:
+        q = request.query_params
+        data, nxt = sb.folders.page(grant, limit=_int(q, "limit", 50, 1, MAX_LIMIT) or 50,
+                                    cursor=q.get("page_token") or None)
+        return _ok(data, **({"next_cursor": nxt} if nxt else {}))
+
     def thread_pred(q: Any) -> Callable[[Any], bool] | None:
         folder, unread, starred = q.get("in"), _bool(q, "unread"), _bool(q, "starred")
         if folder is None and unread is None and starred is None:
@@ -251,6 +259,7 @@ def build_app(sb: SandboxNylas) -> Starlette:
 
     routes = [
         Route("/v3/grants/{grant_id}", api("get_grant", get_grant, allow_expired=True)),
+        Route("/v3/grants/{grant_id}/folders", api("list_folders", list_folders)),
         Route("/v3/grants/{grant_id}/threads", api("list_threads", list_threads)),
         Route("/v3/grants/{grant_id}/threads/{thread_id}", api("get_thread", get_thread)),
         Route("/v3/grants/{grant_id}/messages", api("list_messages", list_messages)),

@@ -33,6 +33,7 @@ from nylas.models.webhooks import WebhookTriggers
 
 from .._server import LoopbackServer
 from .app import build_app
+from .folders import FolderRec, Folders, folder_event
 from .generate import stable_hex
 from .mailbox import Mailbox
 from .state import Faults, RateLimiter, Stats
@@ -54,10 +55,11 @@ class Mutation:
     message: dict[str, Any] | None = None
     thread: dict[str, Any] | None = None
     grant: dict[str, Any] | None = None
+    folder: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"notifications": [n.payload for n in self.notifications]}
-        for key in ("message", "thread", "grant"):
+        for key in ("message", "thread", "grant", "folder"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -105,6 +107,7 @@ class SandboxNylas(LoopbackServer):
         self.webhooks.set_transformed_fields(transformed_fields)
         self.outbox = Outbox(webhook_url, webhook_timeout, retry_delays=webhook_retry_delays,
                              gzipped=webhook_gzip)
+        self.folders = Folders(self.mailbox)
         self._replies = 0
         self.app = build_app(self)
         self._init_server(host, port)
@@ -306,6 +309,36 @@ class SandboxNylas(LoopbackServer):
         for tid in picked:
             self.add_message(grant_id, thread_id=tid, send=send)
         return picked
+
+    # Folders (.folders): each change announced as folder.created / .updated / .deleted.
+    def create_folder(self, grant_id: str, name: str, *, parent_id: str | None = None,
+                      background_color: str | None = None, text_color: str | None = None,
+                      folder_id: str | None = None, send: bool = True,
+                      duplicate: bool = False) -> Mutation:
+        rec = self.folders.create(grant_id, name, parent_id=parent_id, folder_id=folder_id,
+                                  background_color=background_color, text_color=text_color)
+        return self._folder_changed(WebhookTriggers.FOLDER_CREATED, grant_id, rec, send,
+                                    duplicate)
+
+    def update_folder(self, grant_id: str, folder_id: str, *, send: bool = True,
+                      duplicate: bool = False, **changes: Any) -> Mutation:
+        """Rename (``name``), move (``parent_id``) or recolour a folder."""
+        rec = self.folders.update(grant_id, folder_id, **changes)
+        return self._folder_changed(WebhookTriggers.FOLDER_UPDATED, grant_id, rec, send,
+                                    duplicate)
+
+    def delete_folder(self, grant_id: str, folder_id: str, *, send: bool = True,
+                      duplicate: bool = False) -> Mutation:
+        rec = self.folders.delete(grant_id, folder_id)
+        return self._folder_changed(WebhookTriggers.FOLDER_DELETED, grant_id, rec, send,
+                                    duplicate)
+
+    def _folder_changed(self, trigger: WebhookTriggers, grant_id: str, rec: FolderRec,
+                        send: bool, duplicate: bool) -> Mutation:
+        grant = self.mailbox.grants[grant_id]
+        notes = [folder_event(self.webhooks, trigger, grant, rec)]
+        self._emit(notes, send, duplicate)
+        return Mutation(notes, folder=rec.to_json(grant, None, 0))
 
     def delete_grant(self, grant_id: str, *, send: bool = True,
                      duplicate: bool = False) -> Mutation:
