@@ -243,7 +243,8 @@ def pool_cap() -> int | None:
 
 
 # What each process opens besides its main pool (nova.runtime.Worker, nova.receiver, ...).
-_LISTENERS = ("nova.webhooks", "nova.backfill", "nova.threads", "nova.attachments")
+_LISTENERS = ("nova.webhooks", "nova.backfill", "nova.threads", "nova.attachments",
+              "nova.hooks")
 
 
 def connection_plan(settings: Settings, process: str, *, pooled: bool,
@@ -259,12 +260,15 @@ def connection_plan(settings: Settings, process: str, *, pooled: bool,
                 *([(1, "metrics scrapes (NOVA_METRICS_PORT)")] if settings.metrics_port
                   is not None else [])]
     why = {"nova.receiver": "webhook inserts",
-           "nova.completion": "the monitor's passes"}.get(
+           "nova.completion": "the monitor's passes",
+           "nova.hooks": f"delivery claims and cursor updates of up to "
+                         f"{settings.hooks_concurrency} deliveries (NOVA_HOOKS_CONCURRENCY)"}.get(
         process, f"statements of {settings.batch_size} concurrent jobs (BATCH_SIZE), reads and "
                  f"lease renewals")
     plan = [(size, f"pool: {why} (asked {asked}, NOVA_DB_POOL_MAX={cap})")]
     if process in _LISTENERS and (settings.database_direct_url or not pooled):
-        plan.append((1, "LISTEN wake-ups of its queue"))
+        plan.append((1, "LISTEN wake-ups of the change feed" if process == "nova.hooks"
+                     else "LISTEN wake-ups of its queue"))
     if process == "nova.webhooks" and nests_connections(settings, process):
         plan[0] = (size, f"pool: {why} and Gmail change syncs' lock transactions (asked "
                          f"{asked}, not capped: a sync holds one while it takes another)")
