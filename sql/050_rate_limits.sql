@@ -211,7 +211,13 @@ BEGIN
             v_seen := greatest(v_seen, (v_row.answered - v_row.tick_answered)
                                        / extract(epoch FROM v_now - v_row.tick_at));
         END IF;
-        IF v_row.next_free_at > v_now OR v_row.ssthresh IS NULL AND v_seen IS NULL THEN
+        -- Paced by the budget, and not by a Retry-After hold: during a hold and for a window
+        -- after it, slots wait for the hold's end and the answers measured span its silence,
+        -- so neither says where the limit is (forced 429s in the chaos suite took a 200/s
+        -- grant's known level from 63 to 26 through holds).
+        IF (v_row.next_free_at > v_now
+            AND (v_row.held_until IS NULL OR v_row.held_until <= v_now - interval '2 seconds'))
+           OR v_row.ssthresh IS NULL AND v_seen IS NULL THEN
             -- Paced by the budget (callers hold slots ahead): what the provider answered at
             -- that pace is its limit; but one refusal lowers the level by at most 30%: the
             -- answers of the last second or two understate it whenever something else slowed

@@ -105,6 +105,11 @@ def render(r: dict[str, Any]) -> str:
             + (_counts(pglog["errors"]) if pglog["errors"] else "none"))
         for block in pglog["deadlock_reports"][:2]:
             add("              " + block.replace("\n", "\n              "))
+    feed = r.get("change_feed")
+    if feed and feed.get("available"):
+        add(f"  feed        {_n(feed['events'])} events replayed into a copy over "
+            f"{feed['steps']} steps: {feed['problems']} problem(s), {feed['differences']} "
+            f"difference(s) with the tables at the end")
     if "gmail" in r:
         out.extend(render_gmail(r["gmail"], run))
     add("")
@@ -130,8 +135,7 @@ def render_gmail(g: dict[str, Any], run: dict[str, Any]) -> list[str]:
     add(f"  threads deleted whole at the provider {g['threads_deleted_whole']} (in a history "
         f"gap as Nova saw it: {g['threads_deleted_whole_in_a_gap']}); still live here "
         f"{g['threads_deleted_whole_left_live']}, of them deleted in a gap "
-        f"{g['threads_deleted_whole_in_a_gap_left_live']} (known, being fixed: the resync "
-        f"does not soft-delete them)")
+        f"{g['threads_deleted_whole_in_a_gap_left_live']}")
     comp = g["completion"]
     add(f"  completion  status {comp['status']}; completed {comp['completed_transitions']} "
         f"time(s) (resyncs after a 404 complete it again); cursor {g['cursor']}, sandbox "
