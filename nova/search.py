@@ -32,7 +32,8 @@ SEARCH = "SELECT * FROM search_messages(%s, %s, %s, %s)"
 STATE = """
 SELECT config,
        rebuild_messages_after IS NOT NULL OR rebuild_attachments_after IS NOT NULL AS pending,
-       (SELECT count(*) FROM flux_email_search_pending) AS waiting
+       (SELECT count(*) FROM flux_email_search_pending)
+       + (SELECT count(*) FROM flux_email_search_pending_attachments) AS waiting
 FROM nova_search_settings
 """
 INDEX_BATCH = 500
@@ -111,8 +112,8 @@ def index_pending(conn: psycopg.Connection[Any], batch: int = INDEX_BATCH) -> in
 
 def _index_warnings(state: dict[str, Any], config: str) -> list[str]:
     """What `nova search` says about an index that does not cover all mail yet."""
-    waiting = (f"{state['waiting']:,} new or edited message(s) waiting for the index (not "
-               "found until the completion monitor's next check indexes them)"
+    waiting = (f"{state['waiting']:,} new or edited message(s) or attachment(s) waiting for the "
+               "index (not found until the completion monitor's next check indexes them)"
                if state["waiting"] else "")
     if state["pending"] or state["config"] != config:
         return [f"nova: search index: configuration {state['config']}"

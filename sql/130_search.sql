@@ -1,7 +1,7 @@
 -- Search (issue 20, item 4): search_messages(inbox, query, max_rows, cursor) understands Gmail's
--- operators, over the vectors and columns of migrations/0014_search.sql. A message write only
--- queues the message (triggers here); nova_search_index_pending, called by the completion
--- monitor, builds its search row later in batches.
+-- operators, over the vectors and columns of migrations/0014_search.sql and 0020_search_order.sql.
+-- A message or attachment write only queues it (triggers here); nova_search_index_pending,
+-- called by the completion monitor, builds the message's search row later in batches.
 --
 -- The parser is plpgsql, so that an app calling search_messages needs nothing else. It turns
 -- the query into a WHERE clause made of fixed fragments of this file only; every value the user
@@ -61,6 +61,19 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHERE e.n <= 100 AND jsonb_typeof(e.a) = 'object') e;
 $$;
 
+-- Two fields' vectors side by side, the second one position further: between them a lexeme
+-- no parser makes (it holds a space), taken out again when the document is done
+-- (nova_search_document). A phrase never runs from the end of one field (the subject, an
+-- attachment's name) into the start of the next.
+CREATE OR REPLACE FUNCTION nova_search_join(p_a tsvector, p_b tsvector)
+RETURNS tsvector
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_a || $g$'nova gap':1$g$::tsvector || p_b;
+$$;
+
+CREATE OR REPLACE AGGREGATE nova_search_join_all(tsvector) (
+    SFUNC = nova_search_join, STYPE = tsvector, INITCOND = '');
+
 -- Subject (A) over people (B) over body (C). Inputs are cut (subject 2,000 characters, body
 -- 60,000) so that a vector stays well under PostgreSQL's 1 MB limit for any text: a message
 -- write must never fail on its search vector. Positions past 16,383 are folded by PostgreSQL,
@@ -69,9 +82,10 @@ CREATE OR REPLACE FUNCTION nova_search_message_tsv(p_config regconfig, p_subject
                                                    p_people text, p_body text)
 RETURNS tsvector
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT setweight(to_tsvector(p_config, left(coalesce(p_subject, ''), 2000)), 'A')
-        || setweight(to_tsvector(p_config, coalesce(p_people, '')), 'B')
-        || setweight(to_tsvector(p_config, left(coalesce(p_body, ''), 60000)), 'C');
+    SELECT nova_search_join(nova_search_join(
+               setweight(to_tsvector(p_config, left(coalesce(p_subject, ''), 2000)), 'A'),
+               setweight(to_tsvector(p_config, coalesce(p_people, '')), 'B')),
+               setweight(to_tsvector(p_config, left(coalesce(p_body, ''), 60000)), 'C'));
 $$;
 
 -- A file name is searched by its parts too: "Q3-report.pdf" -> q3, report, pdf.
@@ -81,36 +95,66 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT regexp_replace(left(coalesce(p_name, ''), 500), '[^[:alnum:]]+', ' ', 'g');
 $$;
 
-CREATE OR REPLACE FUNCTION nova_search_attachment_tsv(p_config regconfig, p_filename text,
-                                                      p_text text)
-RETURNS tsvector
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT setweight(to_tsvector(p_config, nova_search_filename_text(p_filename)), 'A')
-        || setweight(to_tsvector(p_config, left(coalesce(p_text, ''), 60000)), 'D');
+-- A message's search row: the vector (subject A, people B, body C, then each live attachment's
+-- file name and text D, fields one position apart) and addr (the address tokens, and 'n:'
+-- before each part of each file name, for filename:), with its inbox and sort date. The
+-- attachments' text is cut at 60,000 characters together (at most 100 attachments), as the
+-- body is: the vector stays well under PostgreSQL's 1 MB.
+-- SETOF and plain SQL on purpose: the planner inlines it into the statement that calls it, so
+-- the functions it calls are planned once for the statement. Called once per row instead (as
+-- a non-inlined function), each call planned nova_search_addr_tokens and the others again:
+-- 1.6-3.4 ms a message, where the same work inlined takes about 0.25 ms.
+CREATE OR REPLACE FUNCTION nova_search_document(p_config regconfig, m flux_email_messages)
+RETURNS SETOF flux_email_message_search
+LANGUAGE sql STABLE AS $$
+    SELECT m.id,
+           ts_delete(nova_search_join(
+               nova_search_message_tsv(
+                   p_config, m.subject,
+                   nova_search_people_text(m.from_addresses, m.to_addresses, m.cc_addresses,
+                                           m.bcc_addresses),
+                   coalesce(m.body_text, m.body_cleaned, m.snippet)),
+               coalesce(a.tsv, '')), 'nova gap'),
+           nova_search_addr_tokens('f:', m.from_addresses)
+               || nova_search_addr_tokens('t:', m.to_addresses)
+               || nova_search_addr_tokens('c:', m.cc_addresses)
+               || nova_search_addr_tokens('b:', m.bcc_addresses)
+               || coalesce(a2.tokens, '{}'),
+           m.inbox_id,
+           coalesce(m.sent_at, m.created_at)
+    FROM (SELECT nova_search_join_all(nova_search_join(
+                     setweight(to_tsvector(p_config,
+                                           nova_search_filename_text(f.original_filename)), 'D'),
+                     setweight(to_tsvector(p_config, coalesce(left(f.extracted_text, f.room), '')),
+                               'D'))
+                     ORDER BY f.id) AS tsv,
+                 array_agg(f.original_filename) AS files
+          FROM (SELECT x.id, x.original_filename, x.extracted_text,
+                       -- what is left of the 60,000 characters after the attachments before
+                       greatest(0, 60000 - coalesce(sum(length(x.extracted_text)) OVER (
+                           ORDER BY x.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                           0))::integer AS room
+                FROM (SELECT y.id, y.original_filename, left(y.extracted_text, 60000) AS extracted_text
+                      FROM flux_email_attachments y
+                      WHERE y.message_id = m.id AND y.deleted_at IS NULL
+                      ORDER BY y.id LIMIT 100) x) f) a
+    CROSS JOIN LATERAL (
+        SELECT array_agg(DISTINCT 'n:' || t.part) AS tokens
+        FROM unnest(a.files) AS n(name)
+        CROSS JOIN LATERAL regexp_split_to_table(lower(left(n.name, 500)), '[^[:alnum:]]+') AS t(part)
+        WHERE t.part <> '') a2;
 $$;
 
 -- ------------------------------------------------------------------ triggers
 -- Indexing is off the write path: a message write only queues its id in
--- flux_email_search_pending; nova_search_index_pending (the completion monitor, every
--- COMPLETION_CHECK_INTERVAL_MS) builds the search rows later, in batches. AFTER INSERT fires
--- only for a row really inserted (not for an upsert that updated a stored message), and AFTER
+-- flux_email_search_pending, an attachment write its attachment in
+-- flux_email_search_pending_attachments; nova_search_index_pending (the completion monitor,
+-- every COMPLETION_CHECK_INTERVAL_MS) builds the search rows later, in batches. AFTER INSERT
+-- fires only for a row really inserted (not for an upsert that updated a stored row), and AFTER
 -- UPDATE only when a searched column changed, so a thread re-sync or a flag change that leaves
--- the text alone costs nothing here. Lock order: the message, then its pending row.
-CREATE OR REPLACE FUNCTION nova_search_message_row(p_config regconfig, m flux_email_messages)
-RETURNS flux_email_message_search
-LANGUAGE sql STABLE AS $$
-    SELECT m.id,
-           nova_search_message_tsv(
-               p_config, m.subject,
-               nova_search_people_text(m.from_addresses, m.to_addresses, m.cc_addresses,
-                                       m.bcc_addresses),
-               coalesce(m.body_text, m.body_cleaned, m.snippet)),
-           nova_search_addr_tokens('f:', m.from_addresses)
-               || nova_search_addr_tokens('t:', m.to_addresses)
-               || nova_search_addr_tokens('c:', m.cc_addresses)
-               || nova_search_addr_tokens('b:', m.bcc_addresses);
-$$;
-
+-- the text alone costs nothing here. Lock order: the message, then its queue row; the
+-- attachment, then its queue row.
+--
 -- DO UPDATE, not DO NOTHING: a writer whose message is already queued must still lock the
 -- queued row until it commits. Else a batch could take that row, read the text as it was
 -- before this uncommitted write, index it and delete the row: the new text would never be
@@ -130,9 +174,10 @@ CREATE OR REPLACE TRIGGER flux_email_messages_search_insert
     AFTER INSERT ON flux_email_messages
     FOR EACH ROW EXECUTE FUNCTION flux_email_messages_search();
 
+-- sent_at too: the search row keeps the message's sort date
 CREATE OR REPLACE TRIGGER flux_email_messages_search_update
     AFTER UPDATE OF subject, snippet, from_addresses, to_addresses, cc_addresses,
-                    bcc_addresses, body_text, body_cleaned ON flux_email_messages
+                    bcc_addresses, body_text, body_cleaned, sent_at ON flux_email_messages
     FOR EACH ROW
     WHEN (OLD.subject IS DISTINCT FROM NEW.subject
           OR OLD.body_text IS DISTINCT FROM NEW.body_text
@@ -141,68 +186,106 @@ CREATE OR REPLACE TRIGGER flux_email_messages_search_update
           OR OLD.cc_addresses IS DISTINCT FROM NEW.cc_addresses
           OR OLD.bcc_addresses IS DISTINCT FROM NEW.bcc_addresses
           OR OLD.body_cleaned IS DISTINCT FROM NEW.body_cleaned
-          OR OLD.snippet IS DISTINCT FROM NEW.snippet)
+          OR OLD.snippet IS DISTINCT FROM NEW.snippet
+          OR OLD.sent_at IS DISTINCT FROM NEW.sent_at)
     EXECUTE FUNCTION flux_email_messages_search();
 
--- One batch of the index: up to p_limit queued messages get their search rows (in the current
--- configuration), built and upserted in one statement; their queue rows go. Returns how many
--- queue rows were taken (a message deleted meanwhile counts, and only leaves the queue). Locks
--- queue rows (FOR UPDATE SKIP LOCKED: one a writer holds waits for a later batch) and search
--- rows, in message id order; never a thread or message row. Two statements on purpose: the
--- text is read with a snapshot taken after the queue rows are locked, so every write that
--- queued them has committed and is seen; a write that comes later waits on its queue row and
--- queues the message again once this batch commits.
+-- Attachments: the same protocol on their own queue (see migrations/0020_search_order.sql for
+-- why not the message's). Inserted rows in one statement, in id order.
+CREATE OR REPLACE FUNCTION flux_email_attachments_search_queue()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO flux_email_search_pending_attachments AS p (attachment_id, message_id)
+    SELECT n.id, n.message_id FROM new_attachments n ORDER BY n.id
+    ON CONFLICT (attachment_id) DO UPDATE SET queued_at = EXCLUDED.queued_at;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER flux_email_attachments_search_queue
+    AFTER INSERT ON flux_email_attachments
+    REFERENCING NEW TABLE AS new_attachments
+    FOR EACH STATEMENT EXECUTE FUNCTION flux_email_attachments_search_queue();
+
+CREATE OR REPLACE FUNCTION flux_email_attachments_search_requeue()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO flux_email_search_pending_attachments AS p (attachment_id, message_id)
+    VALUES (NEW.id, NEW.message_id)
+    ON CONFLICT (attachment_id) DO UPDATE SET queued_at = EXCLUDED.queued_at;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER flux_email_attachments_search_requeue
+    AFTER UPDATE OF original_filename, extracted_text, deleted_at ON flux_email_attachments
+    FOR EACH ROW
+    WHEN (OLD.original_filename IS DISTINCT FROM NEW.original_filename
+          OR OLD.extracted_text IS DISTINCT FROM NEW.extracted_text
+          OR (OLD.deleted_at IS NULL) <> (NEW.deleted_at IS NULL))
+    EXECUTE FUNCTION flux_email_attachments_search_requeue();
+
+-- Every writer of search rows (this step, nova_search_rebuild) holds this transaction lock:
+-- two batches building one message from two snapshots could otherwise leave the older text
+-- last (one taking its queue row, the other an attachment's). ("nova" "srch" in ASCII.)
+CREATE OR REPLACE FUNCTION nova_search_lock_key()
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT x'6e6f766173726368'::bigint $$;
+
+-- One batch of the index: up to p_limit queue rows, the oldest first (messages, then
+-- attachments), are taken, their messages get their search rows (in the current configuration), built and
+-- upserted in one statement, and the queue rows go. Returns how many queue rows were taken (a
+-- message deleted meanwhile counts, and only leaves the queue); 0 also when another batch is
+-- running. Locks queue rows (FOR UPDATE SKIP LOCKED: one a writer holds waits for a later
+-- batch) and search rows, in message id order; never a thread, message or attachment row.
+-- Two statements on purpose: the text is read with a snapshot taken after the queue rows are
+-- locked, so every write that queued them has committed and is seen; a write that comes later
+-- waits on its queue row and queues again once this batch commits.
 CREATE OR REPLACE FUNCTION nova_search_index_pending(p_limit integer DEFAULT 500)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_ids uuid[];
+    v_atts uuid[];
+    v_messages uuid[];
+    v_config regconfig;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
         RAISE EXCEPTION 'search: p_limit must be >= 1, got %', p_limit
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT array_agg(x.message_id ORDER BY x.message_id) INTO v_ids FROM (
-        SELECT p.message_id FROM flux_email_search_pending p
-        LIMIT p_limit FOR UPDATE SKIP LOCKED) x;
-    IF v_ids IS NULL THEN
+    IF NOT pg_try_advisory_xact_lock(nova_search_lock_key()) THEN
         RETURN 0;
     END IF;
-    WITH built AS (
-        INSERT INTO flux_email_message_search AS s (message_id, tsv, addr)
-        SELECT r.message_id, r.tsv, r.addr
-        FROM flux_email_messages m
-        CROSS JOIN LATERAL nova_search_message_row(nova_search_config(), m) r
-        WHERE m.id = ANY (v_ids)
-        ORDER BY m.id
-        ON CONFLICT (message_id) DO UPDATE SET tsv = EXCLUDED.tsv, addr = EXCLUDED.addr
-        RETURNING 1
-    )
+    SELECT coalesce(array_agg(x.message_id), '{}') INTO v_ids FROM (
+        SELECT p.message_id FROM flux_email_search_pending p
+        ORDER BY p.queued_at LIMIT p_limit FOR UPDATE SKIP LOCKED) x;
+    SELECT coalesce(array_agg(x.attachment_id), '{}'),
+           coalesce(array_agg(x.message_id), '{}')
+    INTO v_atts, v_messages FROM (
+        SELECT p.attachment_id, p.message_id FROM flux_email_search_pending_attachments p
+        ORDER BY p.queued_at LIMIT p_limit - cardinality(v_ids) FOR UPDATE SKIP LOCKED) x;
+    IF cardinality(v_ids) + cardinality(v_atts) = 0 THEN
+        RETURN 0;
+    END IF;
+    v_messages := ARRAY(SELECT DISTINCT u FROM unnest(v_ids || v_messages) u ORDER BY u);
+    v_config := nova_search_config();
+    INSERT INTO flux_email_message_search AS s (message_id, tsv, addr, inbox_id, sort_at)
+    SELECT d.message_id, d.tsv, d.addr, d.inbox_id, d.sort_at
+    FROM flux_email_messages m
+    CROSS JOIN LATERAL nova_search_document(v_config, m) d
+    WHERE m.id = ANY (v_messages)
+    ORDER BY m.id
+    ON CONFLICT (message_id) DO UPDATE
+        SET tsv = EXCLUDED.tsv, addr = EXCLUDED.addr, inbox_id = EXCLUDED.inbox_id,
+            sort_at = EXCLUDED.sort_at;
     DELETE FROM flux_email_search_pending p WHERE p.message_id = ANY (v_ids);
-    RETURN cardinality(v_ids);
+    DELETE FROM flux_email_search_pending_attachments p WHERE p.attachment_id = ANY (v_atts);
+    RETURN cardinality(v_ids) + cardinality(v_atts);
 END;
 $$;
-
-CREATE OR REPLACE FUNCTION flux_email_attachments_search()
-RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.search_tsv := nova_search_attachment_tsv(nova_search_config(), NEW.original_filename,
-                                                 NEW.extracted_text);
-    RETURN NEW;
-END;
-$$;
-
-CREATE OR REPLACE TRIGGER flux_email_attachments_search_insert
-    BEFORE INSERT ON flux_email_attachments
-    FOR EACH ROW EXECUTE FUNCTION flux_email_attachments_search();
-
-CREATE OR REPLACE TRIGGER flux_email_attachments_search_update
-    BEFORE UPDATE OF original_filename, extracted_text ON flux_email_attachments
-    FOR EACH ROW
-    WHEN (OLD.original_filename IS DISTINCT FROM NEW.original_filename
-          OR OLD.extracted_text IS DISTINCT FROM NEW.extracted_text)
-    EXECUTE FUNCTION flux_email_attachments_search();
 
 -- ------------------------------------------------------------------ configuration
 -- Sets the configuration ('simple', 'english', 'french' ...: any of pg_ts_config) and, when it
@@ -230,16 +313,16 @@ BEGIN
     END IF;
     UPDATE nova_search_settings
     SET config = v_config::text, updated_at = now(), rebuild_started_at = now(),
-        rebuild_messages_after = '00000000-0000-0000-0000-000000000000',
-        rebuild_attachments_after = '00000000-0000-0000-0000-000000000000';
+        rebuild_messages_after = '00000000-0000-0000-0000-000000000000';
     RETURN true;
 END;
 $$;
 
--- One step of a rebuild: up to p_batch messages (then attachments) in id order get vectors of
--- the configuration; returns how many. 0: nothing left. Rows a writer holds are skipped and the
--- cursor stops before them, so the next call takes them; each call is one short transaction
--- (`nova search --reindex` calls it until it returns 0).
+-- One step of a rebuild: up to p_batch messages in id order get vectors of the configuration
+-- (with their attachments'); returns how many. 0: nothing left. Rows a writer holds are
+-- skipped and the cursor stops before them, so the next call takes them; each call is one
+-- short transaction (`nova search --reindex` calls it until it returns 0). Holds the index
+-- step's lock (nova_search_lock_key): it waits for a running batch, and a batch for it.
 CREATE OR REPLACE FUNCTION nova_search_rebuild(p_batch integer DEFAULT 2000)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -249,63 +332,45 @@ DECLARE
     v_ids uuid[];
     v_next uuid;
     v_skipped uuid;
-    v_is_msg boolean;
 BEGIN
     IF p_batch IS NULL OR p_batch < 1 THEN
         RAISE EXCEPTION 'search: p_batch must be >= 1, got %', p_batch
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT s.config::regconfig, coalesce(s.rebuild_messages_after, s.rebuild_attachments_after),
-           s.rebuild_messages_after IS NOT NULL
-    INTO v_config, v_after, v_is_msg
+    PERFORM pg_advisory_xact_lock(nova_search_lock_key());
+    SELECT s.config::regconfig, s.rebuild_messages_after INTO v_config, v_after
     FROM nova_search_settings s FOR UPDATE;
     IF v_after IS NULL THEN
+        UPDATE nova_search_settings SET rebuild_started_at = NULL, rebuild_attachments_after = NULL
+        WHERE rebuild_started_at IS NOT NULL OR rebuild_attachments_after IS NOT NULL;
         RETURN 0;
     END IF;
-    IF v_is_msg THEN
-        -- FOR SHARE: a writer changing one of these messages waits for this short batch,
-        -- so no vector of an older text is written over a newer one
-        SELECT array_agg(id ORDER BY id) INTO v_ids FROM (
-            SELECT m.id FROM flux_email_messages m WHERE m.id > v_after
-            ORDER BY m.id LIMIT p_batch FOR SHARE SKIP LOCKED) x;
-        INSERT INTO flux_email_message_search AS s (message_id, tsv, addr)
-        SELECT r.message_id, r.tsv, r.addr
-        FROM flux_email_messages m CROSS JOIN LATERAL nova_search_message_row(v_config, m) r
-        WHERE m.id = ANY (v_ids)
-        ORDER BY m.id
-        ON CONFLICT (message_id) DO UPDATE SET tsv = EXCLUDED.tsv, addr = EXCLUDED.addr;
-        SELECT m.id INTO v_skipped FROM flux_email_messages m  -- (no min(uuid) before PostgreSQL 16)
-        WHERE m.id > v_after AND m.id <= v_ids[cardinality(v_ids)] AND m.id <> ALL (v_ids)
-        ORDER BY m.id LIMIT 1;
-    ELSE
-        SELECT array_agg(id ORDER BY id) INTO v_ids FROM (
-            SELECT a.id FROM flux_email_attachments a WHERE a.id > v_after
-            ORDER BY a.id LIMIT p_batch FOR UPDATE SKIP LOCKED) x;
-        UPDATE flux_email_attachments a
-        SET search_tsv = nova_search_attachment_tsv(v_config, a.original_filename, a.extracted_text)
-        WHERE a.id = ANY (v_ids);
-        SELECT a.id INTO v_skipped FROM flux_email_attachments a  -- (no min(uuid) before PostgreSQL 16)
-        WHERE a.id > v_after AND a.id <= v_ids[cardinality(v_ids)] AND a.id <> ALL (v_ids)
-        ORDER BY a.id LIMIT 1;
-    END IF;
+    -- FOR SHARE: a writer changing one of these messages waits for this short batch
+    SELECT array_agg(id ORDER BY id) INTO v_ids FROM (
+        SELECT m.id FROM flux_email_messages m WHERE m.id > v_after
+        ORDER BY m.id LIMIT p_batch FOR SHARE SKIP LOCKED) x;
+    INSERT INTO flux_email_message_search AS s (message_id, tsv, addr, inbox_id, sort_at)
+    SELECT d.message_id, d.tsv, d.addr, d.inbox_id, d.sort_at
+    FROM flux_email_messages m CROSS JOIN LATERAL nova_search_document(v_config, m) d
+    WHERE m.id = ANY (v_ids)
+    ORDER BY m.id
+    ON CONFLICT (message_id) DO UPDATE
+        SET tsv = EXCLUDED.tsv, addr = EXCLUDED.addr, inbox_id = EXCLUDED.inbox_id,
+            sort_at = EXCLUDED.sort_at;
+    SELECT m.id INTO v_skipped FROM flux_email_messages m  -- (no min(uuid) before PostgreSQL 16)
+    WHERE m.id > v_after AND m.id <= v_ids[cardinality(v_ids)] AND m.id <> ALL (v_ids)
+    ORDER BY m.id LIMIT 1;
     IF v_ids IS NULL THEN
-        v_next := NULL;  -- this table is done
+        v_next := NULL;  -- done
     ELSIF v_skipped IS NULL THEN
         v_next := v_ids[cardinality(v_ids)];
     ELSE  -- stop before the first row a writer held
         SELECT coalesce((SELECT i FROM unnest(v_ids) i WHERE i < v_skipped ORDER BY i DESC LIMIT 1),
                         v_after) INTO v_next;
     END IF;
-    IF v_is_msg THEN
-        UPDATE nova_search_settings SET rebuild_messages_after = v_next, updated_at = now();
-    ELSE
-        UPDATE nova_search_settings SET rebuild_attachments_after = v_next, updated_at = now();
-    END IF;
-    UPDATE nova_search_settings SET rebuild_started_at = NULL
-    WHERE rebuild_messages_after IS NULL AND rebuild_attachments_after IS NULL;
-    IF v_ids IS NULL AND v_is_msg THEN  -- go on with the attachments in this call
-        RETURN nova_search_rebuild(p_batch);
-    END IF;
+    UPDATE nova_search_settings
+    SET rebuild_messages_after = v_next, rebuild_attachments_after = NULL, updated_at = now(),
+        rebuild_started_at = CASE WHEN v_next IS NOT NULL THEN rebuild_started_at END;
     RETURN coalesce(cardinality(v_ids), 0);
 END;
 $$;
@@ -375,8 +440,9 @@ $$;
 
 -- The query as a WHERE clause over flux_email_messages m and its flux_email_message_search s,
 -- and the values it binds:
--- $2 tsquery[], $3 text[] (address tokens, folder ids), $4 uuid[] (messages found by their
--- attachments), $5 timestamptz[]. Errors: SQLSTATE 22023, the message starting "search: ".
+-- $2 tsquery[], $3 text[] (address and file name tokens, folder ids), $4 uuid[] (empty since
+-- attachments are in their message's vector; kept so the function keeps its shape),
+-- $5 timestamptz[]. Errors: SQLSTATE 22023, the message starting "search: ".
 CREATE OR REPLACE FUNCTION nova_search_compile(
     p_inbox uuid, p_query text,
     OUT where_sql text, OUT tsqueries tsquery[], OUT texts text[], OUT ids uuid[],
@@ -396,7 +462,6 @@ DECLARE
     v_frag text;
     v_q tsquery;
     v_list text[];
-    v_found uuid[];
     v_fields text[];
     v_field text;
     v_parts text[];
@@ -565,7 +630,7 @@ BEGIN
             v_frag := 'm.has_attachments';
         ELSIF v_op IN ('after', 'before', 'newer', 'older') THEN
             times := times || nova_search_date(v_op, v_value);
-            v_frag := format('coalesce(m.sent_at, m.created_at) %s $5[%s]',
+            v_frag := format('s.sort_at %s $5[%s]',
                              CASE WHEN v_op IN ('after', 'newer') THEN '>=' ELSE '<' END,
                              cardinality(times));
         ELSIF v_op IN ('newer_than', 'older_than') THEN
@@ -578,20 +643,15 @@ BEGIN
                 WHEN 'd' THEN make_interval(days => v_parts[1]::int)
                 WHEN 'm' THEN make_interval(months => v_parts[1]::int)
                 ELSE make_interval(years => v_parts[1]::int) END);
-            v_frag := format('coalesce(m.sent_at, m.created_at) %s $5[%s]',
+            v_frag := format('s.sort_at %s $5[%s]',
                              CASE WHEN v_op = 'newer_than' THEN '>=' ELSE '<' END,
                              cardinality(times));
-        ELSIF v_op = 'filename' THEN
-            v_q := phraseto_tsquery(v_config, nova_search_filename_text(v_value));
-            IF numnode(v_q) > 0 THEN
-                SELECT coalesce(array_agg(DISTINCT a.message_id), '{}') INTO v_found
-                FROM flux_email_attachments a
-                WHERE a.inbox_id = p_inbox AND a.deleted_at IS NULL AND a.search_tsv @@ v_q
-                  AND ts_filter(a.search_tsv, '{a}') @@ v_q;
-                v_n := cardinality(ids);
-                ids := ids || v_found;
-                v_frag := CASE WHEN cardinality(v_found) = 0 THEN 'false'
-                               ELSE format('m.id = ANY ($4[%s:%s])', v_n + 1, cardinality(ids)) END;
+        ELSIF v_op = 'filename' THEN  -- every part of the value: 'n:' tokens of addr
+            v_list := array_remove(regexp_split_to_array(lower(v_value), '[^[:alnum:]]+'), '');
+            IF cardinality(v_list) > 0 THEN
+                v_n := cardinality(texts);
+                texts := texts || (SELECT array_agg('n:' || t) FROM unnest(v_list) t);
+                v_frag := format('s.addr @> $3[%s:%s]', v_n + 1, cardinality(texts));
             END IF;
         ELSE
             IF v_op IS NOT NULL AND v_op <> 'subject' THEN  -- not an operator: words, as Gmail
@@ -606,17 +666,8 @@ BEGIN
                 IF v_op = 'subject' THEN
                     v_frag := format('(s.tsv @@ $2[%s] AND ts_filter(s.tsv, ''{a}'') @@ $2[%s])',
                                      v_n, v_n);
-                ELSE
-                    SELECT coalesce(array_agg(DISTINCT a.message_id), '{}') INTO v_found
-                    FROM flux_email_attachments a
-                    WHERE a.inbox_id = p_inbox AND a.deleted_at IS NULL AND a.search_tsv @@ v_q;
-                    IF cardinality(v_found) = 0 THEN
-                        v_frag := format('s.tsv @@ $2[%s]', v_n);
-                    ELSE
-                        v_frag := format('(s.tsv @@ $2[%s] OR m.id = ANY ($4[%s:%s]))',
-                                         v_n, cardinality(ids) + 1, cardinality(ids) + cardinality(v_found));
-                        ids := ids || v_found;
-                    END IF;
+                ELSE  -- subject, people, body and attachments: one vector
+                    v_frag := format('s.tsv @@ $2[%s]', v_n);
                 END IF;
             END IF;
         END IF;
@@ -686,10 +737,27 @@ RETURNS TABLE (message_id uuid, thread_id uuid, provider_message_id text,
                has_attachments boolean, folders text[], next_cursor text)
 LANGUAGE plpgsql STABLE
 SET jit = off
+-- the pages a search reads (the inbox's newest rows, posting lists) are mostly in memory: at
+-- the default 4 the planner prefers a BitmapAnd with tens of thousands of dates to reading
+-- the few hundred rows a rare word's GIN match gives (12 ms against 2 at 1,000,000 messages)
+SET random_page_cost = 1.1
 AS $$
 #variable_conflict use_column
 DECLARE
+    -- The inbox is searched newest first in date windows: the first holds its newest
+    -- c_first_rows messages (below the cursor), each next one is older and wider, sized by
+    -- how many matches the windows so far gave (at least c_growth times what they covered),
+    -- until the page is full or the inbox ends. The first window is walked in date order
+    -- (bitmap scans off: at most c_first_rows rows, a few ms, where a GIN match costs what the
+    -- word's posting list over the whole table costs: a phrase of two words in 10% of the
+    -- mail, 17 ms). In the next ones the planner picks: the walk, or a GIN match cut to the
+    -- window. One statement over the whole inbox would have to bet on one of the two, and the
+    -- wrong bet is a walk of every message (a rare word) or a match of most of them sorted by
+    -- date (a common one): seconds at 1,000,000 messages.
+    c_first_rows constant integer := 1000;
+    c_growth constant double precision := 4;
     v_c record;
+    v_sql text;
     v_after_at timestamptz;
     v_after_id uuid;
     v_plain text;
@@ -697,6 +765,13 @@ DECLARE
     v_prev record;
     v_have boolean := false;  -- v_prev holds a row (a record with a NULL field IS NULL)
     v_count integer := 0;
+    v_hi timestamptz;         -- the window: sort_at >= v_lo AND sort_at < v_hi
+    v_lo timestamptz;
+    v_newest timestamptz;
+    v_oldest timestamptz;
+    v_covered interval;
+    v_span interval;
+    v_bitmaps text;
 BEGIN
     IF p_inbox IS NULL OR NOT EXISTS (SELECT 1 FROM flux_inboxes i WHERE i.id = p_inbox) THEN
         RAISE EXCEPTION 'search: no inbox %', coalesce(p_inbox::text, 'NULL')
@@ -722,43 +797,73 @@ BEGIN
         END IF;
     END IF;
     SELECT * INTO v_c FROM nova_search_compile(p_inbox, p_query);
-    FOR v_row IN EXECUTE format($q$
+    v_sql := format($q$
         SELECT m.id, m.thread_id, m.provider_message_id, m.provider_thread_id,
-               coalesce(m.sent_at, m.created_at) AS at, m.subject,
+               s.sort_at AS at, coalesce(m.sent_at, m.created_at) AS shown, m.subject,
                m.from_addresses -> 0 ->> 'name' AS from_name,
                m.from_addresses -> 0 ->> 'email' AS from_email, m.snippet, m.unread,
                m.starred, m.has_attachments, m.folders
-        FROM flux_email_messages m JOIN flux_email_message_search s ON s.message_id = m.id
-        WHERE m.inbox_id = $1 AND m.deleted_at IS NULL AND (%s)%s
-        ORDER BY coalesce(m.sent_at, m.created_at) DESC, m.id DESC
+        FROM flux_email_message_search s JOIN flux_email_messages m ON m.id = s.message_id
+        WHERE s.inbox_id = $1 AND s.sort_at >= $9 AND s.sort_at < $10
+          AND m.inbox_id = $1 AND m.deleted_at IS NULL AND (%s)%s
+        ORDER BY s.sort_at DESC, s.message_id DESC
         LIMIT $8$q$,
         v_c.where_sql,
         CASE WHEN p_cursor IS NULL THEN ''
-             ELSE ' AND (coalesce(m.sent_at, m.created_at), m.id) < ($6, $7)' END)
-        USING p_inbox, v_c.tsqueries, v_c.texts, v_c.ids, v_c.times, v_after_at, v_after_id,
-              p_max_rows + 1
+             ELSE ' AND (s.sort_at, s.message_id) < ($6, $7)' END);
+    v_hi := CASE WHEN p_cursor IS NULL THEN 'infinity'
+                 ELSE v_after_at + interval '1 microsecond' END;
+    SELECT s.sort_at INTO v_newest FROM flux_email_message_search s
+    WHERE s.inbox_id = p_inbox AND s.sort_at < v_hi ORDER BY s.sort_at DESC LIMIT 1;
+    SELECT s.sort_at INTO v_oldest FROM flux_email_message_search s
+    WHERE s.inbox_id = p_inbox ORDER BY s.sort_at LIMIT 1;
+    IF v_newest IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT s.sort_at INTO v_lo FROM flux_email_message_search s
+    WHERE s.inbox_id = p_inbox AND s.sort_at < v_hi
+    ORDER BY s.sort_at DESC OFFSET c_first_rows LIMIT 1;
+    v_bitmaps := current_setting('enable_bitmapscan');
+    IF v_lo IS NULL OR v_lo < v_newest THEN  -- (not when they all share one date: no bound)
+        PERFORM set_config('enable_bitmapscan', 'off', true);
+    END IF;
     LOOP
-        v_count := v_count + 1;
-        IF v_have THEN
-            message_id := v_prev.id; thread_id := v_prev.thread_id;
-            provider_message_id := v_prev.provider_message_id;
-            provider_thread_id := v_prev.provider_thread_id; sent_at := v_prev.at;
-            subject := v_prev.subject; from_name := v_prev.from_name;
-            from_email := v_prev.from_email; snippet := v_prev.snippet;
-            unread := v_prev.unread; starred := v_prev.starred;
-            has_attachments := v_prev.has_attachments; folders := v_prev.folders;
-            next_cursor := CASE WHEN v_count > p_max_rows
-                                THEN nova_search_cursor(v_prev.at, v_prev.id) END;
-            RETURN NEXT;
-        END IF;
-        EXIT WHEN v_count > p_max_rows;
-        v_prev := v_row;
-        v_have := true;
+        v_lo := coalesce(v_lo, '-infinity');
+        FOR v_row IN EXECUTE v_sql
+            USING p_inbox, v_c.tsqueries, v_c.texts, v_c.ids, v_c.times, v_after_at,
+                  v_after_id, p_max_rows + 1 - v_count, v_lo, v_hi
+        LOOP
+            v_count := v_count + 1;
+            IF v_have THEN
+                message_id := v_prev.id; thread_id := v_prev.thread_id;
+                provider_message_id := v_prev.provider_message_id;
+                provider_thread_id := v_prev.provider_thread_id; sent_at := v_prev.shown;
+                subject := v_prev.subject; from_name := v_prev.from_name;
+                from_email := v_prev.from_email; snippet := v_prev.snippet;
+                unread := v_prev.unread; starred := v_prev.starred;
+                has_attachments := v_prev.has_attachments; folders := v_prev.folders;
+                next_cursor := CASE WHEN v_count > p_max_rows
+                                    THEN nova_search_cursor(v_prev.at, v_prev.id) END;
+                RETURN NEXT;
+            END IF;
+            v_prev := v_row;
+            v_have := true;
+        END LOOP;
+        PERFORM set_config('enable_bitmapscan', v_bitmaps, true);
+        EXIT WHEN v_count > p_max_rows OR v_lo = '-infinity';
+        -- the next window: what the windows so far covered, times the matches still wanted
+        -- over those found (plus one), twice over; at least c_growth times
+        v_covered := greatest(v_newest - v_lo, interval '1 second');
+        v_span := v_covered * greatest(c_growth,
+                                       2.0 * (p_max_rows + 1 - v_count) / (v_count + 1));
+        v_hi := v_lo;
+        v_lo := CASE WHEN v_oldest IS NULL OR v_span >= v_hi - v_oldest THEN NULL
+                     ELSE v_hi - v_span END;
     END LOOP;
     IF v_have AND v_count <= p_max_rows THEN
         message_id := v_prev.id; thread_id := v_prev.thread_id;
         provider_message_id := v_prev.provider_message_id;
-        provider_thread_id := v_prev.provider_thread_id; sent_at := v_prev.at;
+        provider_thread_id := v_prev.provider_thread_id; sent_at := v_prev.shown;
         subject := v_prev.subject; from_name := v_prev.from_name;
         from_email := v_prev.from_email; snippet := v_prev.snippet;
         unread := v_prev.unread; starred := v_prev.starred;

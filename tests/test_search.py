@@ -86,7 +86,7 @@ def mailbox(conn: psycopg.Connection[Any]) -> uuid.UUID:
                 body="The contract renewal. Invoice number 17.",
                 sender="legal@firm.com", to="boss@example.com", cc="me@example.com",
                 attachment=("contract-final.docx", None))
-    assert index(conn) == 4
+    assert index(conn) == 4 + 2                         # queue rows: 4 messages, 2 attachments
     return inbox
 
 
@@ -396,7 +396,7 @@ def test_configuration_change_and_rebuild(conn: psycopg.Connection[Any],
                                           mailbox: uuid.UUID) -> None:
     assert found(conn, mailbox, "runs") == []            # 'simple': no stemming
     changed, done = search.reindex(conn, "english", batch=2)
-    assert changed and done == 4 + 2                     # 4 messages, 2 attachments
+    assert changed and done == 4                         # messages (with their attachments)
     assert found(conn, mailbox, "runs") == ["lunch"]     # running ~ runs
     assert search.reindex(conn, "english") == (False, 0)
     with pytest.raises(search.SearchError, match="not a text search configuration"):
@@ -429,7 +429,7 @@ def test_nova_search_prints_and_json_parses(db_url: str, conn: psycopg.Connectio
     add_message(conn, mailbox, "fresh", subject="invoice")
     queued = nova(db_url, "search", "me@example.com", "invoice")
     assert queued.returncode == 0
-    assert "1 new or edited message(s) waiting for the index" in queued.stderr
+    assert "1 new or edited message(s) or attachment(s) waiting for the index" in queued.stderr
     assert len(queued.stdout.splitlines()) == 3         # not the new one yet
 
     bad = nova(db_url, "search", str(mailbox), "is:bogus")
@@ -458,3 +458,96 @@ async def test_the_completion_monitor_indexes_each_check(
     with caplog.at_level("INFO", logger="nova.completion"):
         await monitor.check()                            # nothing to index: no line
     assert "[Search]" not in caplog.text
+
+
+def test_attachment_text_written_later_and_a_removed_attachment(
+        conn: psycopg.Connection[Any], mailbox: uuid.UUID) -> None:
+    """An attachment's name and text are words of its message: text the attachment processor
+    writes later is found after the index step, a removed attachment's words no longer."""
+    conn.execute("UPDATE flux_email_attachments SET extracted_text = 'platypus clause'"
+                 " WHERE original_filename = 'contract-final.docx'")
+    assert found(conn, mailbox, "platypus") == []
+    assert index(conn) == 1                              # the attachment's queue row
+    assert found(conn, mailbox, "platypus") == ["old"]
+    assert found(conn, mailbox, '"platypus clause" filename:docx') == ["old"]
+    conn.execute("UPDATE flux_email_attachments SET deleted_at = now()"
+                 " WHERE original_filename = 'Q3-report.pdf'")
+    assert index(conn) == 1
+    assert found(conn, mailbox, "zebra") == []
+    assert found(conn, mailbox, "filename:pdf") == []
+    assert found(conn, mailbox, "invoice") == ["invoice", "lunch", "old"]  # its own text stays
+
+
+def test_a_phrase_never_runs_from_one_field_into_the_next(conn: psycopg.Connection[Any]) -> None:
+    inbox = add_inbox(conn)
+    add_message(conn, inbox, "m", subject="Weekly gannet", body="report attached",
+                attachment=("gannet-notes.txt", "summary follows"))
+    index(conn)
+    assert found(conn, inbox, '"weekly gannet"') == ["m"]
+    assert found(conn, inbox, '"gannet report"') == []   # subject's end, body's start
+    assert found(conn, inbox, '"attached gannet"') == []  # body's end, attachment's name
+    assert found(conn, inbox, '"txt summary"') == []      # the name's end, its text's start
+    assert found(conn, inbox, '"summary follows"') == ["m"]
+
+
+def test_a_large_inbox_is_searched_in_windows_newest_first(
+        conn: psycopg.Connection[Any]) -> None:
+    """More messages than the first date window holds (1,000): matches only among the oldest
+    and the newest, many sharing a date; pages by cursor across windows equal one big page."""
+    inbox = add_inbox(conn)
+    conn.execute("""
+        INSERT INTO flux_email_messages (inbox_id, provider_message_id, subject, body_text,
+                                         from_addresses, sent_at)
+        SELECT %s, 'm' || lpad(g::text, 4, '0'), 'Note ' || g,
+               CASE WHEN g %% 997 = 0 OR g > 2990 OR g < 4 THEN 'common rare' ELSE 'common' END,
+               '[{"email": "x@example.com"}]',
+               timestamptz '2024-01-01' + (g / 3) * interval '1 hour'
+        FROM generate_series(1, 3000) g""", (inbox,))
+    assert search.index_pending(conn, batch=500) == 3000
+    rows = conn.execute("SELECT provider_message_id AS p, sent_at FROM search_messages"
+                        "(%s, 'rare', 1000)", (inbox,)).fetchall()
+    everything = [r["p"] for r in rows]
+    expected = {g for g in range(1, 3001) if g % 997 == 0 or g > 2990 or g < 4}
+    assert sorted(everything) == sorted(f"m{g:04d}" for g in expected)  # 15: 3 windows' worth
+    assert [r["sent_at"] for r in rows] == sorted((r["sent_at"] for r in rows), reverse=True)
+    assert set(everything[:10]) == {f"m{g:04d}" for g in range(2991, 3001)}
+    assert set(everything[-3:]) == {"m0001", "m0002", "m0003"}
+    assert found(conn, inbox, "rare") == everything      # pages of 2, by cursor
+    assert len(found(conn, inbox, "common before:2024/01/05")) == 287  # g / 3 < 96 hours
+    assert found(conn, inbox, "absent") == []
+
+
+def test_a_changed_date_moves_the_message_after_the_index_step(
+        conn: psycopg.Connection[Any], mailbox: uuid.UUID) -> None:
+    conn.execute("UPDATE flux_email_messages SET sent_at = now() - interval '5 years'"
+                 " WHERE provider_message_id = 'invoice'")
+    assert waiting(conn) == 1
+    assert index(conn) == 1
+    assert found(conn, mailbox, "invoice") == ["lunch", "old", "invoice"]
+    assert found(conn, mailbox, "invoice before:2022/01/01") == ["invoice"]
+
+
+def test_one_index_batch_at_a_time(db_url: str, conn: psycopg.Connection[Any],
+                                   mailbox: uuid.UUID) -> None:
+    """Two batches never build one message from two snapshots: a batch finding another one
+    running does nothing."""
+    conn.execute("UPDATE flux_email_messages SET subject = 'Osprey' WHERE"
+                 " provider_message_id = 'news'")
+    with psycopg.connect(db_url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(nova_search_lock_key())")
+        assert conn.execute("SELECT nova_search_index_pending(10) AS n").fetchone() == {"n": 0}
+    assert index(conn) == 1
+    assert found(conn, mailbox, "osprey") == ["news"]
+
+
+def test_the_index_step_takes_the_oldest_queued_first(conn: psycopg.Connection[Any],
+                                                      mailbox: uuid.UUID) -> None:
+    add_message(conn, mailbox, "newer", subject="Puffin")
+    add_message(conn, mailbox, "older", subject="Puffin")
+    conn.execute("UPDATE flux_email_search_pending SET queued_at = queued_at - interval '1 minute'"
+                 " WHERE message_id = (SELECT id FROM flux_email_messages"
+                 " WHERE provider_message_id = 'older')")
+    assert conn.execute("SELECT nova_search_index_pending(1) AS n").fetchone() == {"n": 1}
+    assert found(conn, mailbox, "puffin") == ["older"]
+    assert index(conn) == 1
+    assert sorted(found(conn, mailbox, "puffin")) == ["newer", "older"]
