@@ -343,12 +343,7 @@ class Api:
     def _label_body(self, p: Prepared) -> dict[str, Any]:
         if p.token.scope in (READONLY, METADATA):
             raise E.insufficient_scope("Request had insufficient authentication scopes.")
-        try:
-            body = json.loads(p.call.body or b"{}")
-        except ValueError as exc:
-            raise E.invalid_argument("Invalid JSON payload received.") from exc
-        if not isinstance(body, dict):
-            raise E.invalid_argument("Invalid JSON payload received.")
+        body = _json_object(p)
         raw_color = body.get("color")
         color: dict[str, Any] = raw_color if isinstance(raw_color, dict) else {}
         return {"name": body.get("name"), "background_color": color.get("backgroundColor"),
@@ -445,12 +440,7 @@ class Api:
         return self._ok(p, out)
 
     async def watch(self, p: Prepared) -> Reply:
-        try:
-            body = json.loads(p.call.body or b"{}")
-        except ValueError as exc:
-            raise E.invalid_argument("Invalid JSON payload received.") from exc
-        if not isinstance(body, dict):
-            raise E.invalid_argument("Invalid JSON payload received.")
+        body = _json_object(p)
         topic = body.get("topicName")
         project = self.sb.pubsub_project
         m = re.match(r"^projects/([^/]+)/topics/[^/]+$", str(topic or ""))
@@ -521,3 +511,15 @@ def _q_time(value: str) -> int:
     except ValueError as exc:
         raise E.invalid_argument(f"Invalid date in query: {value!r}") from exc
     return int(day.timestamp() * 1000)
+
+
+def _json_object(p: Prepared) -> dict[str, Any]:
+    """A request's JSON body, which must be an object (an empty body is {}), as Google refuses
+    anything else: 400 "Invalid JSON payload received."."""
+    try:
+        body = json.loads(p.call.body or b"{}")
+    except ValueError as exc:
+        raise E.invalid_argument("Invalid JSON payload received.") from exc
+    if not isinstance(body, dict):
+        raise E.invalid_argument("Invalid JSON payload received.")
+    return body
