@@ -69,13 +69,13 @@ from nova.providers import AuthExpired, GrantNotFound, NotFound, Permanent, Tran
 from nova.providers.nylas import parse_retry_after
 from nova.runtime import (
     DATABASE_ERRORS,
-    MAX_BACKOFF,
     GiveUp,
     Job,
     JobContext,
     RetryLater,
     RetryPolicy,
     Worker,
+    connect_pool,
     describe_error,
     run_parts,
 )
@@ -548,17 +548,7 @@ class AttachmentJanitor:
     async def _connect(self) -> asyncpg.Pool | None:
         url: str = (self.database_url if self.database_url is not None
                     else await asyncio.to_thread(db.database_url, self.settings))
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                return await db.create_pool(url, min_size=1, max_size=2)
-            except DATABASE_ERRORS as exc:
-                log.warning("[Attachments] janitor: database unreachable (%s); retrying in "
-                            "%.1fs", describe_error(exc), delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-        return None
+        return await connect_pool(url, self._stopping, "Attachments", max_size=2)
 
     async def _pass(self) -> bool:
         ok = True

@@ -20,7 +20,7 @@ Not a queue processor: a loop.
 - Every check, first: the progress counters' delta rows (appended by the triggers on
   `queued_threads`; no job transaction locks a counter row) are folded into `inbox_sync_stats`
   (`fold_sync_stats_deltas`), so `get_sync_progress` sums at most one interval's changes.
-  Then messages written since are put in the search index (`nova_search_index_pending`).
+  (The search index step, which ran here, is a part of the thread processes: nova.search_index.)
 - Every RECOVERY_CHECK_INTERVAL_MS, with ENABLE_AUTO_RECOVERY and NOVA_THREAD_RETRY_ROUNDS > 0:
   failed threads whose next retry round is due get a new job (`retry_failed_threads`, driven by
   the index of what is due), whether or not their backfill completed meanwhile.
@@ -62,7 +62,7 @@ from nova import db, metrics
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
 from nova.monitor_progress import ProgressLog, progress_line
-from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, describe_error, run_parts
+from nova.runtime import connect_pool, describe_error, run_parts
 
 log = logging.getLogger("nova.completion")
 
@@ -73,10 +73,6 @@ STUCK = "SELECT * FROM recover_stuck_threads($1, $2)"
 LOST_JOBS = "SELECT * FROM recover_lost_backfill_jobs($1)"
 CATCHUPS = "SELECT * FROM queue_due_catchups($1, $2)"
 FOLD = "SELECT fold_sync_stats_deltas()"
-# Search index (sql/130_search.sql): messages written since are indexed in batches, more
-# batches while one comes back full, for at most SEARCH_INDEX_SECONDS a check.
-SEARCH_INDEX = "SELECT nova_search_index_pending($1)"
-SEARCH_INDEX_BATCH, SEARCH_INDEX_SECONDS = 500, 1.0
 RETRIES = "SELECT * FROM retry_failed_threads($1, $2, $3)"
 RETRY_BATCH = 500
 # Counters that drifted low would never say "done": recovery re-counts the running backfills
@@ -221,17 +217,7 @@ class CompletionMonitor:
 
     async def _connect(self) -> asyncpg.Pool | None:
         url = self.database_url or db.database_url(self.settings)
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                return await db.create_pool(url, min_size=1, max_size=2)
-            except DATABASE_ERRORS as exc:
-                log.warning("[Monitor] database unreachable (%s); retrying in %.1fs",
-                            describe_error(exc), delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-        return None
+        return await connect_pool(url, self._stopping, "Monitor", max_size=2)
 
     async def _pass(self, name: str, run: Callable[[], Awaitable[Any]]) -> bool:
         """One pass; False when it (or one of its steps) failed. A pass never kills the
@@ -277,14 +263,6 @@ class CompletionMonitor:
                     POLL_CHANGES, timedelta(seconds=self.settings.gmail_history_poll_seconds))
         async with self._step("Monitor", "counter fold"):
             await self._fetchval(FOLD)
-        async with self._step("Search", "indexing new messages"):
-            indexed, until = 0, time.monotonic() + SEARCH_INDEX_SECONDS
-            while (n := await self._fetchval(SEARCH_INDEX, SEARCH_INDEX_BATCH)) > 0:
-                indexed += n
-                if n < SEARCH_INDEX_BATCH or time.monotonic() >= until:
-                    break
-            if indexed:
-                log.info("[Search] indexed %d message(s)", indexed)
         completed = []
         running = await self._fetch(ACTIVE)
         self.progress_log.log(running)

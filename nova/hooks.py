@@ -47,7 +47,7 @@ from nova import hooks_delivery as delivery
 from nova.config import Settings, settings_or_exit
 from nova.hooks_delivery import Endpoint
 from nova.logs import setup_logging
-from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, describe_error, run_parts
+from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, connect_pool, describe_error, run_parts
 
 log = logging.getLogger("nova.hooks")
 
@@ -194,17 +194,8 @@ class HookDeliverer:
             await asyncio.wait_for(self._wakeup.wait(), seconds)
 
     async def _connect(self, url: str) -> asyncpg.Pool | None:
-        delay = 0.5
-        size = min(self.settings.hooks_concurrency, 10)
-        while not self._stopping.is_set():
-            try:
-                return await db.create_pool(url, min_size=1, max_size=size)
-            except DATABASE_ERRORS as exc:
-                log.warning("[Hooks] database unreachable (%s); retrying in %.1fs",
-                            describe_error(exc), delay)
-                await self._sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-        return None
+        return await connect_pool(url, self._stopping, "Hooks",
+                                  max_size=min(self.settings.hooks_concurrency, 10))
 
     async def _listen(self, url: str) -> bool:
         """The change feed's NOTIFY wakes the loop; without it NOVA_HOOKS_POLL_MS paces it.

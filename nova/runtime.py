@@ -92,6 +92,24 @@ READ_TIMEOUT = 30.0  # a read is milliseconds; longer means a lock or an outage:
 MAX_BACKOFF = 10.0
 
 
+async def connect_pool(url: str, stopping: asyncio.Event, what: str, *,
+                       max_size: int) -> asyncpg.Pool | None:
+    """A pool (db.create_pool), tried again with a bounded exponential backoff while the
+    database cannot be reached; None when `stopping` was set first. `what` names the part in
+    the log line of each failed try."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            return await db.create_pool(url, min_size=1, max_size=max_size)
+        except DATABASE_ERRORS as exc:
+            log.warning("[%s] database unreachable (%s); retrying in %.1fs", what,
+                        describe_error(exc), delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+    return None
+
+
 @dataclass(eq=False)
 class Lease:
     """A worker's hold on one read message: (msg_id, read_ct), until a moment it renews."""
@@ -225,16 +243,8 @@ class Worker:
         return self.stats
 
     async def _connect(self, url: str) -> asyncpg.Pool | None:
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                return await db.create_pool(url, min_size=1, max_size=self.concurrency + 2)
-            except DATABASE_ERRORS as exc:
-                log.warning("[%s] database unreachable (%s); retrying in %.1fs",
-                            self.component, describe_error(exc), delay)
-                await self._sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-        return None
+        return await connect_pool(url, self._stopping, self.component,
+                                  max_size=self.concurrency + 2)
 
     # --- reading ---------------------------------------------------------------------------
 

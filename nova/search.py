@@ -99,8 +99,8 @@ def reindex(conn: psycopg.Connection[Any], config: str, batch: int = REBUILD_BAT
 
 
 def index_pending(conn: psycopg.Connection[Any], batch: int = INDEX_BATCH) -> int:
-    """Index every message waiting for it (what the completion monitor does each check, in
-    batches); returns how many. New and edited mail is searchable only after this."""
+    """Index every message waiting for it (what the thread processes do as mail arrives,
+    nova.search_index); returns how many. New and edited mail is searchable only after this."""
     done = 0
     while True:
         got = conn.execute("SELECT nova_search_index_pending(%s) AS n", (batch,)).fetchone()
@@ -113,7 +113,7 @@ def index_pending(conn: psycopg.Connection[Any], batch: int = INDEX_BATCH) -> in
 def _index_warnings(state: dict[str, Any], config: str) -> list[str]:
     """What `nova search` says about an index that does not cover all mail yet."""
     waiting = (f"{state['waiting']:,} new or edited message(s) or attachment(s) waiting for the "
-               "index (not found until the completion monitor's next check indexes them)"
+               "index (a running `python -m nova.threads` indexes them within seconds)"
                if state["waiting"] else "")
     if state["pending"] or state["config"] != config:
         return [f"nova: search index: configuration {state['config']}"

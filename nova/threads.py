@@ -60,7 +60,9 @@ from nova.runtime import (
     GiveUp,
     Job,
     JobContext,
+    Worker,
 )
+from nova.search_index import SearchIndexer
 
 log = logging.getLogger("nova.threads")
 
@@ -151,6 +153,21 @@ class ThreadSyncProcessor(ProviderProcessor):
         super().__init__(*args, **kw)
         self.retry_delays = (retry_schedule(self.settings) if retry_delays is None
                              else list(retry_delays))
+        self._indexing: asyncio.Task[None] | None = None
+
+    async def setup(self, worker: Worker) -> None:
+        await super().setup(worker)
+        # The search index step (nova.search_index) on the worker's pool: mail is indexed
+        # where most of it is written, at the pace it arrives.
+        self._indexer = SearchIndexer(worker.pool)
+        self._indexing = asyncio.create_task(self._indexer.run(), name="search-index")
+
+    async def teardown(self) -> None:
+        if self._indexing is not None:
+            self._indexer.stop()
+            await asyncio.gather(self._indexing, return_exceptions=True)
+            self._indexing = None
+        await super().teardown()
 
     async def process(self, job: Job, ctx: JobContext) -> str | None:
         row = await _load(ctx.pool, job)

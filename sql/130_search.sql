@@ -148,8 +148,8 @@ $$;
 -- ------------------------------------------------------------------ triggers
 -- Indexing is off the write path: a message write only queues its id in
 -- flux_email_search_pending, an attachment write its attachment in
--- flux_email_search_pending_attachments; nova_search_index_pending (the completion monitor,
--- every COMPLETION_CHECK_INTERVAL_MS) builds the search rows later, in batches. AFTER INSERT
+-- flux_email_search_pending_attachments; nova_search_index_pending (run by the thread
+-- processes as mail arrives, nova/search_index.py) builds the search rows later, in batches. AFTER INSERT
 -- fires only for a row really inserted (not for an upsert that updated a stored row), and AFTER
 -- UPDATE only when a searched column changed, so a thread re-sync or a flag change that leaves
 -- the text alone costs nothing here. Lock order: the message, then its queue row; the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from nova import search, store
 from nova.providers.models import Message, Participant
+from tests import synchelp
 from tests.factories import add_inbox
 
 NOW = datetime.now(UTC)
@@ -438,26 +440,53 @@ def test_nova_search_prints_and_json_parses(db_url: str, conn: psycopg.Connectio
     assert missing.returncode == 1 and "no inbox" in missing.stderr
 
 
-async def test_the_completion_monitor_indexes_each_check(
+async def test_the_index_step_drains_the_queue_and_says_so_once_a_minute(
         pool: Any, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    from nova import completion
-    from nova.config import load_settings
+    from nova import search_index
 
     inbox = add_inbox(conn)
     for i in range(5):
         add_message(conn, inbox, f"m{i}", body="kestrel")
-    monkeypatch.setattr(completion, "SEARCH_INDEX_BATCH", 2)  # 2 + 2 + 1 in one check
-    monitor = completion.CompletionMonitor(load_settings(catchup_gap_seconds=0), pool=pool)
-    with caplog.at_level("INFO", logger="nova.completion"):
-        await monitor.check()
-    assert waiting(conn) == 0
-    assert len(found(conn, inbox, "kestrel")) == 5
-    assert "[Search] indexed 5 message(s)" in caplog.text
-    caplog.clear()
-    with caplog.at_level("INFO", logger="nova.completion"):
-        await monitor.check()                            # nothing to index: no line
-    assert "[Search]" not in caplog.text
+    monkeypatch.setattr(search_index, "SEARCH_INDEX_BATCH", 2)   # 2 + 2 + 1 in one drain
+    monkeypatch.setattr(search_index, "SEARCH_INDEX_IDLE_SECONDS", 0.1)
+    monkeypatch.setattr(search_index, "REPORT_SECONDS", 0.3)
+    indexer = search_index.SearchIndexer(pool)
+    assert await indexer.drain() == 5
+    assert waiting(conn) == 0 and len(found(conn, inbox, "kestrel")) == 5
+    with caplog.at_level("INFO", logger="nova.search"):
+        task = asyncio.create_task(indexer.run())
+        try:
+            add_message(conn, inbox, "late", body="osprey")  # written while it runs
+            for _ in range(50):
+                if found(conn, inbox, "osprey"):
+                    break
+                await asyncio.sleep(0.1)
+            assert found(conn, inbox, "osprey") == ["late"]
+            await asyncio.sleep(0.5)                     # a quiet report window: no line
+        finally:
+            indexer.stop()
+            await task
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[Search]")]
+    assert len(lines) == 1 and lines[0].startswith("[Search] indexed 1 message(s) in the last")
+
+
+async def test_a_thread_worker_indexes_the_mail_it_syncs(pool: Any, db_url: str,
+                                                        conn: psycopg.Connection[Any]) -> None:
+    """The index step runs in the thread processes (nova.search_index), not the monitor."""
+    with synchelp.make_sandbox(12) as sb:
+        inbox = await synchelp.add_inbox(pool, sb.grant_ids[0])
+        await synchelp.start_backfill(pool, inbox)
+        async with synchelp.running(db_url, synchelp.settings(sb), threads=1, monitor=False):
+            for _ in range(200):
+                stored = await pool.fetchval(
+                    "SELECT count(*) FROM flux_email_messages WHERE inbox_id = $1", inbox)
+                indexed = await pool.fetchval(
+                    "SELECT count(*) FROM flux_email_message_search WHERE inbox_id = $1", inbox)
+                if stored and indexed == stored and waiting(conn) == 0:
+                    break
+                await asyncio.sleep(0.1)
+        assert stored > 12 and indexed == stored and waiting(conn) == 0
 
 
 def test_attachment_text_written_later_and_a_removed_attachment(
