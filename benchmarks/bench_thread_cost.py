@@ -11,7 +11,8 @@
    process starts, and released at once. Columns, in ms per thread the worker synced:
    "Nova" the worker process's CPU (utime + stime of /proc/<pid>/stat, all its threads) and
    "PG" its PostgreSQL backends' (found by the client ports of its sockets), from release to
-   the last thread; "Nova run" adds the backfill process's CPU during discovery, "PG run" is
+   the last thread (and, for code whose thread processes index new mail for search, until the
+   search queue is empty: the index step's cost is in these figures); "Nova run" adds the backfill process's CPU during discovery, "PG run" is
    every process of the PostgreSQL server (postmaster, backends, background workers, those
    that exited) over discovery and sync: only meaningful on a server nobody else uses (the
    default, an embedded one). Threads whose one message came whole with the listing get no
@@ -170,7 +171,9 @@ async def backends(pool: Any, pid: int) -> list[int]:
 async def cpu_cost(url: str, code: Path, args: argparse.Namespace,
                    profile: str | None = None) -> Cost:
     """Discover a sandbox mailbox with `nova.backfill`, then sync every thread job with one
-    `nova.threads` worker, both of `code`."""
+    `nova.threads` worker, both of `code`. Where that worker indexes the mail for search (code
+    with nova/search_index.py), the run lasts until the index has caught up too."""
+    indexes = (code / "nova" / "search_index.py").exists()
     with SandboxNylas(threads=args.threads, seed=1, api_key=API_KEY, rate_limit=args.rate,
                       anchor=int(time.time()) - 3600) as sb:
         env = {**os.environ, "NOVA_DATABASE_URL": url,
@@ -235,6 +238,8 @@ async def cpu_cost(url: str, code: Path, args: argparse.Namespace,
                 left = await pool.fetchval(
                     "SELECT count(*) FROM queued_threads WHERE config_id = $1"
                     " AND status IN ('queued', 'processing')", config)
+                if indexes:  # and the mail indexed for search, where the thread process does
+                    left += await pool.fetchval(INDEX_WAITING)  # it (nova/search_index.py)
                 if left == 0:
                     break
                 if worker.poll() is not None:
@@ -259,6 +264,9 @@ async def cpu_cost(url: str, code: Path, args: argparse.Namespace,
         pg = sum(v - pg0.get(pid, 0.0) for pid, v in pg_last.items())
         return Cost(done["threads"], done["messages"], seconds, nova1 - nova0, pg,
                     discovery_nova + nova1 - nova0, discovery_pg + server1 - server0)
+
+
+INDEX_WAITING = "SELECT count(*) FROM flux_email_search_pending"
 
 
 # --------------------------------------------------------------------------- mailbox size

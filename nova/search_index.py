@@ -29,7 +29,7 @@ import time
 import asyncpg
 
 from nova import db
-from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, describe_error
+from nova.runtime import MAX_BACKOFF, describe_error
 
 log = logging.getLogger("nova.search")
 
@@ -42,8 +42,9 @@ REPORT_SECONDS = 60.0  # the log line sums this long
 class SearchIndexer:
     """Drains the search queue (see the module's docstring) on a pool it shares with its
     process's worker: a batch holds one connection for its statement, no more, so the part
-    adds no connection to the process's budget. It never stops its process: a database error
-    is logged and tried again after a bounded backoff."""
+    adds no connection to the process's budget. It never stops its process: an error (the
+    database unreachable, a statement failing) is logged and tried again after a bounded
+    backoff."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -59,7 +60,7 @@ class SearchIndexer:
             try:
                 await self.drain()
                 delay, backoff = SEARCH_INDEX_IDLE_SECONDS, 0.5
-            except DATABASE_ERRORS as exc:
+            except Exception as exc:  # the database's (DATABASE_ERRORS) or a statement's
                 log.warning("[Search] index step failed (%s); trying again in %.1fs",
                             describe_error(exc), backoff)
                 delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF)

@@ -440,7 +440,7 @@ def test_nova_search_prints_and_json_parses(db_url: str, conn: psycopg.Connectio
     assert missing.returncode == 1 and "no inbox" in missing.stderr
 
 
-async def test_the_index_step_drains_the_queue_and_says_so_once_a_minute(
+async def test_the_index_step_drains_the_queue_survives_errors_and_reports_once_a_minute(
         pool: Any, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     from nova import search_index
@@ -455,9 +455,16 @@ async def test_the_index_step_drains_the_queue_and_says_so_once_a_minute(
     assert await indexer.drain() == 5
     assert waiting(conn) == 0 and len(found(conn, inbox, "kestrel")) == 5
     with caplog.at_level("INFO", logger="nova.search"):
+        monkeypatch.setattr(search_index, "SEARCH_INDEX_BATCH", 0)  # the statement refuses it
         task = asyncio.create_task(indexer.run())
         try:
             add_message(conn, inbox, "late", body="osprey")  # written while it runs
+            for _ in range(50):
+                if "[Search] index step failed" in caplog.text:
+                    break
+                await asyncio.sleep(0.05)
+            assert "p_limit must be >= 1" in caplog.text and not task.done()
+            monkeypatch.setattr(search_index, "SEARCH_INDEX_BATCH", 2)  # it goes on
             for _ in range(50):
                 if found(conn, inbox, "osprey"):
                     break
@@ -467,7 +474,8 @@ async def test_the_index_step_drains_the_queue_and_says_so_once_a_minute(
         finally:
             indexer.stop()
             await task
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[Search]")]
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("[Search] indexed")]
     assert len(lines) == 1 and lines[0].startswith("[Search] indexed 1 message(s) in the last")
 
 
