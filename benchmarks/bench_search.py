@@ -11,7 +11,7 @@ one inbox).
    triggers as Nova's writers go: each message is queued in flux_email_search_pending): bodies
    of 80 words drawn from a skewed vocabulary, 1,000 senders, dates over three years cut to
    the minute (so many share one), 20% with an attachment, half of which have extracted text.
-   Then the queue is indexed as the completion monitor does, `nova_search_index_pending(500)`
+   Then the queue is indexed as the thread processes do, `nova_search_index_pending(500)`
    until it returns 0 (time per message), and ANALYZE.
 2. Queries. Median wall time of RUNS calls (after one warm-up) of
    `SELECT * FROM search_messages(inbox, query, 50)` for typical queries, first page, and of

@@ -4,8 +4,10 @@ on every check.
 With a few backfills running (at most DETAIL_LIMIT) each one's seed line,
 `[Monitor] Config 12345678... | Status: thread_sync | Progress: 75% (150/200)`, is logged
 when its figures moved since the last check. With more, a backfill's line is logged when it
-starts or changes phase, and one summary line per check says how many run and what they did
-since the last one: 1,000 running backfills make one line per check, not 1,000.
+starts or changes phase (at most DETAIL_LIMIT such lines a check, then one that counts the
+rest: the first check after a restart beside 1,000 running backfills), and one summary line
+per check says how many run and what they did since the last one: 1,000 running backfills make
+one line per check, not 1,000.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ProgressLog:
         out: list[str] = []
         done_delta = messages_delta = 0
         by_status: dict[str, int] = {}
+        phases = 0  # backfills new to this log or in another phase
         was = self.seen
         self.seen = {}
         for p in rows:
@@ -64,13 +67,18 @@ class ProgressLog:
             by_status[p["backfill_status"]] = by_status.get(p["backfill_status"], 0) + 1
             before = was.get(p["config_id"])
             if before is None or before[:2] != figures[:2]:  # new, or another phase
-                out.append(progress_line(p))
+                phases += 1
+                if phases <= self.detail_limit:
+                    out.append(progress_line(p))
             elif before[:-1] != figures:
                 if detailed:
                     out.append(progress_line(p))
                 done_delta += (int(p["threads_completed"]) + int(p["threads_failed"])
                                - int(before[4]) - int(before[5]))
                 messages_delta += int(p["messages_synced"]) - int(before[-1])
+        if phases > self.detail_limit:  # a restart beside 1,000 running: not 1,000 lines
+            out.append(f"[Monitor] ... and {phases - self.detail_limit:,} more backfills "
+                       f"started or changed phase")
         if not detailed and (done_delta or messages_delta or out or len(rows) != len(was)):
             statuses = " ".join(f"{s}={n:,}" for s, n in sorted(by_status.items()))
             out.append(f"[Monitor] {len(rows):,} backfills running ({statuses}): "

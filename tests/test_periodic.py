@@ -338,7 +338,9 @@ def _row(config: int, done: int, status: str = "thread_sync") -> dict[str, Any]:
 def test_many_running_backfills_make_one_summary_line_not_one_each() -> None:
     progress = ProgressLog(detail_limit=20)
     first = progress.lines([_row(i, 0) for i in range(500)])
-    assert len(first) == 501  # each one's start, then the summary
+    assert len(first) == 22  # 20 starts, the count of the other 480, then the summary
+    assert first[20] == "[Monitor] ... and 480 more backfills started or changed phase"
+    assert "500 backfills running" in first[21]
     moved = progress.lines([_row(i, 1 if i < 10 else 0) for i in range(500)])
     assert len(moved) == 1
     assert "500 backfills running" in moved[0] and "threads done +10" in moved[0]
