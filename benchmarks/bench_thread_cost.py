@@ -12,11 +12,11 @@
    "Nova" the worker process's CPU (utime + stime of /proc/<pid>/stat, all its threads) and
    "PG" its PostgreSQL backends' (found by the client ports of its sockets), from release to
    the last thread (and, for code whose thread processes index new mail for search, until the
-   search queue is empty: the index step's cost is in these figures); "Nova run" adds the backfill process's CPU during discovery, "PG run" is
-   every process of the PostgreSQL server (postmaster, backends, background workers, those
-   that exited) over discovery and sync: only meaningful on a server nobody else uses (the
-   default, an embedded one). Threads whose one message came whole with the listing get no
-   job and are not counted.
+   search queue is empty: the index step's cost is in these figures); "Nova run" adds the
+   backfill process's CPU during discovery, "PG run" is every process of the PostgreSQL
+   server (postmaster, backends, background workers, those that exited) over discovery and
+   sync: only meaningful on a server nobody else uses (the default, an embedded one). Threads
+   whose one message came whole with the listing get no job and are not counted.
 2. A message write by mailbox size. One inbox seeded by plain SQL (generate_series) with BIG
    threads of one message each, one with SMALL, beside the OTHERS. RUNS times each, on one
    connection (prepared statements: from the sixth run PostgreSQL may use a generic plan): a
