@@ -78,6 +78,7 @@ from nova.runtime import (
     connect_pool,
     describe_error,
     run_parts,
+    run_process,
 )
 
 log = logging.getLogger("nova.attachments")
@@ -469,7 +470,7 @@ class AttachmentProcessor(ProviderProcessor):
     def main(cls) -> int:
         settings = settings_or_exit()
         setup_logging(settings.log_level, settings.log_format)
-        return asyncio.run(run_parts([Worker(cls(settings), settings),
+        return run_process(run_parts([Worker(cls(settings), settings),
                                       AttachmentJanitor(settings),
                                       *metrics.server_parts(settings, cls.component)]))
 

@@ -62,7 +62,7 @@ from nova import db, metrics
 from nova.config import Settings, settings_or_exit
 from nova.logs import setup_logging
 from nova.monitor_progress import ProgressLog, progress_line
-from nova.runtime import connect_pool, describe_error, run_parts
+from nova.runtime import connect_pool, describe_error, run_parts, run_process
 
 log = logging.getLogger("nova.completion")
 
@@ -511,7 +511,7 @@ class CompletionMonitor:
 def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    return asyncio.run(run_parts([CompletionMonitor(settings),
+    return run_process(run_parts([CompletionMonitor(settings),
                                   *metrics.server_parts(settings, "Monitor")]))
 
 

@@ -47,7 +47,14 @@ from nova import hooks_delivery as delivery
 from nova.config import Settings, settings_or_exit
 from nova.hooks_delivery import Endpoint
 from nova.logs import setup_logging
-from nova.runtime import DATABASE_ERRORS, MAX_BACKOFF, connect_pool, describe_error, run_parts
+from nova.runtime import (
+    DATABASE_ERRORS,
+    MAX_BACKOFF,
+    connect_pool,
+    describe_error,
+    run_parts,
+    run_process,
+)
 
 log = logging.getLogger("nova.hooks")
 
@@ -409,7 +416,7 @@ def _seconds(value: float | None) -> timedelta | None:
 def main() -> int:
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    return asyncio.run(run_parts([HookDeliverer(settings),
+    return run_process(run_parts([HookDeliverer(settings),
                                   *metrics.server_parts(settings, "Hooks")]))
 
 

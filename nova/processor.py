@@ -42,6 +42,7 @@ from nova.runtime import (
     Runnable,
     Worker,
     run_parts,
+    run_process,
 )
 
 log = logging.getLogger("nova.processor")
@@ -134,7 +135,7 @@ class ProviderProcessor(Processor):
             return 2
         parts: list[Runnable] = [Worker(cls(settings), settings),
                                  *metrics.server_parts(settings, cls.component)]
-        return asyncio.run(run_parts(parts))  # 2 on runtime.Fatal
+        return run_process(run_parts(parts))  # 2 on runtime.Fatal
 
     def provider_for(self, kind: str) -> MailProvider:
         """The provider of an inbox whose `provider` is ``kind``. A kind this process has no

@@ -58,7 +58,7 @@ import contextlib
 import logging
 import socket
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -392,7 +392,7 @@ def main() -> int:
     the one port (nova.receiver_workers)."""
     from nova import metrics
     from nova.receiver_workers import ReceiverWorkers, inherited_socket
-    from nova.runtime import Runnable, run_parts
+    from nova.runtime import Runnable, run_parts, run_process
 
     settings = settings_or_exit()
     setup_logging(settings.log_level, settings.log_format)
@@ -406,18 +406,7 @@ def main() -> int:
     except ValueError as exc:  # ConfigError too
         log.error("[Receiver] %s", exc)
         return 2
-    with asyncio.Runner(loop_factory=_event_loop()) as runner:
-        return runner.run(run_parts([part, *metrics.server_parts(settings, "Receiver")]))
-
-
-def _event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it exists (not on Windows): the receiver does little per
-    request besides I/O, and asyncio's own loop was a large part of that."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+    return run_process(run_parts([part, *metrics.server_parts(settings, "Receiver")]))
 
 
 if __name__ == "__main__":
