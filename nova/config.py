@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     # The Nova seed's configuration table, names and defaults unchanged.
     poll_interval_ms: int = Field(default=5000, ge=1, validation_alias="POLL_INTERVAL_MS")
     batch_size: int = Field(default=10, ge=1, le=1000, validation_alias="BATCH_SIZE")
+    # CPU priority of python -m nova.threads (Unix nice, 0-19; 0: as started): bulk thread syncs
+    # yield the CPU to the webhook intake and the other processes when the host is short of it,
+    # and take all of it when it is not.
+    threads_nice: int = Field(default=10, ge=0, le=19, validation_alias="NOVA_THREADS_NICE")
     # nova.webhooks: message notifications read together are written in one transaction, at
     # most this many (a read asks for at most BATCH_SIZE); 1: one transaction each.
     webhook_batch_max: int = Field(default=100, ge=1, le=1000,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import sys
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,19 @@ from nova.runtime import (
 )
 
 log = logging.getLogger("nova.processor")
+
+
+def lower_priority(nice: int, component: str) -> None:
+    """Run this process at nice value `nice` at least (Unix; a higher value only: raising a
+    priority needs privileges). Under CPU contention the scheduler then serves the others
+    first; an idle host gives the process all the CPU it asks for either way."""
+    if nice <= 0 or not hasattr(os, "nice"):
+        return
+    current = os.nice(0)
+    if nice > current:
+        os.nice(nice - current)
+        log.info("[%s] CPU priority: nice %d (NOVA_THREADS_NICE): live work in the other "
+                 "processes goes first when the CPU is short", component, nice)
 
 MAX_RATE_LIMITED_IN_A_ROW = 10
 # A job of an inbox whose provider this process has no settings for comes back this often
@@ -133,9 +147,15 @@ class ProviderProcessor(Processor):
             print(f"no provider is configured: set {names}"
                   " (python -m nova runs a sandbox without it)", file=sys.stderr)
             return 2
+        lower_priority(cls.niceness(settings), cls.component)
         parts: list[Runnable] = [Worker(cls(settings), settings),
                                  *metrics.server_parts(settings, cls.component)]
         return run_process(run_parts(parts))  # 2 on runtime.Fatal
+
+    @classmethod
+    def niceness(cls, settings: Settings) -> int:
+        """The Unix nice value this processor's process runs at, at least (0: as started)."""
+        return 0
 
     def provider_for(self, kind: str) -> MailProvider:
         """The provider of an inbox whose `provider` is ``kind``. A kind this process has no

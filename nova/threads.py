@@ -155,6 +155,11 @@ class ThreadSyncProcessor(ProviderProcessor):
                              else list(retry_delays))
         self._indexing: asyncio.Task[None] | None = None
 
+    @classmethod
+    def niceness(cls, settings: Settings) -> int:
+        """Bulk work: a thread sync yields the CPU to the webhook intake (NOVA_THREADS_NICE)."""
+        return settings.threads_nice
+
     async def setup(self, worker: Worker) -> None:
         await super().setup(worker)
         # The search index step (nova.search_index) on the worker's pool: mail is indexed

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from synchelp import (
     discover,
+    env,
     make_sandbox,
     running,
     settings,
+    spawn,
+    stop,
     wait_for,
 )
 
@@ -168,3 +174,24 @@ async def test_a_thread_is_versioned_after_its_wait_for_the_budget(
     assert versions
     earliest = until - timedelta(seconds=VERSION_SKEW_SECONDS + 1)  # whole seconds, less skew
     assert all(v["provider_updated_at"] >= earliest for v in versions), (versions, until)
+
+
+@pytest.mark.parametrize("nice", ["7", "0"])
+def test_the_thread_process_yields_the_cpu_at_its_nice_value(
+        db_url: str, tmp_path: Path, nice: str) -> None:
+    """python -m nova.threads runs at NOVA_THREADS_NICE (bulk work: the webhook intake goes
+    first when the CPU is short); 0 leaves the priority it was started with."""
+    with make_sandbox(1) as sb:
+        log = tmp_path / "threads.log"
+        proc = spawn("nova.threads", env(db_url, sb, NOVA_THREADS_NICE=nice), log)
+        try:
+            for _ in range(200):
+                if "] started queue=" in log.read_text(errors="replace"):
+                    break
+                assert proc.poll() is None, log.read_text(errors="replace")
+                time.sleep(0.05)
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            assert int(fields[16]) == int(nice) + os.nice(0)  # field 19 of stat: nice
+        finally:
+            stop(proc)
+    assert ("CPU priority: nice" in log.read_text(errors="replace")) == (nice != "0")
