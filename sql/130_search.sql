@@ -834,18 +834,20 @@ BEGIN
                   v_after_id, p_max_rows + 1 - v_count, v_lo, v_hi
         LOOP
             v_count := v_count + 1;
+            -- The output row holds the previous match until this one says whether a next page
+            -- exists (its cursor goes on the page's last row only); RETURN NEXT copies it.
             IF v_have THEN
-                message_id := v_prev.id; thread_id := v_prev.thread_id;
-                provider_message_id := v_prev.provider_message_id;
-                provider_thread_id := v_prev.provider_thread_id; sent_at := v_prev.shown;
-                subject := v_prev.subject; from_name := v_prev.from_name;
-                from_email := v_prev.from_email; snippet := v_prev.snippet;
-                unread := v_prev.unread; starred := v_prev.starred;
-                has_attachments := v_prev.has_attachments; folders := v_prev.folders;
                 next_cursor := CASE WHEN v_count > p_max_rows
                                     THEN nova_search_cursor(v_prev.at, v_prev.id) END;
                 RETURN NEXT;
             END IF;
+            message_id := v_row.id; thread_id := v_row.thread_id;
+            provider_message_id := v_row.provider_message_id;
+            provider_thread_id := v_row.provider_thread_id; sent_at := v_row.shown;
+            subject := v_row.subject; from_name := v_row.from_name;
+            from_email := v_row.from_email; snippet := v_row.snippet;
+            unread := v_row.unread; starred := v_row.starred;
+            has_attachments := v_row.has_attachments; folders := v_row.folders;
             v_prev := v_row;
             v_have := true;
         END LOOP;
@@ -860,14 +862,7 @@ BEGIN
         v_lo := CASE WHEN v_oldest IS NULL OR v_span >= v_hi - v_oldest THEN NULL
                      ELSE v_hi - v_span END;
     END LOOP;
-    IF v_have AND v_count <= p_max_rows THEN
-        message_id := v_prev.id; thread_id := v_prev.thread_id;
-        provider_message_id := v_prev.provider_message_id;
-        provider_thread_id := v_prev.provider_thread_id; sent_at := v_prev.shown;
-        subject := v_prev.subject; from_name := v_prev.from_name;
-        from_email := v_prev.from_email; snippet := v_prev.snippet;
-        unread := v_prev.unread; starred := v_prev.starred;
-        has_attachments := v_prev.has_attachments; folders := v_prev.folders;
+    IF v_have AND v_count <= p_max_rows THEN  -- the last match, no page after it
         next_cursor := NULL;
         RETURN NEXT;
     END IF;
