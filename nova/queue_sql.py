@@ -23,6 +23,11 @@ TURN_QUEUES = frozenset({"thread_sync_jobs"})
 _TURN = "coalesce((message->>'turn')::bigint, 0)"
 # A message whose grant the worker leaves alone for now ($n: the grants, text[]).
 _NOT_BLOCKED = "coalesce(message->>'grant_id', '') <> ALL(${n}::text[])"
+# A finished job's message goes (TESTING_MODE: stays, its read undone), only while the lease
+# (msg_id $m, read_ct $r) is the job's.
+_DELETE = "DELETE FROM {table} WHERE msg_id = ${m} AND read_ct = ${r} RETURNING msg_id"
+_KEEP = ("UPDATE {table} SET read_ct = greatest(read_ct - 1, 0)"
+         " WHERE msg_id = ${m} AND read_ct = ${r} RETURNING msg_id")
 
 
 class QueueSQL:
@@ -51,7 +56,7 @@ class QueueSQL:
             " FROM unnest($1::bigint[], $2::int[]) AS l(msg_id, read_ct)"
             " WHERE q.msg_id = l.msg_id AND q.read_ct = l.read_ct RETURNING q.msg_id")
         self.hold = f"SELECT msg_id FROM {table} WHERE msg_id = $1 AND read_ct = $2 FOR UPDATE"
-        self.delete = f"DELETE FROM {table} WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id"
+        self.delete = _DELETE.format(table=table, m=1, r=2)
         self.retry = (
             f"UPDATE {table} SET vt = clock_timestamp() + make_interval(secs => $3::float8)"
             " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
@@ -62,7 +67,20 @@ class QueueSQL:
             " vt = clock_timestamp() + make_interval(secs => $3::float8)"
             " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
         # TESTING_MODE keeps a finished job's message; its run costs no attempt either.
-        self.keep = (
-            f"UPDATE {table} SET read_ct = greatest(read_ct - 1, 0)"
-            " WHERE msg_id = $1 AND read_ct = $2 RETURNING msg_id")
+        self.keep = _KEEP.format(table=table, m=1, r=2)
+        self._table = table
         self.archive = "SELECT pgmq.archive($1, $2::bigint)"
+
+    def finishing(self, statement: str, params: int, keep: bool) -> str:
+        """A job's whole commit as one statement: its finish (the message's delete, or keep)
+        and `statement`, a SELECT of one value with parameters $1..$params, which runs only
+        when the finish found the message still held (the job's msg_id and read_ct are
+        $params+1 and $params+2). Returns one row: `held` (the msg_id, NULL when the lease was
+        lost) and `value` (the statement's, NULL when it did not run). The message is taken
+        first: a job locks no other queue row, and no transaction locks a queue row after the
+        rows a thread's write takes, so the order makes no cycle."""
+        finish = (_KEEP if keep else _DELETE).format(table=self._table, m=params + 1,
+                                                     r=params + 2)
+        return (f"WITH finished AS ({finish})"
+                " SELECT (SELECT msg_id FROM finished) AS held,"
+                f" CASE WHEN EXISTS (SELECT FROM finished) THEN ({statement}) END AS value")

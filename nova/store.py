@@ -364,12 +364,19 @@ async def write_synced_thread(conn: Any, inbox_id: uuid.UUID, provider_thread_id
     messages it no longer lists soft-deleted, the thread derived again, then queued thread
     `queued_id` completed for job `msg_id`. False when that job no longer owns the queued thread:
     nothing is written then."""
+    return bool(await conn.fetchval(WRITE_SYNCED_THREAD, *synced_thread_args(
+        inbox_id, provider_thread_id, messages, version, queued_id, msg_id)))
+
+
+def synced_thread_args(inbox_id: uuid.UUID, provider_thread_id: str,
+                       messages: Sequence[PreparedMessage], version: datetime,
+                       queued_id: int, msg_id: int) -> tuple[Any, ...]:
+    """WRITE_SYNCED_THREAD's parameters (see `write_synced_thread`)."""
     if any(p.row["partial"] for p in messages):
         raise ValueError("a thread sync writes complete messages, not partial payloads")
     rows = [p.row for p in messages]
-    return bool(await conn.fetchval(
-        WRITE_SYNCED_THREAD, inbox_id, provider_thread_id, rows,
-        [r["provider_message_id"] for r in rows], version, queued_id, msg_id))
+    return (inbox_id, provider_thread_id, rows, [r["provider_message_id"] for r in rows],
+            version, queued_id, msg_id)
 
 
 async def upsert_message(conn: Any, inbox_id: uuid.UUID, message: Message,

@@ -11,14 +11,16 @@ Run any number of copies. For each job:
    fetch its messages with ONE request per 200 (the messages list filtered by thread: the
    thread object itself came with discovery's listing, and threads whose one message came
    whole with it never get a job); bodies are rendered to text off the event loop;
-4. ONE transaction, its rows taken in the one lock order (DESIGN.md; sql/030_backfill.sql):
-   first the thread row and its messages -- upsert the messages and their attachment rows,
-   soft-delete the stored ones the provider no longer lists, derive the thread row from the
-   messages, all versioned with `store.sync_version()` --, then set the queued thread
-   `completed` (again only for this job: when a newer job took the thread over, every write of
-   this one is rolled back and nothing is written): all of it one SQL call, one round trip
-   (`store.write_synced_thread`); then delete the queue message. The progress counters take
-   no lock (delta rows). The log line counts the requests the thread took.
+4. ONE statement, one round trip (`JobContext.commit`): the job's queue message is deleted
+   (only while the job still holds it) and the thread written, its rows taken in the one lock
+   order (DESIGN.md; sql/030_backfill.sql): first the thread row and its messages -- upsert
+   the messages and their attachment rows, soft-delete the stored ones the provider no longer
+   lists, derive the thread row from the messages, all versioned with
+   `store.sync_version()` --, then set the queued thread `completed` (again only for this job:
+   when a newer job took the thread over, nothing is written and only the delete commits)
+   (`store.WRITE_SYNCED_THREAD`). A thread gone at the provider takes a transaction of its
+   own (`write_thread`). The progress counters take no lock (delta rows). The log line counts
+   the requests the thread took.
 
 A 401 is confirmed with the grant itself (nova.ratelimit): an expired grant marks the inbox
 `auth_expired` and parks the thread, a deleted one marks it `revoked` and fails its threads, a
@@ -137,6 +139,9 @@ def retry_schedule(settings: Settings) -> list[float]:
     return [first * RETRY_GROWTH ** n for n in range(settings.thread_retry_rounds)]
 
 
+SUPERSEDED = "superseded during sync: nothing written"
+
+
 class Superseded(Exception):
     """COMPLETE found a newer job named on the queued thread: roll this one's writes back."""
 
@@ -205,8 +210,13 @@ class ThreadSyncProcessor(ProviderProcessor):
         version = fetched()
         prepared = await store.prepare_messages(messages)
 
-        async with ctx.transaction() as conn:
-            outcome = await write_thread(conn, row, job.msg_id, messages, prepared, version)
+        if messages:  # the write and the queue delete: one statement, one round trip
+            written = await ctx.commit(store.WRITE_SYNCED_THREAD, *store.synced_thread_args(
+                row["inbox_id"], thread_id, prepared, version, row["id"], job.msg_id))
+            outcome = None if written else SUPERSEDED
+        else:
+            async with ctx.transaction() as conn:
+                outcome = await write_thread(conn, row, job.msg_id, messages, prepared, version)
         if outcome is not None:
             return f"thread={thread_id} {outcome} requests={requests}"
         await self._complete_if_last(ctx.pool, row["config_id"])
@@ -299,7 +309,7 @@ async def write_thread(conn: Any, row: Any, msg_id: int, messages: list[Message]
         # thread is completed last, in the same lock order; superseded, it writes nothing.
         if not await store.write_synced_thread(conn, row["inbox_id"], thread_id, prepared,
                                                version, row["id"], msg_id):
-            return "superseded during sync: nothing written"
+            return SUPERSEDED
         return None
     try:
         async with conn.transaction():  # deleted at the provider since it was listed
@@ -308,7 +318,7 @@ async def write_thread(conn: Any, row: Any, msg_id: int, messages: list[Message]
                                    "thread no longer exists at provider") is None:
                 raise Superseded
     except Superseded:
-        return "superseded during sync: nothing written"
+        return SUPERSEDED
     return "gone at the provider"
 
 

@@ -20,7 +20,9 @@
 --      inbox_sync_stats, which only the completion monitor's fold and recount lock
 --      (fold_sync_stats_deltas, initialize_sync_stats), plus a status change of the
 --      configuration (its mirror trigger), after everything above.
---   5. the job's own queue message, deleted at commit (nova.runtime).
+--   5. the job's own queue message, deleted at commit (nova.runtime); a failure's record and
+--      a thread sync's one statement (JobContext.commit) take it first instead. Only its job
+--      and its worker's heartbeat (queue rows, nothing else) lock it: no cycle either way.
 
 CREATE OR REPLACE FUNCTION nova_require_config(p_config_id uuid)
 RETURNS flux_inbox_configurations

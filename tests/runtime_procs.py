@@ -36,6 +36,17 @@ CREATE TABLE IF NOT EXISTS runtime_log (
 );
 CREATE TABLE IF NOT EXISTS runtime_done (msg_id bigint PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS runtime_failures (msg_id bigint, final boolean, error text);
+-- the done row written by one statement (JobContext.commit); p_fail: it raises after writing
+CREATE OR REPLACE FUNCTION runtime_record(p_msg bigint, p_fail boolean) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO runtime_done (msg_id) VALUES (p_msg);
+    IF p_fail THEN
+        RAISE EXCEPTION 'boom in the statement';
+    END IF;
+    RETURN p_msg;
+END;
+$$;
 """
 
 
@@ -48,7 +59,9 @@ class Recorder(Processor):
     transaction), "sleep_in_tx" how long it waits inside its transaction after writing;
     "give_up" raises GiveUp; "fatal" raises Fatal; "die" kills the worker's process (SIGKILL,
     as the OOM killer would); "defer" defers the first run that long, for the message's
-    "grant_id" (a grant without budget).
+    "grant_id" (a grant without budget); "one_statement" commits with `JobContext.commit`
+    instead of a transaction, and "fail_in_statement" makes that many first attempts' statement
+    raise after its write.
     """
 
     queue: ClassVar[str] = TEST_QUEUE
@@ -77,6 +90,10 @@ class Recorder(Processor):
             raise GiveUp("bad payload")
         if job.read_ct <= int(message.get("fail", 0)):
             raise RuntimeError(f"boom {job.read_ct}")
+        if message.get("one_statement"):
+            done = await ctx.commit("SELECT runtime_record($1, $2)", job.msg_id,
+                                    job.read_ct <= int(message.get("fail_in_statement", 0)))
+            return f"recorded {done}"
         async with ctx.transaction() as conn:
             await conn.execute("INSERT INTO runtime_done (msg_id) VALUES ($1)", job.msg_id)
             await asyncio.sleep(float(message.get("sleep_in_tx", 0)))

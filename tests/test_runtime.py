@@ -341,6 +341,53 @@ async def test_a_job_that_lost_its_lease_cannot_commit(rpool: asyncpg.Pool,
     assert "lease lost attempt=1: at commit" in caplog.text
 
 
+async def test_a_job_can_commit_in_one_statement(rpool: asyncpg.Pool) -> None:
+    """JobContext.commit: the work and the queue delete in one statement; an error in the
+    statement takes the delete back with the write (the job is retried); TESTING_MODE keeps
+    the message without costing an attempt."""
+    ids = [await send(rpool, one_statement=True) for _ in range(3)]
+    failing = await send(rpool, one_statement=True, fail_in_statement=1)
+    worker = make_worker(rpool)
+    task = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + 15
+    while await queue_len(rpool) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await task
+    assert worker.stats.processed == 4 and worker.stats.retried == 1
+    assert sorted(r["msg_id"] for r in await rpool.fetch("SELECT msg_id FROM runtime_done")) == \
+        [*ids, failing]
+    assert await queue_len(rpool) == 0
+    assert await rpool.fetchval("SELECT error FROM runtime_failures WHERE msg_id = $1",
+                                failing) == "boom in the statement"
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_log WHERE msg_id = $1",
+                                failing) == 2
+
+    kept = await send(rpool, one_statement=True)
+    stats = await make_worker(rpool, testing_mode=True).run(burst=True)
+    assert stats.processed == 1
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_done WHERE msg_id = $1", kept) == 1
+    assert await rpool.fetchval(f"SELECT read_ct FROM pgmq.q_{TEST_QUEUE}") == 0
+
+
+async def test_a_one_statement_commit_after_the_lease_was_lost_writes_nothing(
+        rpool: asyncpg.Pool, caplog: pytest.LogCaptureFixture) -> None:
+    msg = await send(rpool, one_statement=True, sleep=1.0)
+    worker = make_worker(rpool, visibility_timeout=30)  # no heartbeat before the commit
+    task = asyncio.create_task(worker.run())
+    await _wait_for(rpool, "SELECT count(*) FROM runtime_log", 1)
+    assert await _steal(rpool, msg) == 2
+    deadline = time.monotonic() + 15
+    while worker.stats.lost == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await task
+    assert worker.stats.lost == 1 and worker.stats.processed == 0
+    assert await rpool.fetchval("SELECT count(*) FROM runtime_done") == 0  # never ran
+    assert await rpool.fetchval(f"SELECT read_ct FROM pgmq.q_{TEST_QUEUE}") == 2  # the thief's
+    assert "lease lost attempt=1: at commit" in caplog.text
+
+
 async def test_heartbeat_that_finds_the_lease_taken_abandons_the_job(
         rpool: asyncpg.Pool, caplog: pytest.LogCaptureFixture) -> None:
     msg = await send(rpool, sleep=60)
