@@ -77,8 +77,8 @@ class QueueSQL:
         when the finish found the message still held (the job's msg_id and read_ct are
         $params+1 and $params+2). Returns one row: `held` (the msg_id, NULL when the lease was
         lost) and `value` (the statement's, NULL when it did not run). The message is taken
-        first: a job locks no other queue row, and no transaction locks a queue row after the
-        rows a thread's write takes, so the order makes no cycle."""
+        first, as a failure's record takes it: only its job and its worker's heartbeat (queue
+        rows, nothing else) ever lock it, so the order makes no cycle."""
         finish = (_KEEP if keep else _DELETE).format(table=self._table, m=params + 1,
                                                      r=params + 2)
         return (f"WITH finished AS ({finish})"
