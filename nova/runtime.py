@@ -435,8 +435,7 @@ class Worker:
         self._finishing(job)
         statement = self.sql.keep if self.settings.testing_mode else self.sql.delete
         if await conn.fetchval(statement, job.msg_id, job.read_ct) is None:
-            raise self._lease_lost(job, f"at commit its message was no longer held at read_ct "
-                                        f"{job.read_ct}")
+            raise self._lost_at_commit(job)
 
     async def finish_with(self, pool: asyncpg.Pool, job: Job, statement: str,
                           args: tuple[Any, ...]) -> Any:
@@ -446,9 +445,12 @@ class Worker:
             self.sql.finishing(statement, len(args), self.settings.testing_mode),
             *args, job.msg_id, job.read_ct)
         if row["held"] is None:
-            raise self._lease_lost(job, f"at commit its message was no longer held at read_ct "
-                                        f"{job.read_ct}")
+            raise self._lost_at_commit(job)
         return row["value"]
+
+    def _lost_at_commit(self, job: Job) -> LeaseLost:
+        return self._lease_lost(job, f"at commit its message was no longer held at read_ct "
+                                     f"{job.read_ct}")
 
     def _finishing(self, job: Job) -> None:
         lease = self._inflight.get((job.msg_id, job.read_ct))

@@ -422,7 +422,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     WHERE v IS NOT NULL AND v <> '';
 $$;
 
--- The tokens an address value must all have (see nova_search_addr_tokens): an address or a
+-- The tokens an address value must all have (see nova_search_address_tokens): an address or a
 -- domain as a whole, other values by their runs of letters and digits.
 CREATE OR REPLACE FUNCTION nova_search_addr_query(p_value text)
 RETURNS text[]
