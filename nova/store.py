@@ -231,18 +231,21 @@ async def prepare_messages(messages: Sequence[Message]) -> list[PreparedMessage]
 
 
 # Threads are created when missing (DO NOTHING: an existing row is neither rewritten nor
-# locked by it), then locked in id order before any message: every writer takes a thread
-# before its messages, so writers of one thread serialize and never deadlock.
+# locked by it), then locked in id order before any message, together with the threads the
+# messages are stored under now (nova_lock_threads, sql/080_mailbox.sql): every writer takes
+# the threads before their messages, so writers of one thread serialize and never deadlock,
+# also when they move messages across each other's threads.
 _ENSURE_THREADS = """
 INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
 SELECT DISTINCT $1::uuid, t FROM unnest($2::text[]) AS t
 ORDER BY 2
 ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING
 """
+# $1 the inbox, $2 its threads, $3 the provider ids of the messages about to be written.
 _LOCK_THREADS = """
-SELECT id, provider_thread_id FROM flux_email_threads
-WHERE inbox_id = $1 AND provider_thread_id = ANY ($2::text[])
-ORDER BY id FOR UPDATE
+SELECT id, provider_thread_id FROM nova_lock_threads(
+    array_fill($1::uuid, ARRAY[cardinality($2::text[])]), $2::text[],
+    array_fill($1::uuid, ARRAY[cardinality($3::text[])]), $3::text[])
 """
 
 _ATTACHMENTS = """
@@ -332,8 +335,9 @@ async def upsert_messages(conn: Any, inbox_id: uuid.UUID,
     row_ids: dict[str, str] = {}
     if threads:
         await conn.execute(_ENSURE_THREADS, inbox_id, threads)
-        row_ids = {r["provider_thread_id"]: str(r["id"])
-                   for r in await conn.fetch(_LOCK_THREADS, inbox_id, threads)}
+        locked = await conn.fetch(_LOCK_THREADS, inbox_id, threads,
+                                  [p.row["provider_message_id"] for p in messages])
+        row_ids = {r["provider_thread_id"]: str(r["id"]) for r in locked}
     groups: dict[tuple[frozenset[str], bool], list[dict[str, Any]]] = {}
     for p in messages:
         row = p.row
@@ -447,7 +451,7 @@ async def upsert_threads(conn: Any, inbox_id: uuid.UUID, threads: Sequence[Threa
     # upsert then visits the page's rows in its own order without waiting for any of them.
     ids = sorted({t.id for t in threads})
     await conn.execute(_ENSURE_THREADS, inbox_id, ids)
-    await conn.execute(_LOCK_THREADS, inbox_id, ids)
+    await conn.execute(_LOCK_THREADS, inbox_id, ids, [])
     rows = [{"provider_thread_id": t.id, "subject": t.subject, "snippet": t.snippet,
              "participants": _people(t.participants), "folders": list(t.folders),
              "unread": t.unread, "starred": t.starred, "has_attachments": t.has_attachments,

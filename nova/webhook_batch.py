@@ -62,20 +62,17 @@ LEFT JOIN flux_inboxes i ON i.grant_id = n.grant_id AND i.provider = n.provider
 WHERE n.id = ANY($1::uuid[])
 """
 # The thread rows of every message of the batch, created when missing (DO NOTHING: an
-# existing row is neither rewritten nor locked) and then locked in id order, before any
-# message is written: `store.upsert_messages` locks only the threads of its own statement.
+# existing row is neither rewritten nor locked) and then locked in id order with the threads
+# the messages are stored under now (nova_lock_threads), before any message is written:
+# `store.upsert_messages` locks only the threads of its own statement.
 ENSURE_THREADS = """
 INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
 SELECT DISTINCT x.i, x.t FROM unnest($1::uuid[], $2::text[]) AS x(i, t)
 ORDER BY 1, 2
 ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING
 """
-LOCK_THREADS = """
-SELECT t.id FROM flux_email_threads t
-JOIN unnest($1::uuid[], $2::text[]) AS x(i, tid)
-  ON t.inbox_id = x.i AND t.provider_thread_id = x.tid
-ORDER BY t.id FOR UPDATE OF t
-"""
+LOCK_THREADS = ("SELECT count(*)"
+                " FROM nova_lock_threads($1::uuid[], $2::text[], $3::uuid[], $4::text[])")
 ACK_MANY = "SELECT nova_webhook_notifications_processed($1::uuid[], $2::int)"
 # The inbox's last event, only when this one is newer: the inbox row is shared by every writer
 # of the inbox, and a burst of events of one second would otherwise each rewrite it.
@@ -249,7 +246,10 @@ class Batcher:
         if threads:
             inboxes, tids = [i for i, _t in threads], [t for _i, t in threads]
             await conn.execute(ENSURE_THREADS, inboxes, tids)
-            await conn.execute(LOCK_THREADS, inboxes, tids)
+            keys = [(e.row["inbox_id"], e.prepared.row["provider_message_id"])
+                    for e in ready if e.row is not None and e.prepared is not None]
+            await conn.execute(LOCK_THREADS, inboxes, tids, [i for i, _m in keys],
+                               [m for _i, m in keys])
         # A message named twice in the batch is written twice, in queue order: its second
         # notification goes to the next round of statements.
         rounds: dict[tuple[int, uuid.UUID, datetime], list[Entry]] = {}

@@ -10,7 +10,8 @@
 --      (complete_backfill_if_done, recover_premature_completions) and a new backfill
 --      (queue_inbox_backfill, queue_catchup_backfill).
 --   2. thread rows (flux_email_threads): missing ones inserted sorted by provider id, then all
---      of them locked in id order before any message is written (nova/store.py).
+--      of them, with the threads their messages are stored under now, locked in id order
+--      before any message is written (nova_lock_threads, sql/080_mailbox.sql; nova/store.py).
 --   3. queued_threads rows: several at once sorted by id (queue_discovered_threads locks the
 --      known rows of its page in id order before it writes any; new rows are inserted sorted
 --      by provider thread id). A thread sync writes its messages first and only then

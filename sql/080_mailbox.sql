@@ -83,6 +83,38 @@ BEGIN
 END;
 $$;
 
+-- The lock every message writer takes first (the lock order, sql/030_backfill.sql): the thread
+-- rows it writes into, given by (inbox, provider thread id), and the threads its messages are
+-- stored under now, given by (inbox, provider message id), together in id order. A message that
+-- moves leaves a thread that must be derived again; locked only then, after the messages were
+-- written, two writers moving messages across each other's threads each held one thread and
+-- waited for the other's. (A message that moves again between this lock and the write leaves
+-- a thread the derivation locks late: the same race as before, now needing a third writer.)
+-- Missing thread rows are inserted by the caller before. Returns the locked rows.
+CREATE OR REPLACE FUNCTION nova_lock_threads(p_inboxes uuid[], p_threads text[],
+                                             p_message_inboxes uuid[], p_messages text[])
+RETURNS TABLE (id uuid, inbox_id uuid, provider_thread_id text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- (plpgsql: the statement is planned once per session. Each message is one probe by its
+    -- whole unique key: with `= ANY`, a generic plan read every message of the inbox.)
+    RETURN QUERY
+    SELECT t.id, t.inbox_id, t.provider_thread_id
+    FROM flux_email_threads t
+    WHERE t.id IN (
+        SELECT w.id FROM unnest(p_inboxes, p_threads) AS x(i, tid)
+        JOIN flux_email_threads w ON w.inbox_id = x.i AND w.provider_thread_id = x.tid
+        UNION
+        SELECT s.thread_id FROM unnest(p_message_inboxes, p_messages) AS y(i, mid)
+        CROSS JOIN LATERAL (SELECT m.thread_id FROM flux_email_messages m
+                            WHERE m.inbox_id = y.i AND m.provider_message_id = y.mid
+                            OFFSET 0) s
+        WHERE s.thread_id IS NOT NULL)
+    ORDER BY t.id
+    FOR UPDATE OF t;
+END;
+$$;
+
 -- A thread sync's whole write, in one call (one round trip), in the one lock order: the thread
 -- row (created when missing), its messages and their attachment rows, the stored messages the
 -- provider no longer lists soft-deleted, the thread (and any thread a message moved from)
@@ -111,21 +143,23 @@ DECLARE
     v_mid text;
     v_old uuid;
 BEGIN
-    SELECT id INTO v_thread FROM flux_email_threads
-    WHERE inbox_id = p_inbox_id AND provider_thread_id = p_thread
-    FOR UPDATE;
-    IF v_thread IS NULL THEN
-        INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
-        VALUES (p_inbox_id, p_thread)
-        ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING;
-        SELECT id INTO v_thread FROM flux_email_threads
-        WHERE inbox_id = p_inbox_id AND provider_thread_id = p_thread
-        FOR UPDATE;
-    END IF;
+    -- The thread, created when missing; then it and the threads the messages are stored under
+    -- now, locked in id order, before any message is written (nova_lock_threads).
+    INSERT INTO flux_email_threads (inbox_id, provider_thread_id)
+    SELECT p_inbox_id, p_thread
+    WHERE NOT EXISTS (SELECT 1 FROM flux_email_threads
+                      WHERE inbox_id = p_inbox_id AND provider_thread_id = p_thread)
+    ON CONFLICT (inbox_id, provider_thread_id) DO NOTHING;
+    SELECT l.id INTO v_thread
+    FROM nova_lock_threads(ARRAY[p_inbox_id], ARRAY[p_thread],
+                           array_fill(p_inbox_id, ARRAY[cardinality(p_message_ids)]),
+                           p_message_ids) l
+    WHERE l.provider_thread_id = p_thread AND l.inbox_id = p_inbox_id;
 
-    -- A message stored under another thread moves here: that thread is derived again too.
-    -- One lookup per message by its whole unique key: with `= ANY (array)` the generic plan
-    -- preferred the (inbox_id, provider_thread_id) index and read every message of the inbox.
+    -- A message stored under another thread moves here: that thread is derived again too
+    -- (looked up again now that the threads are locked). One lookup per message by its whole
+    -- unique key: with `= ANY (array)` the generic plan preferred the (inbox_id,
+    -- provider_thread_id) index and read every message of the inbox.
     FOREACH v_mid IN ARRAY p_message_ids LOOP
         SELECT m.thread_id INTO v_old FROM flux_email_messages m
         WHERE m.inbox_id = p_inbox_id AND m.provider_message_id = v_mid;

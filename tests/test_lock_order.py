@@ -451,3 +451,64 @@ async def test_a_thread_sync_superseded_while_it_wrote_leaves_nothing_written(
                                       store.sync_version()) is None
         assert await conn.fetchval("SELECT count(*) FROM flux_email_messages") == 2
         await _counters_exact(conn, config)
+
+
+# --- two writers moving messages across each other's threads -------------------------------------
+
+async def _waiting_on_a_lock(observer: asyncpg.Connection, *conns: asyncpg.Connection) -> None:
+    pids = [c.get_server_pid() for c in conns]
+    deadline = asyncio.get_running_loop().time() + 10
+    while await observer.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+            " AND wait_event_type = 'Lock'", pids) < len(pids):
+        assert asyncio.get_running_loop().time() < deadline, "the writers never both waited"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("writer", ["thread_sync", "webhook"])
+async def test_writers_moving_messages_across_two_threads_never_deadlock(
+        sessions: Callable[[], Awaitable[asyncpg.Connection]], writer: str) -> None:
+    """A thread's sync (or a webhook) moves message b1 from thread B into A while another moves
+    a1 from A into B: each takes both threads, in id order, before it writes a message. (Before,
+    each locked its own thread, wrote its message and only then the thread the message left:
+    with the two message rows held back until both had their own thread, that was a cycle.)"""
+    setup, holder, a, b = (await sessions(), await sessions(), await sessions(),
+                           await sessions())
+    inbox, config = await _backfill(setup)
+    await setup.fetch("SELECT * FROM queue_discovered_threads($1, $2)", config, ["A", "B"])
+    version = store.sync_version()
+    async with setup.transaction():
+        await store.upsert_messages(setup, inbox, await store.prepare_messages(
+            [message("a1", "A"), message("b1", "B", 5)]), version)
+    moves = {"A": [message("b1", "A", 5)], "B": [message("a1", "B")]}
+    jobs = {tid: await _syncing(setup, config, tid) for tid in moves}
+    later = store.sync_version()
+
+    async def write(conn: asyncpg.Connection, tid: str) -> None:
+        prepared = await store.prepare_messages(moves[tid])
+        async with conn.transaction():
+            if writer == "webhook":
+                await store.upsert_messages(conn, inbox, prepared, later)
+                return
+            row_id, msg_id = jobs[tid]
+            assert await write_thread(conn, {"id": row_id, "inbox_id": inbox,
+                                             "provider_thread_id": tid},
+                                      msg_id, moves[tid], prepared, later) is None
+
+    # Both message rows held back: each writer goes as far as it can before its message.
+    tx = holder.transaction()
+    await tx.start()
+    await holder.execute("SELECT 1 FROM flux_email_messages WHERE provider_message_id"
+                         " IN ('a1', 'b1') FOR UPDATE")
+    tasks = [asyncio.create_task(write(a, "A")), asyncio.create_task(write(b, "B"))]
+    await _waiting_on_a_lock(setup, a, b)
+    await tx.commit()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    rows = {r["provider_message_id"]: r["provider_thread_id"] for r in await setup.fetch(
+        "SELECT m.provider_message_id, t.provider_thread_id FROM flux_email_messages m"
+        " JOIN flux_email_threads t ON t.id = m.thread_id")}
+    assert rows == {"a1": "B", "b1": "A"}
+    counts = {r["provider_thread_id"]: r["message_count"] for r in await setup.fetch(
+        "SELECT provider_thread_id, message_count FROM flux_email_threads")}
+    assert counts == {"A": 1, "B": 1}
