@@ -19,7 +19,7 @@ Run any number of copies. For each job:
    `store.sync_version()` --, then set the queued thread `completed` (again only for this job:
    when a newer job took the thread over, nothing is written and only the delete commits)
    (`store.WRITE_SYNCED_THREAD`). A thread gone at the provider takes a transaction of its
-   own (`write_thread`). The progress counters take no lock (delta rows). The log line counts
+   own (`write_gone_thread`). The progress counters take no lock (delta rows). The log line counts
    the requests the thread took.
 
 A 401 is confirmed with the grant itself (nova.ratelimit): an expired grant marks the inbox
@@ -211,12 +211,13 @@ class ThreadSyncProcessor(ProviderProcessor):
         prepared = await store.prepare_messages(messages)
 
         if messages:  # the write and the queue delete: one statement, one round trip
+            # (superseded, the call writes nothing and returns false: only the delete commits)
             written = await ctx.commit(store.WRITE_SYNCED_THREAD, *store.synced_thread_args(
                 row["inbox_id"], thread_id, prepared, version, row["id"], job.msg_id))
             outcome = None if written else SUPERSEDED
-        else:
+        else:  # deleted at the provider since it was listed
             async with ctx.transaction() as conn:
-                outcome = await write_thread(conn, row, job.msg_id, messages, prepared, version)
+                outcome = await write_gone_thread(conn, row, job.msg_id, version)
         if outcome is not None:
             return f"thread={thread_id} {outcome} requests={requests}"
         await self._complete_if_last(ctx.pool, row["config_id"])
@@ -293,27 +294,16 @@ class ThreadSyncProcessor(ProviderProcessor):
                                final, self.retry_delays)
 
 
-async def write_thread(conn: Any, row: Any, msg_id: int, messages: list[Message],
-                       prepared: list[store.PreparedMessage], version: Any) -> str | None:
-    """A synced thread's writes, inside the job's transaction, in the one lock order: the
-    thread row and its messages, then the queued thread (COMPLETE). Returns a note when the
-    sync wrote nothing (superseded) or found the thread gone, else None.
-
-    Completing last means a job that a newer one superseded while it fetched (a round of
-    changed threads, recovery) learns it only after writing; the savepoint then rolls those
-    writes back, and the job's transaction commits only the delete of its message."""
-    thread_id = row["provider_thread_id"]
-    if messages:
-        # One call, one round trip (store.write_synced_thread): the thread row is derived from
-        # its messages (discovery wrote the provider's thread object already), and the queued
-        # thread is completed last, in the same lock order; superseded, it writes nothing.
-        if not await store.write_synced_thread(conn, row["inbox_id"], thread_id, prepared,
-                                               version, row["id"], msg_id):
-            return SUPERSEDED
-        return None
+async def write_gone_thread(conn: Any, row: Any, msg_id: int, version: Any) -> str:
+    """A thread the provider no longer has (no message listed), inside the job's transaction:
+    its stored messages soft-deleted, then the queued thread completed (COMPLETE), in the one
+    lock order. A job that a newer one superseded while it fetched (a round of changed
+    threads, recovery) learns it only then: the savepoint rolls its writes back, and the job's
+    transaction commits only the delete of its message. Returns the note of the log line."""
     try:
-        async with conn.transaction():  # deleted at the provider since it was listed
-            await store.soft_delete_thread(conn, row["inbox_id"], thread_id, version)
+        async with conn.transaction():
+            await store.soft_delete_thread(conn, row["inbox_id"], row["provider_thread_id"],
+                                           version)
             if await conn.fetchval(COMPLETE, row["id"], msg_id, 0,
                                    "thread no longer exists at provider") is None:
                 raise Superseded

@@ -2,7 +2,8 @@
 progress counters never deadlock with each other.
 
 The interleaving tests run the real transaction bodies -- a discovery page
-(`BackfillProcessor._save_page`), a thread sync's write (`nova.threads.write_thread`) and a page
+(`BackfillProcessor._save_page`), a thread sync's commit (its one statement, as
+`JobContext.commit` runs `store.WRITE_SYNCED_THREAD` with the job's queue delete) and a page
 of Gmail history (`ChangeSync._sync`) -- on two real sessions, each statement gated: one body
 runs its first k statements, the other then runs until it ends or waits for a lock, then the
 first goes on; every k, both ways round. With the statements in two different lock orders
@@ -30,11 +31,17 @@ from nova.changes import ChangeSync
 from nova.config import load_settings
 from nova.providers.gmail import HistoryPage
 from nova.providers.models import Message, Participant, Thread
-from nova.threads import write_thread
+from nova.queue_sql import QueueSQL
+from nova.threads import ThreadSyncProcessor
 
-# The job's queue message, deleted in its transaction after its writes (nova.runtime): the
-# thread sync's write is one statement, so this is where a sync-first schedule pauses it.
+# A thread sync's commit as the worker runs it (JobContext.commit): its queue message deleted
+# and the thread written, in one statement.
+COMMIT = QueueSQL(ThreadSyncProcessor.queue).finishing(store.WRITE_SYNCED_THREAD, 7, keep=False)
+# The interleavings take that statement's locks in its order, as statements a schedule can
+# pause between: the job's message, then the write; then a pause with every lock still held,
+# where the statement would be committing.
 FINISH = "SELECT pgmq.delete('thread_sync_jobs', $1::bigint)"
+HELD = "SELECT 'every lock held until the commit'"
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
 STEPS = 14  # more than either body has statements: the last splits run one body whole first
@@ -196,6 +203,17 @@ async def _syncing(conn: asyncpg.Connection, config: uuid.UUID,
     return row["id"], row["queue_msg_id"]
 
 
+async def sync_commit(conn: Any, sync_row: dict[str, Any], msg_id: int,
+                      prepared: list[store.PreparedMessage], version: datetime) -> bool:
+    """A thread sync's commit of its messages (COMMIT, the job never read: read_ct 0); whether
+    it wrote them (False: superseded, only its message was deleted)."""
+    row = await conn.fetchrow(COMMIT, *store.synced_thread_args(
+        sync_row["inbox_id"], sync_row["provider_thread_id"], prepared, version,
+        sync_row["id"], msg_id), msg_id, 0)
+    assert row["held"] == msg_id
+    return bool(row["value"])
+
+
 async def _counters_exact(conn: asyncpg.Connection, config: uuid.UUID) -> None:
     progress = await conn.fetchrow("SELECT * FROM get_sync_progress($1)", config)
     real = await conn.fetchrow(
@@ -236,7 +254,6 @@ async def _discovery_case(setup: asyncpg.Connection) -> tuple[Body, Body, Callab
 
     messages = [message("T-m1", "T"), message("T-m2", "T", 5)]
     prepared = await store.prepare_messages(messages)
-    sync_row = {"id": row_id, "inbox_id": inbox, "provider_thread_id": "T"}
 
     async def discovery(conn: Stepper) -> None:
         async with conn.transaction():
@@ -244,9 +261,10 @@ async def _discovery_case(setup: asyncpg.Connection) -> tuple[Body, Body, Callab
                                        cur, nxt, work)
 
     async def thread_sync(conn: Stepper) -> None:
-        async with conn.transaction():
-            await write_thread(conn, sync_row, msg_id, messages, prepared, version)
-            await conn.execute(FINISH, msg_id)  # the runtime's delete, before the commit
+        async with conn.transaction():  # COMMIT's locks, in its order
+            await conn.execute(FINISH, msg_id)
+            await store.write_synced_thread(conn, inbox, "T", prepared, version, row_id, msg_id)
+            await conn.execute(HELD)
 
     async def check() -> None:
         t = await setup.fetchrow("SELECT status, queue_msg_id FROM queued_threads"
@@ -321,15 +339,15 @@ async def _changes_case(setup: asyncpg.Connection) -> tuple[Body, Body, Callable
     version = store.sync_version()
     messages = [message("T-m1", "T"), message("T-m2", "T", 5)]
     prepared = await store.prepare_messages(messages)
-    sync_row = {"id": row_id, "inbox_id": inbox, "provider_thread_id": "T"}
 
     async def changes(conn: Stepper) -> None:
         await ChangeSync(conn, History(), _call)._sync(inbox)  # type: ignore[arg-type]
 
     async def thread_sync(conn: Stepper) -> None:
-        async with conn.transaction():
-            await write_thread(conn, sync_row, msg_id, messages, prepared, version)
-            await conn.execute(FINISH, msg_id)  # the runtime's delete, before the commit
+        async with conn.transaction():  # COMMIT's locks, in its order
+            await conn.execute(FINISH, msg_id)
+            await store.write_synced_thread(conn, inbox, "T", prepared, version, row_id, msg_id)
+            await conn.execute(HELD)
 
     async def check() -> None:
         rows = {r["provider_thread_id"]: r["status"] for r in await setup.fetch(
@@ -422,8 +440,8 @@ async def test_discovery_and_many_thread_workers_on_one_backfill_never_deadlock(
 async def test_a_thread_sync_superseded_while_it_wrote_leaves_nothing_written(
         pool: asyncpg.Pool) -> None:
     """Thread sync completes its queued thread last (the lock order): when a newer job took the
-    thread over meanwhile, the messages it had written are rolled back with the savepoint, and
-    its own transaction still commits (the job's message is deleted with it)."""
+    thread over meanwhile, the messages it had written are rolled back (the call's exception
+    block), and its statement still commits the delete of the job's message."""
     async with pool.acquire() as conn:
         inbox, config = await _backfill(conn)
         await conn.fetch("SELECT * FROM queue_discovered_threads($1, $2)", config, ["T"])
@@ -432,12 +450,9 @@ async def test_a_thread_sync_superseded_while_it_wrote_leaves_nothing_written(
         messages = [message("T-m1", "T"), message("T-m2", "T", 5)]
         prepared = await store.prepare_messages(messages)
         sync_row = {"id": row_id, "inbox_id": inbox, "provider_thread_id": "T"}
-        async with conn.transaction():
-            note = await write_thread(conn, sync_row, msg_id, messages, prepared,
-                                      store.sync_version())
-            assert note == "superseded during sync: nothing written"
-            marker = await conn.fetchval("SELECT 'still in the job transaction'")
-        assert marker
+        assert not await sync_commit(conn, sync_row, msg_id, prepared, store.sync_version())
+        assert await conn.fetchval("SELECT count(*) FROM pgmq.q_thread_sync_jobs"
+                                   " WHERE msg_id = $1", msg_id) == 0  # its delete committed
         assert await conn.fetchval("SELECT count(*) FROM flux_email_messages") == 0
         assert await conn.fetchval("SELECT count(*) FROM flux_email_threads") == 0
         t = await conn.fetchrow("SELECT status, queue_msg_id FROM queued_threads WHERE id = $1",
@@ -446,9 +461,7 @@ async def test_a_thread_sync_superseded_while_it_wrote_leaves_nothing_written(
         # The newer job writes and completes.
         await conn.execute("UPDATE queued_threads SET status = 'processing' WHERE id = $1",
                            row_id)
-        async with conn.transaction():
-            assert await write_thread(conn, sync_row, newer, messages, prepared,
-                                      store.sync_version()) is None
+        assert await sync_commit(conn, sync_row, newer, prepared, store.sync_version())
         assert await conn.fetchval("SELECT count(*) FROM flux_email_messages") == 2
         await _counters_exact(conn, config)
 
@@ -486,14 +499,13 @@ async def test_writers_moving_messages_across_two_threads_never_deadlock(
 
     async def write(conn: asyncpg.Connection, tid: str) -> None:
         prepared = await store.prepare_messages(moves[tid])
-        async with conn.transaction():
-            if writer == "webhook":
+        if writer == "webhook":
+            async with conn.transaction():
                 await store.upsert_messages(conn, inbox, prepared, later)
-                return
-            row_id, msg_id = jobs[tid]
-            assert await write_thread(conn, {"id": row_id, "inbox_id": inbox,
-                                             "provider_thread_id": tid},
-                                      msg_id, moves[tid], prepared, later) is None
+            return
+        row_id, msg_id = jobs[tid]
+        assert await sync_commit(conn, {"id": row_id, "inbox_id": inbox,
+                                        "provider_thread_id": tid}, msg_id, prepared, later)
 
     # Both message rows held back: each writer goes as far as it can before its message.
     tx = holder.transaction()
